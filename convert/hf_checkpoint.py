@@ -1,0 +1,122 @@
+"""Reading a local Hugging Face checkpoint directory tensor by tensor.
+
+The checkpoint is never held in host memory whole: safetensors' lazy reader (`safe_open`) hands out one
+tensor at a time, and each shard is opened only while its tensors are read. Every failure names the file
+(and tensor) so that a broken download never turns into a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be read as the model it claims to be."""
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Where each tensor of a checkpoint lives: tensor name -> shard path."""
+
+    directory: Path
+    tensor_to_file: dict[str, Path]
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.tensor_to_file.values()))
+
+
+def read_config_dict(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {str(directory)!r} does not exist or is not a directory")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(config_path)!r} not found: a Hugging Face model directory needs config.json")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {err}") from None
+
+
+def find_checkpoint_files(directory: str | os.PathLike) -> CheckpointFiles:
+    """Locate `model.safetensors` or the shards listed in `model.safetensors.index.json`."""
+    directory = Path(directory)
+    index_path = directory / INDEX_FILE
+    single_path = directory / SINGLE_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{str(index_path)!r} is not a safetensors index (needs 'weight_map'): {err}") from None
+        tensor_to_file = {name: directory / fname for name, fname in weight_map.items()}
+        for path in sorted(set(tensor_to_file.values())):
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {str(path)!r} listed in {str(index_path)!r} does not exist")
+        return CheckpointFiles(directory, tensor_to_file)
+    if single_path.is_file():
+        tensor_to_file = {name: single_path for name in _tensor_names(single_path)}
+        return CheckpointFiles(directory, tensor_to_file)
+    found = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt*"))
+    hint = f" (found {found}: only safetensors checkpoints are read; re-save with safe_serialization=True)" if found else ""
+    raise FileNotFoundError(f"no weights in {str(directory)!r}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def _tensor_names(path: Path) -> list[str]:
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {err}") from None
+
+
+def iter_tensors(files: CheckpointFiles, names: list[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(name, array)` one tensor at a time, one shard open at a time.
+
+    bfloat16 tensors come back as numpy arrays of `ml_dtypes.bfloat16` (no copy through float32).
+    """
+    wanted = list(files.tensor_to_file) if names is None else names
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if name not in files.tensor_to_file:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {str(files.directory)!r}")
+        by_file.setdefault(files.tensor_to_file[name], []).append(name)
+    for path, tensor_names in by_file.items():
+        try:
+            handle = safe_open(path, framework="numpy")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {err}") from None
+        with handle as f:
+            present = set(f.keys())
+            for name in tensor_names:
+                if name not in present:
+                    raise CheckpointError(f"tensor {name!r} is listed for {str(path)!r} but that file does not hold it")
+                try:
+                    array = f.get_tensor(name)
+                except (SafetensorError, OSError, ValueError) as err:
+                    raise CheckpointError(
+                        f"cannot read tensor {name!r} from {str(path)!r} (truncated or corrupt?): {err}") from None
+                yield name, array
+
+
+def tensor_shapes(files: CheckpointFiles) -> dict[str, tuple[int, ...]]:
+    """Shapes from the headers only: lets a loader check a checkpoint before reading any data."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files.files:
+        try:
+            with safe_open(path, framework="numpy") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {err}") from None
+    return shapes

@@ -1,0 +1,171 @@
+"""HF checkpoint directory -> the frozen base pytree of a family, quantizing to NF4 on the device.
+
+Driven entirely by the family's name table (`layer_tensors`, `top_tensors`): the table says which HF
+tensors exist, their shapes, and which are linear weights that `load_in_4bit` quantizes (as transformers +
+bitsandbytes do: every decoder-layer Linear; embeddings, norms and lm_head stay in `dtype`).
+
+Memory: tensors stream one at a time from the safetensors files; each is moved to the device, cast and
+quantized there, and written into its slot of the stacked `[num_layers, ...]` leaf by an in-place
+(donated) update, so neither the host nor the device ever holds more than the result plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from functools import partial
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastlora_jax.convert.hf_checkpoint import (CheckpointError, find_checkpoint_files, iter_tensors,
+                                                tensor_shapes)
+from fastlora_jax.quant import NF4Weight
+
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+
+
+def is_bnb_4bit(config_dict: dict) -> bool:
+    qc = config_dict.get("quantization_config") or {}
+    return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit") or qc.get("_load_in_4bit"))
+
+
+def set_path(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[keys[-1]] = value
+
+
+def get_path(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
+@partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked, index, value):
+    return jax.tree.map(lambda s, v: s.at[index].set(v), stacked, value)
+
+
+class _StackedLeaves:
+    """Per-layer values written into `[num_layers, ...]` buffers allocated on first sight."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.buffers: dict[str, object] = {}
+        self.filled: dict[str, set[int]] = {}
+
+    def put(self, relative_name: str, index: int, value) -> None:
+        if relative_name not in self.buffers:
+            self.buffers[relative_name] = jax.tree.map(
+                lambda v: jnp.zeros((self.num_layers,) + v.shape, v.dtype), value)
+            self.filled[relative_name] = set()
+        self.buffers[relative_name] = _write_layer(self.buffers[relative_name], index, value)
+        self.filled[relative_name].add(index)
+
+
+def _quantize_on_device(array: np.ndarray, dtype, double_quant: bool) -> NF4Weight:
+    return NF4Weight.quantize(jnp.asarray(array).astype(dtype), blocksize=64, double_quant=double_quant)
+
+
+def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtype, load_in_4bit: bool,
+                     double_quant: bool = True) -> tuple[dict, dict]:
+    """Read the checkpoint in `directory` into the family's base pytree.
+
+    Returns `(params, info)`; `info["source"]` is "16bit" when the linear weights came from float
+    tensors (so a merged export can use the originals) or "bnb-4bit" when they were stored quantized.
+    """
+    files = find_checkpoint_files(directory)
+    header_shapes = tensor_shapes(files)
+    prequantized = is_bnb_4bit(config_dict)
+    layer_table = family.layer_tensors(cfg)
+    top_table = family.top_tensors(cfg)
+
+    # Everything the model needs, with its expected shape, before any data is read.
+    expected: dict[str, tuple[tuple[int, ...], str]] = dict(top_table)
+    for i in range(cfg.num_layers):
+        for rel, spec in layer_table.items():
+            expected[f"model.layers.{i}.{rel}"] = spec
+    to_read: list[str] = []
+    for name, (shape, kind) in expected.items():
+        if name not in header_shapes:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {str(directory)!r}")
+        stored = header_shapes[name]
+        if prequantized and kind == "linear":
+            n = int(np.prod(shape))
+            if stored != ((n + 1) // 2, 1):
+                raise CheckpointError(
+                    f"tensor {name!r} in {str(files.tensor_to_file[name])!r} has packed shape {stored}; a 4-bit "
+                    f"weight of shape {shape} (from config.json) packs to {((n + 1) // 2, 1)}")
+            for suffix in BNB_SUFFIXES:
+                key = f"{name}.{suffix}"
+                if key in header_shapes:
+                    to_read.append(key)
+                elif not suffix.startswith("nested"):  # nested_* exist only with double quantization
+                    raise CheckpointError(f"tensor {key!r} is missing from the 4-bit checkpoint in {str(directory)!r}")
+        elif stored != shape:
+            raise CheckpointError(
+                f"tensor {name!r} in {str(files.tensor_to_file[name])!r} has shape {stored}, but config.json "
+                f"implies {shape}")
+        to_read.append(name)
+
+    params: dict = {}
+    stacked = _StackedLeaves(cfg.num_layers)
+    pending_bnb: dict[str, dict[str, np.ndarray]] = {}
+
+    def place(name: str, value) -> None:
+        match = LAYER_NAME.match(name)
+        if match:
+            stacked.put(match.group(2), int(match.group(1)), value)
+        else:
+            set_path(params, name, value)
+
+    for name, array in iter_tensors(files, to_read):
+        base = name
+        suffix = ""
+        for s in BNB_SUFFIXES:
+            if name.endswith("." + s):
+                base, suffix = name[: -len(s) - 1], s
+                break
+        spec = expected.get(base)
+        if prequantized and spec is not None and spec[1] == "linear":
+            group = pending_bnb.setdefault(base, {})
+            group[suffix] = array
+            needed = {"", "absmax", "quant_map", "quant_state.bitsandbytes__nf4"}
+            state = json.loads(bytes(group["quant_state.bitsandbytes__nf4"]).decode()) \
+                if "quant_state.bitsandbytes__nf4" in group else None
+            if state is not None and "nested_offset" in state:
+                needed |= {"nested_absmax", "nested_quant_map"}
+            if not needed <= set(group):
+                continue
+            weight = NF4Weight.from_bnb(pending_bnb.pop(base))
+            if tuple(weight.shape) != spec[0]:
+                raise CheckpointError(f"tensor {base!r} in {str(files.tensor_to_file[base])!r} has shape "
+                                      f"{tuple(weight.shape)}, but config.json implies {spec[0]}")
+            weight = jax.device_put(weight)
+            place(base, weight if load_in_4bit else weight.dequantize(dtype))
+            continue
+        kind = spec[1]
+        if kind == "linear" and load_in_4bit:
+            place(name, _quantize_on_device(array, dtype, double_quant))
+        else:
+            place(name, jnp.asarray(array).astype(dtype))
+
+    if pending_bnb:
+        raise CheckpointError(f"incomplete 4-bit tensors in {str(directory)!r}: {sorted(pending_bnb)}")
+    for rel, buffer in stacked.buffers.items():
+        set_path(params, f"model.layers.{rel}", buffer)
+    if prequantized and not load_in_4bit:
+        warnings.warn(f"{directory} holds a bitsandbytes 4-bit checkpoint; load_in_4bit=False dequantizes it to "
+                      f"{jnp.dtype(dtype).name}", stacklevel=3)
+    unused = sorted(set(header_shapes) - set(to_read) - {"lm_head.weight"})
+    unused = [n for n in unused if not n.endswith("rotary_emb.inv_freq")]
+    if unused:
+        warnings.warn(f"{len(unused)} tensors in {str(directory)!r} are not used by the model: {unused[:8]}",
+                      stacklevel=3)
+    return params, {"source": "bnb-4bit" if prequantized else "16bit"}

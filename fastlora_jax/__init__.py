@@ -1,0 +1,26 @@
+"""fastlora_jax: LoRA and QLoRA fine-tuning of Hugging Face models in JAX.
+
+Where things are (two hops from here):
+- `FastLanguageModel` (api.py): from_pretrained / get_peft_model, the Unsloth-shaped entry points.
+- `CausalLM` (model.py): the object they return; holds the HF config, the frozen base pytree, the family.
+- model families: one file each (llama.py), found through the HF-name table in families.py.
+- `NF4Weight` (quant.py): bitsandbytes-exact NF4 as a JAX pytree.
+- kernels (fastlora_jax.kernels, from ./kernels): the ops the families call, each with a jnp reference.
+- convert (fastlora_jax.convert, from ./convert): HF checkpoint <-> pytree.
+"""
+
+from fastlora_jax.quant import NF4Weight
+
+__all__ = ["NF4Weight", "FastLanguageModel", "CausalLM"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy so that `import fastlora_jax.quant` does not pull in transformers.
+    if name == "FastLanguageModel":
+        from fastlora_jax.api import FastLanguageModel
+        return FastLanguageModel
+    if name == "CausalLM":
+        from fastlora_jax.model import CausalLM
+        return CausalLM
+    raise AttributeError(f"module 'fastlora_jax' has no attribute {name!r}")

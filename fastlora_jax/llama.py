@@ -1,0 +1,184 @@
+"""The Llama family (Llama 2, 3, 3.1, 3.2) as plain functions over a nested-dict pytree.
+
+The pytree mirrors Hugging Face's module names (`model.layers.N.self_attn.q_proj.weight`) with one
+difference: the N decoder layers are stacked along a leading axis, `params["model"]["layers"][...]` has
+shape `[num_layers, ...]`, so that the layers run under `jax.lax.scan` and compile time stays flat in depth.
+Linear weights keep torch's `[out, in]` layout, which is also bitsandbytes' layout for NF4.
+
+A family file provides: `Config.from_hf`, the name table (`layer_tensors`, `top_tensors`, `module_list`)
+and `forward`. Everything generic (loading, quantizing, LoRA targeting) is driven by those tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from fastlora_jax import kernels
+
+ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "Config":
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
+        if hf_config.hidden_act not in kernels.ACTIVATIONS:
+            raise ValueError(f"hidden_act={hf_config.hidden_act!r} is not supported; supported: {sorted(kernels.ACTIVATIONS)}")
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf_config.rms_norm_eps),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            hidden_act=hf_config.hidden_act,
+            attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The name table. Kinds: "linear" (a weight [out, in] that 4-bit loading quantizes), "linear_bias",
+# "norm", "embedding", "lm_head" (the output layer: a linear that stays in `dtype`).
+
+
+def layer_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensors of one decoder layer, by HF name relative to `model.layers.N.`: (shape, kind)."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {
+        "input_layernorm.weight": ((d,), "norm"),
+        "self_attn.q_proj.weight": ((q_out, d), "linear"),
+        "self_attn.k_proj.weight": ((kv_out, d), "linear"),
+        "self_attn.v_proj.weight": ((kv_out, d), "linear"),
+        "self_attn.o_proj.weight": ((d, q_out), "linear"),
+        "post_attention_layernorm.weight": ((d,), "norm"),
+        "mlp.gate_proj.weight": ((cfg.intermediate_size, d), "linear"),
+        "mlp.up_proj.weight": ((cfg.intermediate_size, d), "linear"),
+        "mlp.down_proj.weight": ((d, cfg.intermediate_size), "linear"),
+    }
+    if cfg.attention_bias:
+        tensors["self_attn.q_proj.bias"] = ((q_out,), "linear_bias")
+        tensors["self_attn.k_proj.bias"] = ((kv_out,), "linear_bias")
+        tensors["self_attn.v_proj.bias"] = ((kv_out,), "linear_bias")
+        tensors["self_attn.o_proj.bias"] = ((d,), "linear_bias")
+    if cfg.mlp_bias:
+        for name, out in (("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size), ("down_proj", d)):
+            tensors[f"mlp.{name}.bias"] = ((out,), "linear_bias")
+    return tensors
+
+
+def top_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensors outside the decoder layers, by full HF name. A tied lm_head is not stored."""
+    tensors = {
+        "model.embed_tokens.weight": ((cfg.vocab_size, cfg.hidden_size), "embedding"),
+        "model.norm.weight": ((cfg.hidden_size,), "norm"),
+    }
+    if not cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = ((cfg.vocab_size, cfg.hidden_size), "lm_head")
+    return tensors
+
+
+def module_list(cfg: Config) -> list[tuple[str, str]]:
+    """(dotted module name, kind) in the order torch's `named_modules()` lists them on the HF model.
+
+    kind is "linear", "embedding" or "other": what PEFT's target matching needs to know.
+    """
+    modules = [("model", "other"), ("model.embed_tokens", "embedding"), ("model.layers", "other")]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        modules += [(p, "other"), (f"{p}.self_attn", "other")]
+        modules += [(f"{p}.self_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        modules += [(f"{p}.mlp", "other")]
+        modules += [(f"{p}.mlp.{n}", "linear") for n in ("gate_proj", "up_proj", "down_proj")]
+        modules += [(f"{p}.mlp.act_fn", "other"), (f"{p}.input_layernorm", "other"),
+                    (f"{p}.post_attention_layernorm", "other")]
+    modules += [("model.norm", "other"), ("model.rotary_emb", "other"), ("lm_head", "linear")]
+    return modules
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _linear(x, module: dict):
+    return kernels.linear(x, module["weight"], module.get("bias"))
+
+
+def _rotate(x_bshd, cos_bsr, sin_bsr):
+    """Rotary embedding as transformers' rotate_half, on the first `rotary_dim` channels."""
+    rotary_dim = cos_bsr.shape[-1]
+    x_rot, x_pass = x_bshd[..., :rotary_dim], x_bshd[..., rotary_dim:]
+    cos, sin = cos_bsr[:, :, None, :], sin_bsr[:, :, None, :]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated * sin
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+def decoder_layer(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_bsr, attention_mask_bs):
+    batch, seq, _ = x_bsd.shape
+    attn, mlp = layer["self_attn"], layer["mlp"]
+
+    h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
+    q = _linear(h, attn["q_proj"]).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+    k = _linear(h, attn["k_proj"]).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = _linear(h, attn["v_proj"]).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    q, k = _rotate(q, cos_bsr, sin_bsr), _rotate(k, cos_bsr, sin_bsr)
+    o = kernels.attention(q, k, v, attention_mask_bs, scale=cfg.head_dim ** -0.5)
+    x_bsd = x_bsd + _linear(o.reshape(batch, seq, cfg.num_heads * cfg.head_dim), attn["o_proj"])
+
+    h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+    act = kernels.ACTIVATIONS[cfg.hidden_act]
+    gated = act(_linear(h, mlp["gate_proj"])) * _linear(h, mlp["up_proj"])
+    return x_bsd + _linear(gated, mlp["down_proj"])
+
+
+def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
+                  compute_dtype=jnp.float32):
+    """Final normed hidden states `[batch, seq, hidden]` (the loss takes these, never full logits)."""
+    x = jnp.take(params["model"]["embed_tokens"]["weight"], input_ids_bs, axis=0).astype(compute_dtype)
+    cos_bsr, sin_bsr = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
+
+    def step(x_bsd, layer):
+        return decoder_layer(cfg, layer, x_bsd, cos_bsr, sin_bsr, attention_mask_bs), None
+
+    x, _ = jax.lax.scan(step, x, params["model"]["layers"])
+    return kernels.rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
+
+
+def lm_head_weight(cfg: Config, params: dict):
+    if cfg.tie_word_embeddings:
+        return params["model"]["embed_tokens"]["weight"]
+    return params["lm_head"]["weight"]
+
+
+def forward(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
+            compute_dtype=jnp.float32):
+    """Logits `[batch, seq, vocab]` in the compute dtype, as the HF model's `.logits`."""
+    h = hidden_states(cfg, params, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs, compute_dtype)
+    return kernels.linear(h, lm_head_weight(cfg, params))

@@ -1,0 +1,125 @@
+"""Tiny local Hugging Face checkpoints: the embedded default for the main job, and the tests' models.
+
+No model hub is reachable where this project is built and tested, so the default model is made here:
+a Llama config from transformers, random weights written with safetensors (numpy only: no torch needed),
+and a small byte-level BPE tokenizer trained with `tokenizers` on the bundled dataset, with a chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR = Path(__file__).parent / "data"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TINY_LLAMA = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _corpus() -> list[str]:
+    texts = []
+    path = DATA_DIR / "tiny_chat.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                texts += [m["content"] for m in row.get("messages", [])]
+    return texts or ["The quick brown fox jumps over the lazy dog."]
+
+
+def write_tiny_tokenizer(directory, vocab_size: int = 512):
+    """Train a byte-level BPE on the bundled text and save it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast
+
+
+def llama_tensor_specs(config) -> list[tuple[str, tuple[int, ...], str]]:
+    """(HF name, shape, kind) of every tensor a checkpoint of this transformers LlamaConfig holds, in order."""
+    from fastlora_jax import llama
+    cfg = llama.Config.from_hf(config)
+    top = llama.top_tensors(cfg)
+    specs = [("model.embed_tokens.weight", *top.pop("model.embed_tokens.weight"))]
+    for i in range(cfg.num_layers):
+        specs += [(f"model.layers.{i}.{rel}", shape, kind) for rel, (shape, kind) in llama.layer_tensors(cfg).items()]
+    return specs + [(name, shape, kind) for name, (shape, kind) in top.items()]
+
+
+def random_llama_state(config, seed: int = 0, std: float = 0.02, dtype=np.float32) -> dict[str, np.ndarray]:
+    """HF-named random weights: normal(0, std) for matrices and biases, 1 + noise for norms.
+
+    Norm weights are not all ones, so a norm that ignored its weight fails the parity tests.
+    """
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape, kind in llama_tensor_specs(config):
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        state[name] = (1.0 + 0.1 * noise if kind == "norm" else noise * std).astype(dtype)
+    return state
+
+
+def write_tiny_llama(directory, seed: int = 0, dtype: str = "float32", tokenizer: bool = True,
+                     max_shard_bytes: int | None = None, **overrides) -> Path:
+    """Write a random Llama checkpoint (config.json + safetensors [+ index] + tokenizer) that transformers loads.
+
+    `overrides` go to transformers' LlamaConfig (e.g. `rope_parameters`, `head_dim`, `tie_word_embeddings`).
+    `max_shard_bytes` splits the weights into shards with a `model.safetensors.index.json`.
+    """
+    import ml_dtypes
+    from safetensors.numpy import save_file
+    from transformers import LlamaConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = {**TINY_LLAMA, **overrides}
+    config = LlamaConfig(**settings)
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = dtype
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    state = random_llama_state(config, seed=seed, dtype=np_dtype)
+    config.save_pretrained(directory)
+    _save_sharded(state, directory, max_shard_bytes, save_file)
+    if tokenizer:
+        write_tiny_tokenizer(directory, vocab_size=min(config.vocab_size, 512))
+    return directory
+
+
+def _save_sharded(state: dict[str, np.ndarray], directory: Path, max_shard_bytes: int | None, save_file) -> None:
+    if max_shard_bytes is None:
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in state.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(a.nbytes for a in state.values())
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

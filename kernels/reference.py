@@ -1,0 +1,70 @@
+"""Pure-jnp reference ops: what every kernel in this folder is checked against, and what runs off-GPU.
+
+Each op follows the arithmetic of the Hugging Face torch modules it replaces (dtypes of intermediates
+included), because fp32 logit parity with transformers at 1e-4 is a test of this project.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fastlora_jax.quant import NF4Weight
+
+MASK_VALUE = -1e30  # finite, so a fully masked row (a padded query) gives a uniform softmax, not NaN
+
+
+def dense_weight(weight, dtype) -> jax.Array:
+    """A linear weight `[out, in]` as a plain array in `dtype`, dequantizing NF4."""
+    if isinstance(weight, NF4Weight):
+        return weight.dequantize(dtype)
+    return weight.astype(dtype)
+
+
+def linear(x_bsi: jax.Array, weight_oi, bias_o: jax.Array | None = None) -> jax.Array:
+    """`x @ W.T (+ b)`, W stored `[out, in]` as in torch; NF4 weights are dequantized to x's dtype first."""
+    w_oi = dense_weight(weight_oi, x_bsi.dtype)
+    y = jnp.einsum("...i,oi->...o", x_bsi, w_oi, preferred_element_type=x_bsi.dtype)
+    if bias_o is not None:
+        y = y + bias_o.astype(y.dtype)
+    return y
+
+
+def rms_norm(x_bsd: jax.Array, weight_d: jax.Array, eps: float) -> jax.Array:
+    """Llama's RMSNorm: normalize in fp32, cast back to the input dtype, then scale by the weight."""
+    x32 = x_bsd.astype(jnp.float32)
+    variance = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x_bsd.dtype)
+    return weight_d.astype(x_bsd.dtype) * normed
+
+
+def attention(q_bshd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, attention_mask_bs: jax.Array | None,
+              scale: float) -> jax.Array:
+    """Causal grouped-query attention with an optional key padding mask (1 = attend).
+
+    Softmax in fp32 and probabilities cast back to the query dtype before the value product, as
+    transformers' eager attention does. Returns `[batch, seq, q_heads, head_dim]`.
+    """
+    batch, seq, q_heads, head_dim = q_bshd.shape
+    kv_heads = k_bskd.shape[2]
+    groups = q_heads // kv_heads
+    q_bskgd = q_bshd.reshape(batch, seq, kv_heads, groups, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q_bskgd, k_bskd, preferred_element_type=jnp.float32) * scale
+    allowed_qs = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    allowed = allowed_qs[None, None, None]
+    if attention_mask_bs is not None:
+        allowed = allowed & attention_mask_bs.astype(bool)[:, None, None, None, :]
+    scores = jnp.where(allowed, scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_bshd.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bskd, preferred_element_type=q_bshd.dtype)
+    return out.reshape(batch, seq, q_heads, head_dim)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
