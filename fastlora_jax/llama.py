@@ -12,11 +12,12 @@ and `forward`. Everything generic (loading, quantizing, LoRA targeting) is drive
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from fastlora_jax import kernels
+from fastlora_jax import kernels, rope
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -125,60 +126,69 @@ def module_list(cfg: Config) -> list[tuple[str, str]]:
 # Forward.
 
 
-def _linear(x, module: dict):
+def _linear(x, module: dict, key=None, dropout_rate: float = 0.0):
+    """A linear module of the combined tree: base weight (+ bias), plus a LoRA branch when it has one."""
+    if "lora_A" in module:
+        return kernels.lora_linear(x, module, key, dropout_rate)
     return kernels.linear(x, module["weight"], module.get("bias"))
 
 
-def _rotate(x_bshd, cos_bsr, sin_bsr):
-    """Rotary embedding as transformers' rotate_half, on the first `rotary_dim` channels."""
-    rotary_dim = cos_bsr.shape[-1]
-    x_rot, x_pass = x_bshd[..., :rotary_dim], x_bshd[..., rotary_dim:]
-    cos, sin = cos_bsr[:, :, None, :], sin_bsr[:, :, None, :]
-    half = rotary_dim // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    out = x_rot * cos + rotated * sin
-    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+def _keys(key, n):
+    return [None] * n if key is None else list(jax.random.split(key, n))
 
 
-def decoder_layer(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_bsr, attention_mask_bs):
+def decoder_layer(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_bsr, attention_mask_bs, key=None,
+                  dropout_rate: float = 0.0):
     batch, seq, _ = x_bsd.shape
     attn, mlp = layer["self_attn"], layer["mlp"]
+    kq, kk, kv, ko, kg, ku, kd = _keys(key, 7)
+    lin = partial(_linear, dropout_rate=dropout_rate)
 
     h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
-    q = _linear(h, attn["q_proj"]).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-    k = _linear(h, attn["k_proj"]).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    v = _linear(h, attn["v_proj"]).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    q, k = _rotate(q, cos_bsr, sin_bsr), _rotate(k, cos_bsr, sin_bsr)
+    q = lin(h, attn["q_proj"], kq).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+    k = lin(h, attn["k_proj"], kk).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = lin(h, attn["v_proj"], kv).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    q, k = rope.apply_rotary(q, cos_bsr, sin_bsr), rope.apply_rotary(k, cos_bsr, sin_bsr)
     o = kernels.attention(q, k, v, attention_mask_bs, scale=cfg.head_dim ** -0.5)
-    x_bsd = x_bsd + _linear(o.reshape(batch, seq, cfg.num_heads * cfg.head_dim), attn["o_proj"])
+    x_bsd = x_bsd + lin(o.reshape(batch, seq, cfg.num_heads * cfg.head_dim), attn["o_proj"], ko)
 
     h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
     act = kernels.ACTIVATIONS[cfg.hidden_act]
-    gated = act(_linear(h, mlp["gate_proj"])) * _linear(h, mlp["up_proj"])
-    return x_bsd + _linear(gated, mlp["down_proj"])
+    gated = act(lin(h, mlp["gate_proj"], kg)) * lin(h, mlp["up_proj"], ku)
+    return x_bsd + lin(gated, mlp["down_proj"], kd)
 
 
 def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
-                  compute_dtype=jnp.float32):
-    """Final normed hidden states `[batch, seq, hidden]` (the loss takes these, never full logits)."""
-    x = jnp.take(params["model"]["embed_tokens"]["weight"], input_ids_bs, axis=0).astype(compute_dtype)
+                  compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0):
+    """Final normed hidden states `[batch, seq, hidden]` (the loss takes these, never full logits).
+
+    `params` is the combined tree (lora.combine): base weights with LoRA branches and trainable copies
+    laid over them. `dropout_key=None` means no LoRA dropout (evaluation).
+    """
+    x = kernels.embedding(input_ids_bs, params["model"]["embed_tokens"], compute_dtype)
     cos_bsr, sin_bsr = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
+    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
 
-    def step(x_bsd, layer):
-        return decoder_layer(cfg, layer, x_bsd, cos_bsr, sin_bsr, attention_mask_bs), None
+    def step(x_bsd, layer_and_key):
+        layer, key = layer_and_key
+        return decoder_layer(cfg, layer, x_bsd, cos_bsr, sin_bsr, attention_mask_bs, key, dropout_rate), None
 
-    x, _ = jax.lax.scan(step, x, params["model"]["layers"])
+    x, _ = jax.lax.scan(step, x, (params["model"]["layers"], layer_keys))
     return kernels.rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
 
 
-def lm_head_weight(cfg: Config, params: dict):
-    if cfg.tie_word_embeddings:
-        return params["model"]["embed_tokens"]["weight"]
-    return params["lm_head"]["weight"]
+def lm_head_module(cfg: Config, params: dict) -> dict:
+    """The output layer's module dict; a tied head reads the embedding matrix (LoRA on it stays its own)."""
+    head = dict(params.get("lm_head", {}))
+    if cfg.tie_word_embeddings and "weight" not in head:
+        head["weight"] = params["model"]["embed_tokens"]["weight"]
+    return head
 
 
 def forward(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
-            compute_dtype=jnp.float32):
+            compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0):
     """Logits `[batch, seq, vocab]` in the compute dtype, as the HF model's `.logits`."""
-    h = hidden_states(cfg, params, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs, compute_dtype)
-    return kernels.linear(h, lm_head_weight(cfg, params))
+    h = hidden_states(cfg, params, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs, compute_dtype,
+                      dropout_key, dropout_rate)
+    head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
+    return _linear(h, lm_head_module(cfg, params), head_key, dropout_rate)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastlora_jax import rope
+from fastlora_jax.lora import combine
 
 
 @dataclass
@@ -35,7 +36,19 @@ class CausalLM:
         self.name_or_path = name_or_path
         self.weights_source = weights_source  # "16bit" or "bnb-4bit": what a merged export starts from
         self.max_seq_length = max_seq_length
-        self._forward = jax.jit(partial(family.forward, cfg), static_argnames=("compute_dtype",))
+        # LoRA (get_peft_model): the trainable tree, its static arrays and its resolved PEFT layout.
+        self.lora_params: dict | None = None
+        self.lora_meta: dict | None = None
+        self.lora_layout = None
+        self.training = True
+
+        def forward(base, lora, meta, input_ids, cos, sin, attention_mask, dropout_key, *, compute_dtype,
+                    dropout_rate):
+            params = combine(base, lora, meta)
+            return family.forward(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
+                                  dropout_key, dropout_rate)
+
+        self._forward = jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate"))
 
     # ------------------------------------------------------------------ rope
     def rotary_cos_sin(self, position_ids_bs) -> tuple[jax.Array, jax.Array]:
@@ -51,6 +64,11 @@ class CausalLM:
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, attention_mask=None, position_ids=None) -> CausalLMOutput:
+        """Logits with the current adapter (if any), without dropout: the HF model in eval mode."""
+        return CausalLMOutput(logits=self.apply(self.lora_params, input_ids, attention_mask, position_ids))
+
+    def apply(self, lora_params, input_ids, attention_mask=None, position_ids=None, dropout_key=None):
+        """Logits for a given LoRA pytree (None: the base alone). `dropout_key` turns on LoRA dropout."""
         input_ids = _as_batch(input_ids, "input_ids")
         if attention_mask is not None:
             attention_mask = _as_batch(attention_mask, "attention_mask")
@@ -59,10 +77,11 @@ class CausalLM:
         if position_ids is None:
             position_ids = self.default_position_ids(input_ids)
         cos, sin = self.rotary_cos_sin(position_ids)
-        logits = self._forward(self.base_params, jnp.asarray(input_ids), cos, sin,
-                               None if attention_mask is None else jnp.asarray(attention_mask),
-                               compute_dtype=self.dtype)
-        return CausalLMOutput(logits=logits)
+        dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
+        return self._forward(self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
+                             jnp.asarray(input_ids), cos, sin,
+                             None if attention_mask is None else jnp.asarray(attention_mask), dropout_key,
+                             compute_dtype=self.dtype, dropout_rate=dropout_rate if dropout_key is not None else 0.0)
 
     def __repr__(self) -> str:
         c = self.cfg

@@ -68,3 +68,49 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
+
+
+def lora_linear(x_bsi: jax.Array, module: dict, dropout_key=None, dropout_rate: float = 0.0) -> jax.Array:
+    """A linear layer with its LoRA branch, as PEFT's `lora.Linear.forward` computes it.
+
+    `module` holds the base `weight` [out, in] (dense or NF4) and optional `bias`, plus `lora_A` [r, in],
+    `lora_B` [out, r], `scaling` (a scalar; 0 switches the adapter off, e.g. a layer outside
+    layers_to_transform) and, with DoRA, `lora_magnitude_vector` [out] and `targeted` (bool scalar).
+    Dropout applies to the LoRA input only; `dropout_key=None` means evaluation (no dropout).
+    """
+    w_oi = dense_weight(module["weight"], x_bsi.dtype)
+    base = jnp.einsum("...i,oi->...o", x_bsi, w_oi, preferred_element_type=x_bsi.dtype)
+    x_lora = x_bsi
+    if dropout_key is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x_bsi.shape)
+        x_lora = jnp.where(keep, x_bsi / (1.0 - dropout_rate), 0).astype(x_bsi.dtype)
+    a_ri = module["lora_A"].astype(x_bsi.dtype)
+    b_or = module["lora_B"].astype(x_bsi.dtype)
+    scaling = module["scaling"].astype(x_bsi.dtype)
+    lora = jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", x_lora, a_ri), b_or) * scaling
+    if "lora_magnitude_vector" in module:
+        # DoRA (PEFT's DoraLinearLayer): the column norm of W + s*B@A is detached, as in the paper (sec. 4.3).
+        merged_oi = w_oi + scaling * (b_or @ a_ri)
+        weight_norm_o = jax.lax.stop_gradient(jnp.linalg.norm(merged_oi.astype(jnp.float32), axis=1))
+        magnitude_scale = (module["lora_magnitude_vector"].astype(jnp.float32) / weight_norm_o).astype(x_bsi.dtype)
+        magnitude_scale = jnp.where(module["targeted"], magnitude_scale, jnp.ones_like(magnitude_scale))
+        if x_lora is not x_bsi:
+            base = jnp.einsum("...i,oi->...o", x_lora, w_oi, preferred_element_type=x_bsi.dtype)
+            plain = jnp.einsum("...i,oi->...o", x_bsi, w_oi, preferred_element_type=x_bsi.dtype)
+            out = plain + (magnitude_scale - 1) * base + magnitude_scale * lora
+        else:
+            out = base + (magnitude_scale - 1) * base + magnitude_scale * lora
+    else:
+        out = base + lora
+    if module.get("bias") is not None:
+        out = out + module["bias"].astype(out.dtype)
+    return out
+
+
+def embedding(ids_bs: jax.Array, module: dict, dtype) -> jax.Array:
+    """Embedding lookup, plus PEFT's LoRA embedding branch when `lora_embedding_A` [r, vocab] is present."""
+    out = jnp.take(module["weight"], ids_bs, axis=0).astype(dtype)
+    if "lora_embedding_A" in module:
+        after_a = jnp.take(module["lora_embedding_A"].T, ids_bs, axis=0).astype(dtype)
+        out = out + (after_a @ module["lora_embedding_B"].T.astype(dtype)) * module["scaling"].astype(dtype)
+    return out
