@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from fastlora_jax.convert.hf_checkpoint import read_config_dict
-from fastlora_jax.convert.load import is_bnb_4bit, load_base_params
+from fastlora_jax.convert.load import load_base_params
 from fastlora_jax.families import family_for
+from fastlora_jax.lora import build_lora
+from fastlora_jax.lora_config import LoraSpec
 from fastlora_jax.model import CausalLM
 
 DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
                "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+ADAPTER_CONFIG = "adapter_config.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
@@ -64,7 +69,89 @@ def load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
+GRADIENT_CHECKPOINTING = ("unsloth", True, False)
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT_KWARGS = {"exclude_modules", "rank_pattern", "alpha_pattern", "use_dora"}
+IGNORED_UNSLOTH_KWARGS = {"temporary_location", "use_cache", "qat_scheme", "ensure_weight_tying"}
+
+
+def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, lora_dropout=0.0,
+                   bias="none", layers_to_transform=None, layers_pattern=None,
+                   use_gradient_checkpointing="unsloth", random_state=3407, max_seq_length=2048,
+                   use_rslora=False, modules_to_save=None, init_lora_weights=True, loftq_config={}, **kwargs):
+    """Add LoRA adapters as a separate trainable pytree (`model.lora_params`); the base stays frozen.
+
+    Argument names and defaults are Unsloth's; targeting, scaling, init, counting and files are PEFT
+    0.21's (a list of names matches whole dotted suffixes, a string is a full-match regex,
+    "all-linear" is every linear but lm_head). Returns a new model object sharing the base pytree.
+    """
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"model must be what FastLanguageModel.from_pretrained returned; got {type(model).__name__}")
+    unknown = set(kwargs) - PEFT_KWARGS - IGNORED_UNSLOTH_KWARGS
+    if unknown:
+        raise TypeError(f"get_peft_model() got unexpected keyword arguments {sorted(unknown)}; "
+                        f"accepted extras: {sorted(PEFT_KWARGS)}")
+    if use_gradient_checkpointing not in GRADIENT_CHECKPOINTING or isinstance(use_gradient_checkpointing, int) \
+            and not isinstance(use_gradient_checkpointing, bool):
+        raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r} is not accepted; "
+                         f"use 'unsloth', True or False")
+    if isinstance(random_state, bool) or not isinstance(random_state, int):
+        raise TypeError(f"random_state must be an int; got {random_state!r}")
+    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
+        raise ValueError(f"max_seq_length must be a positive int; got {max_seq_length!r}")
+    spec = LoraSpec.create(
+        r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+        layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, use_rslora=use_rslora,
+        modules_to_save=modules_to_save, init_lora_weights=init_lora_weights, loftq_config=loftq_config,
+        exclude_modules=kwargs.get("exclude_modules"), rank_pattern=kwargs.get("rank_pattern"),
+        alpha_pattern=kwargs.get("alpha_pattern"), use_dora=kwargs.get("use_dora", False))
+    if model.lora_layout is not None:
+        if model.lora_layout.spec == spec:
+            warnings.warn("the model already has LoRA adapters with this config; returning it unchanged",
+                          stacklevel=2)
+            return model
+        raise ValueError("the model already has LoRA adapters with a different config "
+                         f"({model.lora_layout.spec} vs {spec}); load the base again to start over")
+    lora_params, lora_meta, layout = build_lora(model.family, model.cfg, model.base_params, spec, random_state)
+    peft_model = copy.copy(model)
+    peft_model.lora_params, peft_model.lora_meta, peft_model.lora_layout = lora_params, lora_meta, layout
+    peft_model.use_gradient_checkpointing = use_gradient_checkpointing
+    peft_model.max_seq_length = max_seq_length
+    return peft_model
+
+
+class _ArchitectureView:
+    """Just enough of a config for `family_for`, read from config.json before transformers parses it."""
+
+    def __init__(self, config_dict: dict):
+        self.architectures = config_dict.get("architectures")
+        self.model_type = config_dict.get("model_type")
+
+
+ADAPTER_ARGS = ("r", "target_modules", "lora_alpha", "lora_dropout", "bias", "layers_to_transform", "layers_pattern",
+                "use_rslora", "modules_to_save", "exclude_modules", "rank_pattern", "alpha_pattern", "use_dora")
+
+
+def _load_with_adapter(adapter_dir: Path, **load_kwargs):
+    """A PEFT adapter directory: load its base (adapter_config's base_model_name_or_path), then the adapter."""
+    from fastlora_jax.convert.peft import read_adapter
+    adapter_config, _ = read_adapter(adapter_dir)
+    base_name = adapter_config.get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is not set; load the base with "
+                         f"from_pretrained(base) and the adapter with model.load_adapter(dir)")
+    model, tokenizer = FastLanguageModel.from_pretrained(base_name, **load_kwargs)
+    kwargs = {k: adapter_config[k] for k in ADAPTER_ARGS if adapter_config.get(k) is not None}
+    if isinstance(kwargs.get("target_modules"), list):
+        kwargs["target_modules"] = sorted(kwargs["target_modules"])
+    model = get_peft_model(model, **kwargs)
+    model.load_adapter(adapter_dir)
+    return model, load_tokenizer(adapter_dir) or tokenizer
+
+
 class FastLanguageModel:
+    get_peft_model = staticmethod(get_peft_model)
+
     @staticmethod
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
                         token=None, revision=None, cache_dir=None, double_quant: bool = True, **kwargs):
@@ -85,6 +172,10 @@ class FastLanguageModel:
             raise ValueError(f"max_seq_length must be a positive int; got {max_seq_length!r}")
         compute_dtype = resolve_dtype(dtype)
         directory = resolve_model_dir(model_name, token=token, revision=revision, cache_dir=cache_dir)
+        if (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file():
+            return _load_with_adapter(directory, max_seq_length=max_seq_length, dtype=compute_dtype,
+                                      load_in_4bit=load_in_4bit, token=token, cache_dir=cache_dir,
+                                      double_quant=double_quant)
 
         config_dict = read_config_dict(directory)
         from transformers import AutoConfig
@@ -94,18 +185,5 @@ class FastLanguageModel:
         params, info = load_base_params(directory, family, cfg, config_dict, compute_dtype,
                                         load_in_4bit=load_in_4bit, double_quant=double_quant)
         model = CausalLM(hf_config, family, cfg, params, compute_dtype, name_or_path=str(model_name),
-                         weights_source=info["source"], max_seq_length=max_seq_length)
-        model.model_dir = directory
+                         weights_source=info["source"], max_seq_length=max_seq_length, model_dir=directory)
         return model, load_tokenizer(directory)
-
-
-class _ArchitectureView:
-    """Just enough of a config for `family_for`, read from config.json before transformers parses it."""
-
-    def __init__(self, config_dict: dict):
-        self.architectures = config_dict.get("architectures")
-        self.model_type = config_dict.get("model_type")
-
-
-def _is_4bit_dir(directory: Path) -> bool:
-    return is_bnb_4bit(json.loads((directory / "config.json").read_text()))

@@ -24,3 +24,12 @@ def family_for(hf_config, where: str = "config.json") -> ModuleType:
     raise ValueError(
         f"unsupported architecture {architectures or model_type!r} in {where}; "
         f"supported: {sorted(FAMILIES)}")
+
+
+def checkpoint_tensors(family: ModuleType, cfg) -> list[tuple[str, tuple[int, ...], str]]:
+    """(HF name, shape, kind) of every tensor the family's checkpoint holds, embeddings first, in order."""
+    top = family.top_tensors(cfg)
+    first = [(n, *top.pop(n)) for n in list(top) if top[n][1] == "embedding"]
+    layers = [(f"model.layers.{i}.{rel}", shape, kind) for i in range(cfg.num_layers)
+              for rel, (shape, kind) in family.layer_tensors(cfg).items()]
+    return first + layers + [(name, shape, kind) for name, (shape, kind) in top.items()]

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastlora_jax import rope
-from fastlora_jax.lora import combine
+from fastlora_jax.families import checkpoint_tensors
+from fastlora_jax.lora import combine, count_parameters, get_node, split_module
+from fastlora_jax.quant import NF4Weight
 
 
 @dataclass
@@ -27,7 +29,7 @@ class CausalLMOutput:
 
 class CausalLM:
     def __init__(self, hf_config, family: ModuleType, cfg, base_params: dict, dtype, name_or_path: str,
-                 weights_source: str = "16bit", max_seq_length: int = 2048):
+                 weights_source: str = "16bit", max_seq_length: int = 2048, model_dir=None):
         self.config = hf_config
         self.family = family
         self.cfg = cfg
@@ -36,6 +38,7 @@ class CausalLM:
         self.name_or_path = name_or_path
         self.weights_source = weights_source  # "16bit" or "bnb-4bit": what a merged export starts from
         self.max_seq_length = max_seq_length
+        self.model_dir = model_dir  # where the base checkpoint was read (a merged export re-reads it)
         # LoRA (get_peft_model): the trainable tree, its static arrays and its resolved PEFT layout.
         self.lora_params: dict | None = None
         self.lora_meta: dict | None = None
@@ -89,9 +92,86 @@ class CausalLM:
         return (f"CausalLM({self.family.__name__.rsplit('.', 1)[-1]}, layers={c.num_layers}, hidden={c.hidden_size}, "
                 f"weights={quant}, compute={self.dtype.name}, from={self.name_or_path!r})")
 
+    # ------------------------------------------------------------------ tensors by HF name
+    def tensor_names(self) -> list[str]:
+        return [name for name, _, _ in checkpoint_tensors(self.family, self.cfg)]
+
+    def base_tensor(self, name: str) -> np.ndarray:
+        """One base tensor by HF name as numpy (NF4 dequantized to the model dtype, as float32)."""
+        path, index = split_module(name)
+        value = get_node(self.base_params, path)
+        if index is not None:
+            value = jax.tree.map(lambda x: x[index], value)
+        if isinstance(value, NF4Weight):
+            value = value.dequantize(self.dtype)
+        return np.asarray(jax.device_get(value), dtype=np.float32)
+
+    # ------------------------------------------------------------------ LoRA (PEFT's attributes and files)
+    def _require_lora(self, what: str):
+        if self.lora_layout is None:
+            raise ValueError(f"{what} needs LoRA adapters: call FastLanguageModel.get_peft_model(model, ...) first")
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        self._require_lora("targeted_module_names")
+        return self.lora_layout.targeted_module_names
+
+    @property
+    def peft_config(self) -> dict:
+        """PEFT's `adapter_config.json` content, under the adapter name "default" as PeftModel has it."""
+        self._require_lora("peft_config")
+        return {"default": self.adapter_config()}
+
+    def adapter_config(self) -> dict:
+        return self.lora_layout.spec.to_peft_config_dict(
+            self.name_or_path, modules=self.family.module_list(self.cfg), output_layer_names=("lm_head",))
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        self._require_lora("get_nb_trainable_parameters")
+        return count_parameters(self.base_params, self.lora_layout, self.cfg)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def peft_state_dict(self, lora_params=None) -> dict:
+        """PEFT's adapter state dict (`base_model.model.<module>.lora_A.weight`, ...) of `lora_params`
+        (default: the model's), or of any pytree shaped like it, such as its gradients."""
+        self._require_lora("peft_state_dict")
+        from fastlora_jax.convert.peft import peft_state_dict
+        return peft_state_dict(self.lora_layout, self.lora_params if lora_params is None else lora_params)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """`adapter_config.json` + `adapter_model.safetensors`, as PEFT writes them for the same config."""
+        self._require_lora("save_pretrained")
+        from fastlora_jax.convert.peft import save_adapter
+        return save_adapter(save_directory, self.lora_layout, self.lora_params, self.adapter_config())
+
+    def load_adapter(self, adapter_dir) -> None:
+        """Replace `lora_params` with a PEFT adapter's tensors (the adapter's config must be this one's)."""
+        from fastlora_jax.convert.peft import load_peft_state_dict, read_adapter
+        self._require_lora("load_adapter")
+        _, tensors = read_adapter(adapter_dir)
+        self.lora_params = load_peft_state_dict(self.lora_layout, self.lora_params, tensors, str(adapter_dir))
+
+    def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: str = "merged_16bit", **kwargs):
+        """`merged_16bit`: a plain HF checkpoint with W + s·B·A merged, in the model's dtype (from the
+        original 16-bit weights when the base came from them; from dequantized NF4 otherwise, with a
+        warning). `lora`: the adapter alone, as save_pretrained."""
+        if save_method == "lora":
+            out = self.save_pretrained(save_directory)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(save_directory)
+            return out
+        if save_method not in ("merged_16bit",):
+            raise ValueError(f"save_method={save_method!r} is not supported; use 'merged_16bit' or 'lora'")
+        self._require_lora("save_pretrained_merged")
+        from fastlora_jax.convert.peft import save_merged
+        return save_merged(self, save_directory, tokenizer)
+
     @property
     def is_4bit(self) -> bool:
-        from fastlora_jax.quant import NF4Weight
         leaves = jax.tree.leaves(self.base_params, is_leaf=lambda x: isinstance(x, NF4Weight))
         return any(isinstance(x, NF4Weight) for x in leaves)
 

@@ -56,12 +56,8 @@ def write_tiny_tokenizer(directory, vocab_size: int = 512):
 def llama_tensor_specs(config) -> list[tuple[str, tuple[int, ...], str]]:
     """(HF name, shape, kind) of every tensor a checkpoint of this transformers LlamaConfig holds, in order."""
     from fastlora_jax import llama
-    cfg = llama.Config.from_hf(config)
-    top = llama.top_tensors(cfg)
-    specs = [("model.embed_tokens.weight", *top.pop("model.embed_tokens.weight"))]
-    for i in range(cfg.num_layers):
-        specs += [(f"model.layers.{i}.{rel}", shape, kind) for rel, (shape, kind) in llama.layer_tensors(cfg).items()]
-    return specs + [(name, shape, kind) for name, (shape, kind) in top.items()]
+    from fastlora_jax.families import checkpoint_tensors
+    return checkpoint_tensors(llama, llama.Config.from_hf(config))
 
 
 def random_llama_state(config, seed: int = 0, std: float = 0.02, dtype=np.float32) -> dict[str, np.ndarray]:

@@ -1,0 +1,231 @@
+"""PEFT adapter files <-> the LoRA pytree, and merged 16-bit exports.
+
+PEFT's `adapter_model.safetensors` keys are `base_model.model.<module>.<tensor>` (the adapter name is
+dropped): `lora_A.weight` [r, in], `lora_B.weight` [out, r], `lora_embedding_A` [r, vocab],
+`lora_embedding_B` [dim, r], `lora_magnitude_vector` [out], a modules_to_save copy as `<module>.weight`,
+a trained bias as `<module>.bias` (`<module>.base_layer.bias` when the module also has LoRA).
+Every write goes to a temporary name first and is renamed, so a failed save leaves the old file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastlora_jax.lora import LoraLayout, get_node, set_node, split_module
+from fastlora_jax.quant import NF4Weight
+
+PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _entries(layout: LoraLayout):
+    """(PEFT key, tree path, layer index or None, slicer) for every tensor an adapter file holds."""
+    target_names = {t.name for t in layout.targets}
+    for t in layout.targets:
+        path, index = split_module(t.name)
+        if t.kind == "embedding":
+            yield PREFIX + f"{t.name}.lora_embedding_A", path + ("lora_embedding_A",), index, (slice(0, t.r),)
+            yield PREFIX + f"{t.name}.lora_embedding_B", path + ("lora_embedding_B",), index, (slice(None), slice(0, t.r))
+            continue
+        yield PREFIX + f"{t.name}.lora_A.weight", path + ("lora_A",), index, (slice(0, t.r),)
+        yield PREFIX + f"{t.name}.lora_B.weight", path + ("lora_B",), index, (slice(None), slice(0, t.r))
+        if layout.spec.use_dora:
+            yield PREFIX + f"{t.name}.lora_magnitude_vector", path + ("lora_magnitude_vector",), index, ()
+    for name in layout.saved_tensors:
+        path, index = split_module(name)
+        yield PREFIX + name, path, index, ()
+    for name in layout.trainable_biases:
+        path, index = split_module(name)
+        key = f"{name}.base_layer.bias" if name in target_names else f"{name}.bias"
+        yield PREFIX + key, path + ("bias",), index, ()
+
+
+def peft_state_dict(layout: LoraLayout, tree: dict) -> dict[str, jax.Array]:
+    """PEFT's adapter state dict from `lora_params` or any pytree shaped like it (gradients, say)."""
+    out = {}
+    for key, path, index, slicer in _entries(layout):
+        value = get_node(tree, path)
+        if index is not None:
+            value = value[index]
+        out[key] = value[slicer] if slicer else value
+    return out
+
+
+def load_peft_state_dict(layout: LoraLayout, lora_params: dict, state: dict, where: str) -> dict:
+    """Write PEFT's tensors into a copy of `lora_params`; every tensor must be consumed and none missing."""
+    expected = {key: (path, index, slicer) for key, path, index, slicer in _entries(layout)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter {where} does not fit the model: missing keys {missing[:6]}, "
+                         f"unexpected keys {unexpected[:6]}")
+    tree = jax.tree.map(lambda x: x, lora_params)
+    for key, (path, index, slicer) in expected.items():
+        current = get_node(tree, path)
+        value = jnp.asarray(np.asarray(state[key]), dtype=current.dtype)
+        target_shape = current[index][slicer].shape if index is not None else current[slicer].shape if slicer else current.shape
+        if value.shape != target_shape:
+            raise ValueError(f"adapter tensor {key!r} in {where} has shape {value.shape}; the model expects {target_shape}")
+        full_index = ((index,) if index is not None else ()) + (slicer or ())
+        set_node(tree, path, current.at[full_index].set(value) if full_index else value)
+    return tree
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.numpy import save
+
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
+
+
+def to_numpy(value) -> np.ndarray:
+    return np.asarray(jax.device_get(value))
+
+
+def save_adapter(directory, layout: LoraLayout, lora_params: dict, config_dict: dict) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: to_numpy(v) for k, v in peft_state_dict(layout, lora_params).items()}
+    atomic_save_safetensors(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    atomic_write_bytes(directory / ADAPTER_CONFIG, (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode())
+    return directory
+
+
+def read_adapter(directory) -> tuple[dict, dict]:
+    """(adapter_config dict, tensors) from a PEFT adapter directory."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    config_path = directory / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(config_path)!r} not found: not a PEFT adapter directory")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_path}: peft_type={config.get('peft_type')!r}; only 'LORA' adapters are supported")
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(weights)!r} not found (adapter_model.bin is not read: save with safetensors)")
+    return config, load_file(weights)
+
+
+# ------------------------------------------------------------------------------------------ merge
+
+
+def merged_weight(weight_oi: np.ndarray, a_ri, b_or, scaling: float, magnitude_o=None) -> np.ndarray:
+    """W + s·B·A in fp32 (DoRA: rescaled row-wise to the magnitude vector), as PEFT's merge does."""
+    w = np.asarray(weight_oi, np.float32)
+    delta = scaling * (np.asarray(b_or, np.float32) @ np.asarray(a_ri, np.float32))
+    merged = w + delta
+    if magnitude_o is not None:
+        norm = np.linalg.norm(merged, axis=1)
+        merged = merged * (np.asarray(magnitude_o, np.float32) / norm)[:, None]
+    return merged
+
+
+def merged_tensors(model, base_source) -> dict[str, np.ndarray]:
+    """Every HF tensor of the merged model, in the model's dtype. `base_source(name)` gives the original
+    base tensor as numpy (from the 16-bit checkpoint) or None (then the in-memory weight, dequantized)."""
+    import ml_dtypes
+
+    layout: LoraLayout = model.lora_layout
+    lora = model.lora_params
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[model.dtype.name]
+    by_module = {t.name: t for t in layout.targets}
+    saved = set(layout.saved_tensors)
+    trained_bias = {f"{n}.bias" for n in layout.trainable_biases}
+    out = {}
+    for name in model.tensor_names():
+        module, leaf = name.rsplit(".", 1)
+        path, index = split_module(module)
+        if name in saved or name in trained_bias:
+            value = get_node(lora, path + (leaf,))
+            out[name] = to_numpy(value[index] if index is not None else value).astype(np_dtype)
+            continue
+        value = base_source(name)
+        if value is None:
+            value = model.base_tensor(name)
+        t = by_module.get(module)
+        if t is not None and leaf == "weight":
+            node = get_node(lora, path)
+            if t.kind == "embedding":
+                a, b = to_numpy(node["lora_embedding_A"])[: t.r], to_numpy(node["lora_embedding_B"])[:, : t.r]
+                value = np.asarray(value, np.float32) + t.scaling * (b @ a).T
+            else:
+                sel = (lambda x: x[index]) if index is not None else (lambda x: x)
+                a = to_numpy(sel(node["lora_A"]))[: t.r]
+                b = to_numpy(sel(node["lora_B"]))[:, : t.r]
+                mag = to_numpy(sel(node["lora_magnitude_vector"])) if layout.spec.use_dora else None
+                value = merged_weight(value, a, b, t.scaling, mag)
+        out[name] = np.asarray(value).astype(np_dtype)
+    return out
+
+
+def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
+    """A plain HF checkpoint (config.json without quantization_config, safetensors shards, tokenizer)."""
+    from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = None
+    if model.weights_source == "16bit" and getattr(model, "model_dir", None) is not None:
+        files = find_checkpoint_files(model.model_dir)
+    elif model.is_4bit:
+        warnings.warn("the base was loaded from a 4-bit checkpoint: merging into its dequantized NF4 weights "
+                      "(the original 16-bit weights are not available)", stacklevel=3)
+
+    def base_source(name):
+        if files is None or name not in files.tensor_to_file:
+            return None
+        return next(iter_tensors(files, [name]))[1]
+
+    tensors = merged_tensors(model, base_source)
+    shards: list[dict] = [{}]
+    size = 0
+    for name, value in tensors.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    if len(shards) == 1:
+        atomic_save_safetensors(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            atomic_save_safetensors(shard, directory / fname, metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
+        atomic_write_bytes(directory / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = model.dtype.name
+    atomic_write_bytes(directory / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,299 @@
+"""LoRA as a separate trainable pytree laid over the frozen base, with PEFT 0.21's semantics.
+
+Three trees, one set of paths (HF module names, decoder layers stacked on a leading axis):
+- `base_params`: frozen, never differentiated.
+- `lora_params`: everything trainable. Per adapted module `lora_A` [L, r, in] / `lora_B` [L, out, r]
+  (embeddings: `lora_embedding_A` [r, vocab] / `lora_embedding_B` [dim, r]), DoRA's
+  `lora_magnitude_vector`, and full trainable copies (`weight`, `bias`) for `modules_to_save` and for
+  `bias="all"|"lora_only"`. The key names are PEFT's, so the export is a path rename.
+- `lora_meta`: static per-module arrays that are not trained: `scaling` [L] (0 for a layer outside
+  layers_to_transform), `targeted` [L] and `override_mask` [L] (which layers a stacked trainable copy
+  replaces).
+
+Why stacked with padding: decoder layers run under `jax.lax.scan`, so every layer's adapter must have
+one shape. A layer with a smaller rank (rank_pattern) keeps zeros in its extra rows of A and columns of B,
+and an untargeted layer has scaling 0. Those zeros get zero gradients, so they stay zero under
+SGD/Adam/AdamW, and the math is exactly PEFT's. Counts and files come from the real shapes (`LoraLayout`),
+never from the padded arrays.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastlora_jax.families import checkpoint_tensors
+from fastlora_jax.lora_config import LoraSpec, TargetInfo, resolve_modules_to_save, resolve_targets
+from fastlora_jax.quant import NF4Weight
+
+LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """What is adapted where: the resolved PEFT config, with real (unpadded) shapes for counts and files."""
+
+    spec: LoraSpec
+    targets: tuple[TargetInfo, ...]
+    modules_to_save: tuple[str, ...]
+    trainable_biases: tuple[str, ...]  # module names whose bias is trained (bias="all"/"lora_only")
+    saved_tensors: tuple[str, ...]  # HF tensor names that modules_to_save copies hold
+    module_shapes: dict = field(default_factory=dict, compare=False)  # module name -> weight shape (out, in)
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+def split_module(name: str) -> tuple[tuple[str, ...], int | None]:
+    """`model.layers.3.self_attn.q_proj` -> (("model", "layers", "self_attn", "q_proj"), 3)."""
+    match = LAYER_MODULE.match(name)
+    if match:
+        return ("model", "layers", *match.group(2).split(".")), int(match.group(1))
+    return tuple(name.split(".")), None
+
+
+def get_node(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_node(tree: dict, path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def module_weight_shapes(family, cfg) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Module name -> (weight shape, kind) for every module with a weight, from the family's table."""
+    shapes = {}
+    for i in range(cfg.num_layers):
+        for rel, (shape, kind) in family.layer_tensors(cfg).items():
+            if rel.endswith(".weight"):
+                shapes[f"model.layers.{i}.{rel[:-7]}"] = (shape, kind)
+    for name, (shape, kind) in family.top_tensors(cfg).items():
+        shapes[name[:-7]] = (shape, kind)
+    if cfg.tie_word_embeddings:
+        shapes["lm_head"] = (shapes["model.embed_tokens"][0], "lm_head")
+    return shapes
+
+
+def module_biases(family, cfg) -> list[str]:
+    out = [f"model.layers.{i}.{rel[:-5]}" for i in range(cfg.num_layers)
+           for rel, (_, kind) in family.layer_tensors(cfg).items() if kind == "linear_bias"]
+    return out + [name[:-5] for name, (_, kind) in family.top_tensors(cfg).items() if kind == "linear_bias"]
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+
+def _init_pair(rng: np.random.Generator, init, r: int, fan_in: int, out: int, embedding: bool):
+    """(A, B) as PEFT's `reset_lora_parameters` draws them (torch's kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in)))."""
+    if embedding:  # A [r, vocab], B [dim, r]; PEFT: A zeros, B normal (init True/"gaussian"); both random if False
+        a = np.zeros((r, fan_in), np.float32) if init is not False else rng.standard_normal((r, fan_in)).astype(np.float32)
+        b = rng.standard_normal((out, r)).astype(np.float32)
+        return a, b
+    if init == "gaussian":
+        a = (rng.standard_normal((r, fan_in)) / r).astype(np.float32)
+    else:
+        a = rng.uniform(-1 / np.sqrt(fan_in), 1 / np.sqrt(fan_in), (r, fan_in)).astype(np.float32)
+    if init is False:  # PEFT leaves nn.Linear's own init on B: the adapter changes the output from the start
+        b = rng.uniform(-1 / np.sqrt(r), 1 / np.sqrt(r), (out, r)).astype(np.float32)
+    else:
+        b = np.zeros((out, r), np.float32)
+    return a, b
+
+
+def _dense(weight, dtype=jnp.float32):
+    if isinstance(weight, NF4Weight):
+        return weight.dequantize(dtype)
+    return jnp.asarray(weight).astype(dtype) if not isinstance(weight, jax.ShapeDtypeStruct) else weight
+
+
+def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int = 3407):
+    """Resolve PEFT's targets on the family's module list and create `(lora_params, lora_meta, layout)`."""
+    if spec.init_lora_weights == "loftq":
+        raise NotImplementedError("init_lora_weights='loftq' is not implemented yet; use True, False or 'gaussian'")
+    modules = family.module_list(cfg)
+    targets = resolve_targets(spec, modules, cfg.num_layers, output_layer_names=("lm_head",))
+    saved = resolve_modules_to_save(spec, modules, targets)
+    shapes = module_weight_shapes(family, cfg)
+    target_names = {t.name for t in targets}
+    biases = module_biases(family, cfg)
+    if spec.bias == "all":
+        trainable_biases = [b for b in biases if not any(b == s or b.startswith(s + ".") for s in saved)]
+    elif spec.bias == "lora_only":
+        trainable_biases = [b for b in biases if b in target_names]
+    else:
+        trainable_biases = []
+    tensor_names = [name for name, _, _ in checkpoint_tensors(family, cfg)]
+    if cfg.tie_word_embeddings and "lm_head" in saved:
+        tensor_names.append("lm_head.weight")
+    saved_tensors = [n for n in tensor_names if any(n.startswith(m + ".") for m in saved)]
+    layout = LoraLayout(spec, tuple(targets), tuple(saved), tuple(trainable_biases), tuple(saved_tensors),
+                        {name: shape for name, (shape, _) in shapes.items()})
+
+    rng = np.random.default_rng(random_state)
+    lora: dict = {}
+    meta: dict = {}
+    num_layers = cfg.num_layers
+    # Group layer targets by their path inside a layer: one stacked, rank-padded array per group.
+    groups: dict[tuple, list[TargetInfo]] = {}
+    for t in targets:
+        path, index = split_module(t.name)
+        groups.setdefault(path if index is not None else ("__top__",) + path, []).append(t)
+    for key, infos in groups.items():
+        top = key[0] == "__top__"
+        path = key[1:] if top else key
+        (out, fan_in) = shapes[infos[0].name][0]
+        embedding = infos[0].kind == "embedding"
+        if embedding:
+            out, fan_in = fan_in, out  # embedding weight is [vocab, dim]: A [r, vocab], B [dim, r]
+        r_max = max(t.r for t in infos)
+        stack = 1 if top else num_layers
+        a = np.zeros((stack, r_max, fan_in), np.float32)
+        b = np.zeros((stack, out, r_max), np.float32)
+        scaling = np.zeros((stack,), np.float32)
+        targeted = np.zeros((stack,), bool)
+        for t in infos:
+            i = 0 if top else t.layer_index
+            a[i, : t.r], b[i, :, : t.r] = _init_pair(rng, spec.init_lora_weights, t.r, fan_in, out, embedding)
+            scaling[i], targeted[i] = t.scaling, True
+        node: dict = {}
+        names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        node[names[0]], node[names[1]] = (jnp.asarray(a[0]), jnp.asarray(b[0])) if top else (jnp.asarray(a), jnp.asarray(b))
+        m = {"scaling": jnp.asarray(scaling[0] if top else scaling), "targeted": jnp.asarray(targeted[0] if top else targeted)}
+        if spec.use_dora:
+            if embedding:
+                raise NotImplementedError("use_dora=True on an embedding target is not supported")
+            node["lora_magnitude_vector"] = _dora_magnitude(base_params, path, top, node, m)
+        set_node(lora, path, node)
+        set_node(meta, path, m)
+
+    for name in saved:
+        _add_trainable_copy(lora, meta, base_params, cfg, name, num_layers, keys=None)
+    for name in trainable_biases:
+        _add_trainable_copy(lora, meta, base_params, cfg, name, num_layers, keys=("bias",))
+    return lora, meta, layout
+
+
+def _dora_magnitude(base_params, path, top, node, meta):
+    """||W + s·B·A|| per output row, as PEFT initialises `lora_magnitude_vector`."""
+    weight = get_node(base_params, path)["weight"] if not (top and path == ("lm_head",) and "lm_head" not in base_params) \
+        else base_params["model"]["embed_tokens"]["weight"]
+
+    def one(w, a, b, s):
+        return jnp.linalg.norm(_dense(w) + s * (b @ a), axis=1)
+
+    if top:
+        return one(weight, node["lora_A"], node["lora_B"], meta["scaling"])
+    return jax.vmap(one)(weight, node["lora_A"], node["lora_B"], meta["scaling"])
+
+
+def _add_trainable_copy(lora, meta, base_params, cfg, name, num_layers, keys):
+    """A trainable full copy of module `name` (all its tensors, or only `keys`), masked to its layers."""
+    path, index = split_module(name)
+    if path == ("lm_head",) and "lm_head" not in base_params:
+        source = {"weight": base_params["model"]["embed_tokens"]["weight"]}  # tied: the copy starts from it
+    else:
+        source = get_node(base_params, path)
+    if keys is not None:
+        source = {k: source[k] for k in keys}
+    copy = jax.tree.map(lambda w: _dense(w), source, is_leaf=lambda x: isinstance(x, NF4Weight))
+    node = lora
+    for key in path:
+        node = node.setdefault(key, {})
+    for k, v in copy.items():
+        node[k] = v
+    if index is not None:
+        mask_node = meta
+        for key in path:
+            mask_node = mask_node.setdefault(key, {})
+        mask = np.asarray(mask_node.get("override_mask", np.zeros((num_layers,), bool)))
+        mask = mask.copy()
+        mask[index] = True
+        mask_node["override_mask"] = jnp.asarray(mask)
+
+
+# -------------------------------------------------------------------------------------------- combine
+
+
+def combine(base: dict, lora: dict | None, meta: dict | None) -> dict:
+    """The tree the family's forward reads: base modules with LoRA branches and trainable copies over them.
+
+    A stacked trainable copy replaces the base only in the layers of its `override_mask` (a `where`, so
+    no gradient reaches the other layers' entries).
+    """
+    if lora is None:
+        return base
+    return _combine(base, lora, meta or {})
+
+
+def _combine(base, lora, meta):
+    if not isinstance(base, dict):
+        return lora
+    out = dict(base)
+    mask = meta.get("override_mask")
+    for key, value in lora.items():
+        if isinstance(value, dict):
+            out[key] = _combine(base.get(key, {}), value, meta.get(key, {}))
+        elif key in ("weight", "bias") and key in base and mask is not None:
+            shape = (mask.shape[0],) + (1,) * (value.ndim - 1)
+            out[key] = jnp.where(mask.reshape(shape), value, _dense(base[key], value.dtype))
+        else:
+            out[key] = value
+    for key, value in meta.items():
+        if not isinstance(value, dict) and key != "override_mask":
+            out[key] = value
+    return out
+
+
+# -------------------------------------------------------------------------------------------- counting
+
+
+def count_parameters(base_params: dict, layout: LoraLayout, cfg) -> tuple[int, int]:
+    """(trainable, all) exactly as PEFT's `get_nb_trainable_parameters` counts the same config on the HF
+    model: 4-bit weights at their logical size, a tied embedding once, and a modules_to_save copy in both
+    the trainable and the total count (PEFT keeps the original and the copy)."""
+    base_total = sum(logical_size(leaf) for leaf in jax.tree.leaves(base_params, is_leaf=_is_nf4))
+    trainable = 0
+    for t in layout.targets:
+        out, fan_in = layout.module_shapes[t.name]
+        trainable += t.r * (fan_in + out)
+        if layout.spec.use_dora:
+            trainable += out if t.kind != "embedding" else 0
+    for name in layout.modules_to_save:
+        trainable += _module_size(base_params, name, cfg)
+    bias_trainable = 0
+    for name in layout.trainable_biases:
+        out = layout.module_shapes[name][0]
+        bias_trainable += out
+    return trainable + bias_trainable, base_total + trainable
+
+
+def _module_size(base_params, name, cfg) -> int:
+    path, index = split_module(name)
+    if path == ("lm_head",) and "lm_head" not in base_params:
+        path = ("model", "embed_tokens")
+    total = sum(logical_size(leaf) for leaf in jax.tree.leaves(get_node(base_params, path), is_leaf=_is_nf4))
+    return total // cfg.num_layers if index is not None else total
+
+
+def _is_nf4(x) -> bool:
+    return isinstance(x, NF4Weight)
+
+
+def logical_size(leaf) -> int:
+    """Elements a leaf stands for: an NF4 weight counts at its unquantized size, times its stack depth."""
+    if isinstance(leaf, NF4Weight):
+        stack = int(np.prod(leaf.packed.shape[:-2])) if leaf.packed.ndim > 2 else 1
+        return stack * int(np.prod(leaf.shape))
+    return int(np.prod(leaf.shape))
