@@ -169,3 +169,20 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
         warnings.warn(f"{len(unused)} tensors in {str(directory)!r} are not used by the model: {unused[:8]}",
                       stacklevel=3)
     return params, {"source": "bnb-4bit" if prequantized else "16bit"}
+
+
+def abstract_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, double_quant: bool = True) -> dict:
+    """The base pytree as `jax.ShapeDtypeStruct` leaves (NF4 leaves included), with no weights anywhere:
+    for counting parameters or planning memory of a large model from its config alone."""
+    def build():
+        params: dict = {}
+        for name, (shape, kind) in family.top_tensors(cfg).items():
+            set_path(params, name, jnp.zeros(shape, dtype))
+        for rel, (shape, kind) in family.layer_tensors(cfg).items():
+            one = jnp.zeros(shape, dtype)
+            if kind == "linear" and load_in_4bit:
+                one = NF4Weight.quantize(one, blocksize=64, double_quant=double_quant)
+            set_path(params, f"model.layers.{rel}",
+                     jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers,) + x.shape), one))
+        return params
+    return jax.eval_shape(build)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax.convert.hf_checkpoint import read_config_dict
-from fastlora_jax.convert.load import load_base_params
+from fastlora_jax.convert.load import abstract_base_params, load_base_params
 from fastlora_jax.families import family_for
 from fastlora_jax.lora import build_lora
 from fastlora_jax.lora_config import LoraSpec
@@ -116,6 +116,7 @@ def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_a
     peft_model = copy.copy(model)
     peft_model.lora_params, peft_model.lora_meta, peft_model.lora_layout = lora_params, lora_meta, layout
     peft_model.use_gradient_checkpointing = use_gradient_checkpointing
+    peft_model._loss = None
     peft_model.max_seq_length = max_seq_length
     return peft_model
 
@@ -151,6 +152,17 @@ def _load_with_adapter(adapter_dir: Path, **load_kwargs):
 
 class FastLanguageModel:
     get_peft_model = staticmethod(get_peft_model)
+
+    @staticmethod
+    def from_config(hf_config, dtype=None, load_in_4bit: bool = True, max_seq_length: int = 2048) -> CausalLM:
+        """A model whose base pytree is abstract (`jax.ShapeDtypeStruct` leaves, no weights): enough for
+        `get_peft_model` and parameter counts of a large model on any machine."""
+        family = family_for(hf_config, where="hf_config")
+        cfg = family.Config.from_hf(hf_config)
+        compute_dtype = resolve_dtype(dtype)
+        params = abstract_base_params(family, cfg, compute_dtype, load_in_4bit)
+        return CausalLM(hf_config, family, cfg, params, compute_dtype, name_or_path=getattr(hf_config, "_name_or_path", ""),
+                        max_seq_length=max_seq_length)
 
     @staticmethod
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,

@@ -16,10 +16,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from fastlora_jax import kernels, rope
 
 ARCHITECTURES = ("LlamaForCausalLM",)
+LAYER_INPUT = "decoder_layer_input"  # the name checkpointing policies save or offload
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def decoder_layer(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_bsr, attention_m
 
 
 def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
-                  compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0):
+                  compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, remat=None):
     """Final normed hidden states `[batch, seq, hidden]` (the loss takes these, never full logits).
 
     `params` is the combined tree (lora.combine): base weights with LoRA branches and trainable copies
@@ -171,8 +173,11 @@ def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, att
 
     def step(x_bsd, layer_and_key):
         layer, key = layer_and_key
+        x_bsd = checkpoint_name(x_bsd, LAYER_INPUT)
         return decoder_layer(cfg, layer, x_bsd, cos_bsr, sin_bsr, attention_mask_bs, key, dropout_rate), None
 
+    if remat is not None:  # `remat` is a jax.checkpoint policy (see training.remat_policy)
+        step = jax.checkpoint(step, policy=remat, prevent_cse=False)
     x, _ = jax.lax.scan(step, x, (params["model"]["layers"], layer_keys))
     return kernels.rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps)
 

@@ -44,6 +44,7 @@ class CausalLM:
         self.lora_meta: dict | None = None
         self.lora_layout = None
         self.training = True
+        self._loss = None  # jitted compute_loss, built on first use
 
         def forward(base, lora, meta, input_ids, cos, sin, attention_mask, dropout_key, *, compute_dtype,
                     dropout_rate):
@@ -91,6 +92,39 @@ class CausalLM:
         quant = "nf4" if self.is_4bit else self.dtype.name
         return (f"CausalLM({self.family.__name__.rsplit('.', 1)[-1]}, layers={c.num_layers}, hidden={c.hidden_size}, "
                 f"weights={quant}, compute={self.dtype.name}, from={self.name_or_path!r})")
+
+    # ------------------------------------------------------------------ loss
+    def loss_sum_fn(self, chunk_tokens: int | None = None):
+        """`f(lora_params, input_ids, labels, attention_mask, dropout_key) -> (loss_sum, counted_tokens)`,
+        traceable (no jit of its own) for jax.grad and train steps. Uses the model's checkpointing mode."""
+        from fastlora_jax import training
+        remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
+        chunk = chunk_tokens or training.default_chunk_tokens(self.cfg.vocab_size)
+        dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
+
+        def loss_sum(lora_params, input_ids, labels, attention_mask=None, dropout_key=None):
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+            inv_freq, scaling = rope.rope_inv_freq(self.config, seq_len=input_ids.shape[1])
+            cos, sin = rope.rope_cos_sin(jnp.asarray(inv_freq), position_ids, scaling, jnp.float32)
+            return training.loss_sum_and_count(
+                self, self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
+                input_ids, labels, cos, sin, attention_mask, dropout_key, compute_dtype=self.dtype,
+                dropout_rate=dropout_rate if dropout_key is not None else 0.0, remat=remat, chunk_tokens=chunk)
+
+        return loss_sum
+
+    def compute_loss(self, lora_params, input_ids, labels, attention_mask=None, dropout_key=None):
+        """The HF model's `.loss` for these labels (shifted inside, -100 ignored, mean over counted tokens),
+        computed in chunks so full fp32 logits never exist. Differentiable w.r.t. `lora_params`."""
+        if self._loss is None:
+            fn = self.loss_sum_fn()
+            self._loss = jax.jit(lambda lp, ids, lab, mask, key: _mean(*fn(lp, ids, lab, mask, key)))
+        input_ids = jnp.asarray(_as_batch(input_ids, "input_ids"))
+        labels = jnp.asarray(_as_batch(labels, "labels"))
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels has shape {labels.shape}; input_ids has {input_ids.shape}")
+        mask = None if attention_mask is None else jnp.asarray(_as_batch(attention_mask, "attention_mask"))
+        return self._loss(lora_params, input_ids, labels, mask, dropout_key)
 
     # ------------------------------------------------------------------ tensors by HF name
     def tensor_names(self) -> list[str]:
@@ -174,6 +208,10 @@ class CausalLM:
     def is_4bit(self) -> bool:
         leaves = jax.tree.leaves(self.base_params, is_leaf=lambda x: isinstance(x, NF4Weight))
         return any(isinstance(x, NF4Weight) for x in leaves)
+
+
+def _mean(loss_sum, count):
+    return loss_sum / jnp.maximum(count, 1).astype(loss_sum.dtype)
 
 
 def _as_batch(ids, name: str) -> np.ndarray:

@@ -1,0 +1,168 @@
+"""Training: the chunked causal-LM loss, checkpointing policies, and an optax train step.
+
+- The loss never builds `[tokens, vocab]` logits at once: tokens go through the output layer in chunks
+  under `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of keeping them.
+- `use_gradient_checkpointing` is a `jax.checkpoint` policy on each decoder layer (run under `lax.scan`):
+  "unsloth" offloads the layer input to pinned host memory and recomputes the layer; True keeps the layer
+  input on the device and recomputes; False saves everything.
+- The train step differentiates only the LoRA pytree (fp32 master weights; compute in the model dtype),
+  accumulates gradients over micro-batches exactly as one big batch would (token-weighted), and is jitted
+  once with its buffers donated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+IGNORE_INDEX = -100
+_warned_no_host = False
+
+
+def remat_policy(mode):
+    """`use_gradient_checkpointing` -> what `hidden_states(remat=...)` takes (None: no checkpointing)."""
+    global _warned_no_host
+    from fastlora_jax.llama import LAYER_INPUT
+    if mode is False:
+        return None
+    if mode is True:
+        return jax.checkpoint_policies.nothing_saveable
+    if mode == "unsloth":
+        if not host_offload_supported():
+            if not _warned_no_host:
+                warnings.warn(f"use_gradient_checkpointing='unsloth': the {jax.default_backend()} backend has no "
+                              "pinned host memory to offload to; recomputing layers instead (as True)", stacklevel=3)
+                _warned_no_host = True
+            return jax.checkpoint_policies.nothing_saveable
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+            offload_src="device", offload_dst="pinned_host")
+    raise ValueError(f"use_gradient_checkpointing={mode!r} is not accepted; use 'unsloth', True or False")
+
+
+def host_offload_supported() -> bool:
+    try:
+        kinds = jax.devices()[0].addressable_memories()
+    except Exception:
+        return False
+    return jax.default_backend() == "gpu" and any(m.kind == "pinned_host" for m in kinds)
+
+
+def shift_labels(labels_bs: jax.Array) -> jax.Array:
+    """Position t predicts token t+1: labels move left by one and the last position is ignored (HF's loss)."""
+    pad = jnp.full((labels_bs.shape[0], 1), IGNORE_INDEX, labels_bs.dtype)
+    return jnp.concatenate([labels_bs[:, 1:], pad], axis=1)
+
+
+def chunked_cross_entropy(hidden_nd: jax.Array, targets_n: jax.Array, logits_fn, chunk_tokens: int):
+    """(sum of token losses, number of counted tokens) over targets != -100, in fp32.
+
+    `logits_fn(h_cd) -> [c, vocab]` is the output layer; each chunk's logits exist only inside the chunk
+    and are recomputed in the backward pass.
+    """
+    n, d = hidden_nd.shape
+    chunk = min(chunk_tokens, n)
+    pad = (-n) % chunk
+    hidden_nd = jnp.pad(hidden_nd, ((0, pad), (0, 0)))
+    targets_n = jnp.pad(targets_n, (0, pad), constant_values=IGNORE_INDEX)
+
+    @jax.checkpoint
+    def one_chunk(h_cd, t_c):
+        logits = logits_fn(h_cd).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        valid = t_c != IGNORE_INDEX
+        target_logit = jnp.take_along_axis(logits, jnp.where(valid, t_c, 0)[:, None], axis=-1)[:, 0]
+        return jnp.sum(jnp.where(valid, lse - target_logit, 0.0)), jnp.sum(valid)
+
+    def body(carry, xs):
+        loss, count = one_chunk(*xs)
+        return (carry[0] + loss, carry[1] + count), None
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (total, count), _ = jax.lax.scan(body, init, (hidden_nd.reshape(-1, chunk, d), targets_n.reshape(-1, chunk)))
+    return total, count
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per loss chunk so that one chunk's fp32 logits stay near 256 MiB."""
+    return int(max(64, min(8192, 2 ** 26 // max(vocab_size, 1))))
+
+
+def loss_sum_and_count(model, base, lora, meta, input_ids, labels, cos, sin, attention_mask, dropout_key, *,
+                       compute_dtype, dropout_rate, remat, chunk_tokens):
+    """The traced core of compute_loss: (sum of token losses, counted tokens)."""
+    from fastlora_jax.lora import combine
+    family, cfg = model.family, model.cfg
+    params = combine(base, lora, meta)
+    hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype, dropout_key,
+                                  dropout_rate, remat=remat)
+    head = family.lm_head_module(cfg, params)
+    head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
+    logits_fn = partial(family._linear, module=head, key=head_key, dropout_rate=dropout_rate)
+    targets = shift_labels(labels)
+    b, s, d = hidden.shape
+    return chunked_cross_entropy(hidden.reshape(b * s, d), targets.reshape(b * s),
+                                 lambda h: logits_fn(h), chunk_tokens)
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def make_optimizer(learning_rate=2e-4, weight_decay=0.01, warmup_steps=0, total_steps=None,
+                   lr_scheduler_type="linear", max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999,
+                   adam_epsilon=1e-8) -> optax.GradientTransformation:
+    """AdamW with HF Trainer's defaults and schedules ("linear", "cosine", "constant"), warm-up, clipping."""
+    if lr_scheduler_type not in ("linear", "cosine", "constant"):
+        raise ValueError(f"lr_scheduler_type={lr_scheduler_type!r} is not accepted; use 'linear', 'cosine' or 'constant'")
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be positive; got {learning_rate!r}")
+    decay_steps = max((total_steps or 1) - warmup_steps, 1)
+    warm = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else None
+    if lr_scheduler_type == "linear" and total_steps:
+        main = optax.linear_schedule(learning_rate, 0.0, decay_steps)
+    elif lr_scheduler_type == "cosine" and total_steps:
+        main = optax.cosine_decay_schedule(learning_rate, decay_steps)
+    else:
+        main = optax.constant_schedule(learning_rate)
+    schedule = optax.join_schedules([warm, main], [warmup_steps]) if warm is not None else main
+    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    parts.append(optax.adamw(schedule, b1=adam_beta1, b2=adam_beta2, eps=adam_epsilon, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation):
+    """`step(lora_params, opt_state, batch, dropout_key) -> (lora_params, opt_state, metrics)`, jitted once.
+
+    `batch` holds `input_ids`, `labels` and optionally `attention_mask`, each `[accum, micro_batch, seq]`:
+    gradients are summed over the `accum` micro-batches and divided by the total number of counted tokens,
+    so accumulation gives the same update as one batch of `accum * micro_batch` rows.
+    """
+    loss_fn = model.loss_sum_fn()
+
+    def step(lora_params, opt_state, batch, dropout_key):
+        accum = batch["input_ids"].shape[0]
+        keys = jax.random.split(dropout_key, accum) if dropout_key is not None else None
+
+        def micro(carry, xs):
+            grads_sum, loss_sum, count_sum = carry
+            mb, key = xs
+            (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                lora_params, mb["input_ids"], mb["labels"], mb.get("attention_mask"), key)
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            return (grads_sum, loss_sum + loss, count_sum + count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, lora_params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, loss_total, count), _ = jax.lax.scan(micro, init, (batch, keys))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, lora_params)
+        lora_params = optax.apply_updates(lora_params, updates)
+        metrics = {"loss": loss_total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        return lora_params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
