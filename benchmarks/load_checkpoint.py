@@ -84,6 +84,8 @@ def load(directory: Path, shape: str) -> dict:
     import jax
 
     from fastlora_jax import FastLanguageModel
+    jax.devices()  # start the backend first, so its own memory is in the baseline
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     model, _ = FastLanguageModel.from_pretrained(str(directory), load_in_4bit=True)
     jax.block_until_ready(model.base_params)
@@ -93,6 +95,7 @@ def load(directory: Path, shape: str) -> dict:
         "bench": "load_checkpoint", "shape": shape, "load_in_4bit": True, "dtype": model.dtype.name,
         "seconds": round(seconds, 2),
         "peak_host_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3),
+        "baseline_host_rss_gb": round(baseline_rss / 1e9, 3),
         "gpu_gb_after_load": round(stats.get("bytes_in_use", 0) / 1e9, 3),
         "gpu_peak_gb": round(stats.get("peak_bytes_in_use", 0) / 1e9, 3),
         "checkpoint_gb": round(sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 1e9, 2),

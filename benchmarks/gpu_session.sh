@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One GPU-machine session: install without network, run `pytest -m gpu`, then the benchmarks given as
+# arguments (e.g. "load"). Logs go to $OUT; a short table is printed last.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+for job in "$@"; do
+  case "$job" in
+    test) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    load8b) python3 benchmarks/load_checkpoint.py --shape llama-3.1-8b --dir /tmp/ckpt 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    *) echo "unknown job $job" ;;
+  esac
+done
+echo "== results"; grep -h '^{' "$OUT"/bench.jsonl 2>/dev/null; grep -h "passed\|failed" "$OUT"/pytest_gpu.log 2>/dev/null | tail -1
