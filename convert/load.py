@@ -186,3 +186,28 @@ def abstract_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, dou
                      jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers,) + x.shape), one))
         return params
     return jax.eval_shape(build)
+
+
+def random_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, seed: int = 0, std: float = 0.02,
+                       double_quant: bool = True) -> dict:
+    """A base pytree of random weights drawn and quantized on the device (benchmarks: no files needed)."""
+    key = jax.random.key(seed)
+    draw = jax.jit(lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype),
+                   static_argnums=1)
+    params: dict = {}
+    for n, (name, (shape, kind)) in enumerate(family.top_tensors(cfg).items()):
+        value = jnp.ones(shape, dtype) if kind == "norm" else draw(jax.random.fold_in(key, n), shape)
+        set_path(params, name, value)
+    stacked = _StackedLeaves(cfg.num_layers)
+    for i in range(cfg.num_layers):
+        for n, (rel, (shape, kind)) in enumerate(family.layer_tensors(cfg).items()):
+            if kind == "norm":
+                value = jnp.ones(shape, dtype)
+            else:
+                value = draw(jax.random.fold_in(key, 1000 * (i + 1) + n), shape)
+                if kind == "linear" and load_in_4bit:
+                    value = NF4Weight.quantize(value, blocksize=64, double_quant=double_quant)
+            stacked.put(rel, i, value)
+    for rel, buffer in stacked.buffers.items():
+        set_path(params, f"model.layers.{rel}", buffer)
+    return params

@@ -199,3 +199,15 @@ class FastLanguageModel:
         model = CausalLM(hf_config, family, cfg, params, compute_dtype, name_or_path=str(model_name),
                          weights_source=info["source"], max_seq_length=max_seq_length, model_dir=directory)
         return model, load_tokenizer(directory)
+
+    @staticmethod
+    def for_inference(model: CausalLM) -> CausalLM:
+        """Unsloth's switch to inference mode: `model.training = False`; returns the model."""
+        model.training = False
+        return model
+
+    @staticmethod
+    def for_training(model: CausalLM, use_gradient_checkpointing=True) -> CausalLM:
+        """Unsloth's switch back to training mode: `model.training = True`; returns the model."""
+        model.training = True
+        return model

@@ -141,23 +141,10 @@ def _keys(key, n):
 
 def decoder_layer(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_bsr, attention_mask_bs, key=None,
                   dropout_rate: float = 0.0):
-    batch, seq, _ = x_bsd.shape
-    attn, mlp = layer["self_attn"], layer["mlp"]
-    kq, kk, kv, ko, kg, ku, kd = _keys(key, 7)
-    lin = partial(_linear, dropout_rate=dropout_rate)
-
-    h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
-    q = lin(h, attn["q_proj"], kq).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-    k = lin(h, attn["k_proj"], kk).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    v = lin(h, attn["v_proj"], kv).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    q, k = rope.apply_rotary(q, cos_bsr, sin_bsr), rope.apply_rotary(k, cos_bsr, sin_bsr)
-    o = kernels.attention(q, k, v, attention_mask_bs, scale=cfg.head_dim ** -0.5)
-    x_bsd = x_bsd + lin(o.reshape(batch, seq, cfg.num_heads * cfg.head_dim), attn["o_proj"], ko)
-
-    h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
-    act = kernels.ACTIVATIONS[cfg.hidden_act]
-    gated = act(lin(h, mlp["gate_proj"], kg)) * lin(h, mlp["up_proj"], ku)
-    return x_bsd + lin(gated, mlp["down_proj"], kd)
+    """One decoder layer over a whole sequence (training and uncached forward)."""
+    def attend(q, k, v):
+        return kernels.attention(q, k, v, attention_mask_bs, scale=cfg.head_dim ** -0.5), None
+    return decoder_layer_with_attention(cfg, layer, x_bsd, cos_bsr, sin_bsr, attend, key, dropout_rate)[0]
 
 
 def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
@@ -197,3 +184,112 @@ def forward(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention
                       dropout_key, dropout_rate)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
     return _linear(h, lm_head_module(cfg, params), head_key, dropout_rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference with a KV cache (generation.py drives these). The cache holds, per layer, the rotated keys
+# and the values of every slot written so far: `{"k", "v"}` of shape [num_layers, batch, max_len,
+# kv_heads, head_dim], stacked like the layers so that the layer scan carries its own slice.
+
+
+def decoder_layer_with_attention(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_bsr, attend, key=None,
+                                 dropout_rate: float = 0.0):
+    """`decoder_layer` with the attention core as a callback: `attend(q_bshd, k_bskd, v_bskd) -> (o_bshd, aux)`
+    gets the rotated queries/keys and the values of this call's tokens; returns `(x_bsd, aux)`.
+
+    `decoder_layer` is this function with the plain causal attention; the KV-cache path passes an
+    attention that writes the cache first.
+    """
+    batch, seq, _ = x_bsd.shape
+    attn, mlp = layer["self_attn"], layer["mlp"]
+    kq, kk, kv, ko, kg, ku, kd = _keys(key, 7)
+    lin = partial(_linear, dropout_rate=dropout_rate)
+
+    h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
+    q = lin(h, attn["q_proj"], kq).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+    k = lin(h, attn["k_proj"], kk).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = lin(h, attn["v_proj"], kv).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    q, k = rope.apply_rotary(q, cos_bsr, sin_bsr), rope.apply_rotary(k, cos_bsr, sin_bsr)
+    o, aux = attend(q, k, v)
+    x_bsd = x_bsd + lin(o.reshape(batch, seq, cfg.num_heads * cfg.head_dim), attn["o_proj"], ko)
+
+    h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+    act = kernels.ACTIVATIONS[cfg.hidden_act]
+    gated = act(lin(h, mlp["gate_proj"], kg)) * lin(h, mlp["up_proj"], ku)
+    return x_bsd + lin(gated, mlp["down_proj"], kd), aux
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache: `{"k", "v"}` zeros of shape [num_layers, batch, max_len, kv_heads, head_dim]."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cache_attention_allowed(seq: int, max_len: int, cache_index, attention_mask_b_maxlen=None):
+    """Which cache slots each of this call's queries may attend to: `[batch|1, seq, max_len]` bool.
+
+    Query i sits in slot `cache_index + i`; it sees slot j when `j <= cache_index + i` (everything cached
+    before this call plus the causal part of the call itself) and the slot is not padding
+    (`attention_mask_b_maxlen[b, j] == 1`; the mask must already cover this call's slots).
+    """
+    query_slot = cache_index + jnp.arange(seq, dtype=jnp.int32)
+    allowed_sl = jnp.arange(max_len, dtype=jnp.int32)[None, :] <= query_slot[:, None]
+    allowed = allowed_sl[None]
+    if attention_mask_b_maxlen is not None:
+        allowed = allowed & attention_mask_b_maxlen.astype(bool)[:, None, :]
+    return allowed
+
+
+def cached_attention(q_bshd, k_bLkd, v_bLkd, allowed_bsL, scale: float):
+    """Grouped-query attention of `seq` queries over `max_len` cached keys with an explicit mask, with the
+    arithmetic of `kernels.attention` (fp32 scores and softmax, probabilities cast to the query dtype)."""
+    batch, seq, q_heads, head_dim = q_bshd.shape
+    kv_heads = k_bLkd.shape[2]
+    q_bskgd = q_bshd.reshape(batch, seq, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q_bskgd, k_bLkd, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed_bsL[:, None, None], scores, kernels.reference.MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_bshd.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bLkd, preferred_element_type=q_bshd.dtype)
+    return out.reshape(batch, seq, q_heads, head_dim)
+
+
+def hidden_states_cached(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, cache: dict, cache_index,
+                         attention_mask_b_maxlen=None, compute_dtype=jnp.float32):
+    """Final normed hidden states of `input_ids_bs` written at slots `cache_index ...` of `cache`.
+
+    Returns `(hidden [batch, seq, hidden], new_cache)`. `cos_bsr`/`sin_bsr` are for the tokens' own
+    positions (which, with left padding, are not their slots). Prefill is a call with the whole prompt
+    at `cache_index=0`, a decode step a call with one token.
+    """
+    seq = input_ids_bs.shape[1]
+    max_len = cache["k"].shape[2]
+    x = kernels.embedding(input_ids_bs, params["model"]["embed_tokens"], compute_dtype)
+    cos_bsr, sin_bsr = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    allowed = cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen)
+    zero = jnp.zeros((), jnp.int32)
+
+    def step(x_bsd, layer_and_cache):
+        layer, k_cache, v_cache = layer_and_cache
+
+        def attend(q, k, v):
+            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, cache_index, zero, zero))
+            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, cache_index, zero, zero))
+            o = cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed, cfg.head_dim ** -0.5)
+            return o, (k_all, v_all)
+
+        return decoder_layer_with_attention(cfg, layer, x_bsd, cos_bsr, sin_bsr, attend)
+
+    x, (k, v) = jax.lax.scan(step, x, (params["model"]["layers"], cache["k"], cache["v"]))
+    return kernels.rms_norm(x, params["model"]["norm"]["weight"], cfg.rms_norm_eps), {"k": k, "v": v}
+
+
+def forward_cached(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, cache: dict, cache_index,
+                   attention_mask_b_maxlen=None, compute_dtype=jnp.float32, last_only: bool = False):
+    """`(logits, new_cache)`: logits `[batch, seq, vocab]` (`[batch, 1, vocab]` with `last_only`) of the tokens
+    written at slots `cache_index ...`, LoRA branches computed unmerged as in `forward` (no dropout)."""
+    h, cache = hidden_states_cached(cfg, params, input_ids_bs, cos_bsr, sin_bsr, cache, cache_index,
+                                    attention_mask_b_maxlen, compute_dtype)
+    if last_only:
+        h = h[:, -1:]
+    return _linear(h, lm_head_module(cfg, params)), cache

@@ -209,6 +209,14 @@ class CausalLM:
         leaves = jax.tree.leaves(self.base_params, is_leaf=lambda x: isinstance(x, NF4Weight))
         return any(isinstance(x, NF4Weight) for x in leaves)
 
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids, **kwargs):
+        """Token ids `[batch, prompt + new]` (numpy int32) with a KV cache, LoRA unmerged; the keyword arguments
+        are `fastlora_jax.generation.generate`'s (attention_mask, max_new_tokens, do_sample, temperature, top_p,
+        top_k, eos_token_id, pad_token_id, seed, return_dict)."""
+        from fastlora_jax.generation import generate
+        return generate(self, input_ids, **kwargs)
+
 
 def _mean(loss_sum, count):
     return loss_sum / jnp.maximum(count, 1).astype(loss_sum.dtype)

@@ -1,0 +1,118 @@
+"""LoRA / QLoRA train-step benchmark on the GPU: one JSON line per config.
+
+    python benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 8192 --gc unsloth true false
+
+Random weights are drawn and NF4-quantized on the GPU (no files). LoRA r=16, alpha=16 on the 7
+projections, AdamW, random tokens with labels = inputs (the ANCHORS.md workload). Each config runs in
+its own process so that peak memory is its own. tokens/s is the median step after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """ANCHORS.md: 4 * N_matmul + 3 * (2 * seq * hidden * layers), lm_head included in N_matmul."""
+    from fastlora_jax import llama
+    per_layer = sum(s[0] * s[1] for s, kind in llama.layer_tensors(cfg).values() if kind == "linear")
+    n_matmul = per_layer * cfg.num_layers + cfg.vocab_size * cfg.hidden_size
+    return 4 * n_matmul + 3 * (2 * seq * cfg.hidden_size * cfg.num_layers)
+
+
+def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from transformers import LlamaConfig
+
+    from fastlora_jax import FastLanguageModel, llama
+    from fastlora_jax.convert.load import random_base_params
+    from fastlora_jax.model import CausalLM
+    from fastlora_jax.training import make_optimizer, make_train_step
+    from shapes import SHAPES
+
+    hf_config = LlamaConfig(**SHAPES[shape])
+    hf_config.architectures = ["LlamaForCausalLM"]
+    cfg = llama.Config.from_hf(hf_config)
+    dtype = jnp.bfloat16
+    base = random_base_params(llama, cfg, dtype, load_in_4bit)
+    model = CausalLM(hf_config, llama, cfg, base, dtype, name_or_path=shape, max_seq_length=seq)
+    mode = {"unsloth": "unsloth", "true": True, "false": False}[gc]
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
+                                             use_gradient_checkpointing=mode, random_state=3407)
+    optimizer = make_optimizer(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0)
+    lora = model.lora_params
+    opt_state = optimizer.init(lora)
+    step = make_train_step(model, optimizer)
+    rng = np.random.default_rng(0)
+    jax.block_until_ready((lora, opt_state))
+    setup_bytes = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)  # CPU: no stats
+
+    def batch_arrays():
+        ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, batch, seq)), dtype=jnp.int32)
+        return {"input_ids": ids, "labels": ids}
+
+    t0 = time.perf_counter()
+    lora, opt_state, metrics = step(lora, opt_state, batch_arrays(), None)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps + 2):
+        b = batch_arrays()
+        jax.block_until_ready(b)
+        t0 = time.perf_counter()
+        lora, opt_state, metrics = step(lora, opt_state, b, None)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    times = times[2:]  # 3 warm-up steps in all, counting the compiling one
+    median = float(np.median(times))
+    tokens = batch * seq
+    stats = jax.devices()[0].memory_stats() or {"peak_bytes_in_use": 0}
+    tps = tokens / median
+    return {
+        "bench": "train_step", "system": "fastlora_jax", "gpu": jax.devices()[0].device_kind, "shape": shape,
+        "batch": batch, "seq": seq, "gc": gc, "load_in_4bit": load_in_4bit, "tokens_per_s": round(tps, 1),
+        "step_ms": round(median * 1e3, 2), "peak_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3),
+        "setup_gib": round(setup_bytes / 2 ** 30, 3), "mfu": round(tps * flops_per_token(cfg, seq) / 784e12, 4),
+        "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="tiny")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--gc", nargs="+", default=["unsloth"], choices=["unsloth", "true", "false"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-4bit", action="store_true")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.shape, args.batch, args.seq, args.gc[0], args.steps, not args.no_4bit)),
+              flush=True)
+        return
+    for gc in args.gc:
+        cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--batch", str(args.batch), "--seq",
+               str(args.seq), "--gc", gc, "--steps", str(args.steps)] + (["--no-4bit"] if args.no_4bit else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            print(json.dumps({"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq,
+                              "gc": gc, "error": proc.stderr.strip().splitlines()[-3:]}), flush=True)
+        else:
+            print(lines[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Text generation with a KV cache, LoRA applied unmerged (the adapter's branch is computed at every step).
+
+`generate` follows Hugging Face's `generate` for decoder-only models: left-padded batches, position ids from
+the attention mask (`cumsum - 1`, 0 on padding, then +1 per new token), greedy or sampling with the
+temperature -> top-k -> top-p logits warpers in that order, and per-row stopping at eos with `pad_token_id`
+written afterwards; generation ends early once every row has finished.
+
+One jitted prefill (the whole prompt in one call) and one jitted decode step (one token), compiled once per
+model config, dtype and shape (sampling settings are traced values, not compile-time constants); the cache
+length is `prompt_len + max_new_tokens` rounded up to `CACHE_MULTIPLE`, so the decode step compiles at most
+once per call and later calls whose lengths fall in the same bucket reuse it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastlora_jax import rope
+from fastlora_jax.lora import combine
+
+CACHE_MULTIPLE = 64
+DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")  # inv_freq depends on the longest position seen
+
+
+@dataclass
+class GenerateOutput:
+    """`generate(..., return_dict=True)`: the ids and the raw logits (fp32, before any warper) that each
+    new token was chosen from, `[batch, new_tokens, vocab]`, as HF's `output_logits`."""
+
+    sequences: np.ndarray
+    logits: np.ndarray
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+def process_logits(logits_bv, temperature=1.0, top_k=0, top_p=1.0):
+    """HF's sampling warpers in HF's order: `TemperatureLogitsWarper`, `TopKLogitsWarper` (off when top_k == 0),
+    `TopPLogitsWarper` (off when top_p >= 1), with min_tokens_to_keep=1; removed tokens get -inf.
+
+    All three settings may be traced values, so one compiled step serves every sampling configuration.
+    """
+    logits = jnp.asarray(logits_bv, jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    vocab = logits.shape[-1]
+    top_k = jnp.asarray(top_k, jnp.int32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def keep_top_k(x):  # remove every token below the k-th largest (ties with it stay), as TopKLogitsWarper
+        descending = -jnp.sort(-x, axis=-1)
+        kth = jax.lax.dynamic_slice_in_dim(descending, jnp.clip(top_k, 1, vocab) - 1, 1, axis=-1)
+        return jnp.where(x < kth, -jnp.inf, x)
+
+    def keep_top_p(x):  # TopPLogitsWarper: drop the low tail whose cumulative probability is <= 1 - top_p
+        order = jnp.argsort(x, axis=-1)  # ascending, as HF's torch.sort(descending=False)
+        cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(x, order, axis=-1), axis=-1), axis=-1)
+        remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)  # keep at least one token
+        remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
+        return jnp.where(remove, -jnp.inf, x)
+
+    logits = jax.lax.cond(top_k > 0, keep_top_k, lambda x: x, logits)
+    return jax.lax.cond(top_p < 1.0, keep_top_p, lambda x: x, logits)
+
+
+def _choose(logits_bv, key, do_sample, temperature, top_k, top_p):
+    """The next token per row: argmax, or a sample from the warped logits when `do_sample` (traced)."""
+    logits_bv = logits_bv.astype(jnp.float32)
+
+    def sample(x):
+        return jax.random.categorical(key, process_logits(x, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(do_sample, sample, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits_bv)
+
+
+def _finish(next_b, finished_b, eos_ids, pad_id):
+    """HF: finished rows get the pad token; a row finishes when it emits an eos token."""
+    next_b = jnp.where(finished_b, pad_id, next_b)
+    hit = (next_b[:, None] == eos_ids[None, :]).any(axis=-1)
+    return next_b, finished_b | hit
+
+
+# ------------------------------------------------------------------------------------------- jitted steps
+
+STATIC = ("family", "cfg", "compute_dtype")
+
+
+def _prefill(base, lora, meta, cache, ids_bs, positions_bs, mask_bL, inv_freq, rope_scale, key, sampling, eos_ids,
+             pad_id, *, family, cfg, compute_dtype):
+    params = combine(base, lora, meta)
+    cos, sin = rope.rope_cos_sin(inv_freq, positions_bs, rope_scale, jnp.float32)
+    logits, cache = family.forward_cached(cfg, params, ids_bs, cos, sin, cache, 0, mask_bL, compute_dtype,
+                                          last_only=True)
+    logits_bv = logits[:, -1].astype(jnp.float32)
+    next_b = _choose(logits_bv, jax.random.fold_in(key, 0), *sampling)
+    next_b, finished_b = _finish(next_b, jnp.zeros(next_b.shape, bool), eos_ids, pad_id)
+    return next_b, cache, finished_b, logits_bv
+
+
+def _decode(base, lora, meta, cache, mask_bL, token_b, last_position_b, prompt_len, step, finished_b, inv_freq,
+            rope_scale, key, sampling, eos_ids, pad_id, *, family, cfg, compute_dtype):
+    """Step `step` (1, 2, ...): feed the token chosen at step - 1, at slot prompt_len + step - 1 and position
+    (the prompt's last position) + step, and choose the next one."""
+    params = combine(base, lora, meta)
+    batch = token_b.shape[0]
+    index = prompt_len + step - 1
+    position_b = last_position_b + step
+    mask_bL = jax.lax.dynamic_update_slice(mask_bL, jnp.ones((batch, 1), mask_bL.dtype),
+                                           (jnp.zeros((), jnp.int32), index))
+    cos, sin = rope.rope_cos_sin(inv_freq, position_b[:, None], rope_scale, jnp.float32)
+    logits, cache = family.forward_cached(cfg, params, token_b[:, None], cos, sin, cache, index, mask_bL,
+                                          compute_dtype)
+    logits_bv = logits[:, -1].astype(jnp.float32)
+    next_b = _choose(logits_bv, jax.random.fold_in(key, step), *sampling)
+    next_b, finished_b = _finish(next_b, finished_b, eos_ids, pad_id)
+    return next_b, cache, mask_bL, finished_b, logits_bv
+
+
+@cache
+def jitted_steps():
+    """`(prefill, decode)`, jitted once per process; the cache buffers are donated where the backend can."""
+    donate = jax.default_backend() != "cpu"
+    prefill = jax.jit(_prefill, static_argnames=STATIC, donate_argnames=("cache",) if donate else ())
+    decode = jax.jit(_decode, static_argnames=STATIC, donate_argnames=("cache", "mask_bL") if donate else ())
+    return prefill, decode
+
+
+# ------------------------------------------------------------------------------------------- generate
+
+
+def _ids_array(ids, name: str) -> np.ndarray:
+    if hasattr(ids, "detach"):  # a torch tensor, without importing torch
+        ids = ids.detach().cpu().numpy()
+    array = np.asarray(ids)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+        raise ValueError(f"{name} must be integer ids of shape [batch, seq]; got dtype {array.dtype}, "
+                         f"shape {array.shape}")
+    return array.astype(np.int32)
+
+
+def _token_list(value) -> list[int]:
+    if value is None:
+        return []
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _rope_tables(config, seq_len: int):
+    inv_freq, scaling = rope.rope_inv_freq(config, seq_len=seq_len)
+    return jnp.asarray(inv_freq), jnp.float32(scaling)
+
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool | None = None,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id=None,
+             seed: int = 0, return_dict: bool = False):
+    """Generate up to `max_new_tokens` tokens after each (left-padded) prompt.
+
+    Returns int32 numpy ids `[batch, prompt_len + new]` (new < max_new_tokens when every row stopped at eos
+    earlier), or a `GenerateOutput` with the logits too when `return_dict=True`.
+
+    - `attention_mask`: 1 on tokens, 0 on (left) padding. Missing: derived from `pad_token_id` as HF does
+      (ids != pad when the pad token occurs and is not an eos token), else all ones.
+    - Greedy when `do_sample` is False or `temperature == 0`. `do_sample=None` samples when a warper is set
+      (temperature != 1, top_k > 0 or top_p < 1) and is greedy otherwise; `do_sample=True` samples.
+    - `eos_token_id` (int or list; default: the model config's) ends a row; later tokens of that row are
+      `pad_token_id` (default: the config's pad token, else the first eos, else 0).
+    - `seed` makes sampling reproducible (the same seed, inputs and settings give the same ids).
+    """
+    ids = _ids_array(input_ids, "input_ids")
+    batch, prompt_len = ids.shape
+    if prompt_len == 0:
+        raise ValueError("input_ids is empty: generate needs at least one prompt token per row")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int; got {max_new_tokens!r}")
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature must be >= 0; got {temperature!r}")
+    if top_p is None or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
+    if top_k is None or isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be a non-negative int; got {top_k!r}")
+
+    vocab = model.cfg.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"input_ids must be in [0, {vocab}); got values in [{ids.min()}, {ids.max()}]")
+
+    config = model.config
+    eos = _token_list(config.eos_token_id if eos_token_id is None else eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+    pad_token_id = int(pad_token_id)
+
+    if attention_mask is None:
+        mask = np.ones_like(ids)
+        if pad_token_id not in eos and (ids == pad_token_id).any():
+            mask = (ids != pad_token_id).astype(np.int32)
+    else:
+        mask = _ids_array(attention_mask, "attention_mask")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}; input_ids has {ids.shape}")
+        mask = (mask != 0).astype(np.int32)
+    if not mask[:, -1].all():
+        warnings.warn("a prompt ends in padding (attention_mask[:, -1] == 0): decoder-only generation needs "
+                      "left padding (tokenizer.padding_side = 'left')", stacklevel=2)
+
+    if max_new_tokens == 0:
+        return GenerateOutput(ids, np.zeros((batch, 0, model.cfg.vocab_size), np.float32)) if return_dict else ids
+
+    greedy = temperature == 0 or do_sample is False or (
+        do_sample is None and temperature == 1.0 and top_k == 0 and top_p >= 1.0)
+    statics = dict(family=model.family, cfg=model.cfg, compute_dtype=model.dtype)
+    # (do_sample, temperature, top_k, top_p) are traced: no recompilation when they change
+    sampling = (jnp.bool_(not greedy), jnp.float32(temperature if temperature > 0 else 1.0), jnp.int32(top_k),
+                jnp.float32(top_p))
+    # eos ids padded with -1 (never a token) to a multiple of 8 entries, so the eos list is no compile-time shape
+    eos_a = np.full(max(8, -(-len(eos) // 8) * 8), -1, np.int32)
+    eos_a[:len(eos)] = eos
+    eos_a = jnp.asarray(eos_a)
+    pad_a = jnp.int32(pad_token_id)
+    key = jax.random.key(seed)
+
+    # positions as HF's generate: cumsum of the mask - 1, 0 on padding; each new token is the last + 1
+    positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0).astype(np.int32)
+    max_len = -(-(prompt_len + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    mask_full = np.zeros((batch, max_len), np.int32)
+    mask_full[:, :prompt_len] = mask
+    lora = model.lora_params
+    meta = model.lora_meta if lora is not None else None
+    kv = model.family.init_cache(model.cfg, batch, max_len, model.dtype)
+
+    dynamic_rope = rope.rope_parameters(config)["rope_type"] in DYNAMIC_ROPE_TYPES
+    inv_freq, rope_scale = _rope_tables(config, int(positions.max()) + 1)
+
+    prefill, decode = jitted_steps()
+    token, kv, finished, logits = prefill(
+        model.base_params, lora, meta, kv, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask_full),
+        inv_freq, rope_scale, key, sampling, eos_a, pad_a, **statics)
+    tokens, all_logits = [token], [logits] if return_dict else None
+    last_position = jnp.asarray(positions[:, -1])
+    prompt_len_a = jnp.int32(prompt_len)
+    mask_full = jnp.asarray(mask_full)
+    for step in range(1, max_new_tokens):
+        if dynamic_rope:  # HF recomputes inv_freq from this step's longest position, as rotary_cos_sin does
+            inv_freq, rope_scale = _rope_tables(config, int(positions[:, -1].max()) + step + 1)
+        token, kv, mask_full, next_finished, logits = decode(
+            model.base_params, lora, meta, kv, mask_full, token, last_position, prompt_len_a, jnp.int32(step),
+            finished, inv_freq, rope_scale, key, sampling, eos_a, pad_a, **statics)
+        # the previous step's flags are read while this step runs; if every row had already finished, this
+        # step's tokens (all padding) are dropped and generation ends, as HF's does
+        if bool(finished.all()):
+            break
+        finished = next_finished
+        tokens.append(token)
+        if return_dict:
+            all_logits.append(logits)
+
+    new = np.stack([np.asarray(t) for t in tokens], axis=1).astype(np.int32)
+    sequences = np.concatenate([ids, new], axis=1)
+    if return_dict:
+        return GenerateOutput(sequences, np.stack([np.asarray(x) for x in all_logits], axis=1))
+    return sequences
