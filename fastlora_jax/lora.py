@@ -293,7 +293,4 @@ def _is_nf4(x) -> bool:
 
 def logical_size(leaf) -> int:
     """Elements a leaf stands for: an NF4 weight counts at its unquantized size, times its stack depth."""
-    if isinstance(leaf, NF4Weight):
-        stack = int(np.prod(leaf.packed.shape[:-2])) if leaf.packed.ndim > 2 else 1
-        return stack * int(np.prod(leaf.shape))
-    return int(np.prod(leaf.shape))
+    return int(np.prod(leaf.shape))  # NF4Weight.shape is logical: stack axes + the unquantized shape
