@@ -96,12 +96,15 @@ def main() -> None:
     parser.add_argument("--gc", nargs="+", default=["unsloth"], choices=["unsloth", "true", "false"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-4bit", action="store_true")
+    parser.add_argument("--vs-unsloth", action="store_true",
+                        help="also run ../shared/bench/torch_peers.py (carried as .peers/) for Unsloth in this invocation")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.shape, args.batch, args.seq, args.gc[0], args.steps, not args.no_4bit)),
               flush=True)
         return
+    ours = {}
     for gc in args.gc:
         cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--batch", str(args.batch), "--seq",
                str(args.seq), "--gc", gc, "--steps", str(args.steps)] + (["--no-4bit"] if args.no_4bit else [])
@@ -112,6 +115,43 @@ def main() -> None:
                               "gc": gc, "error": proc.stderr.strip().splitlines()[-3:]}), flush=True)
         else:
             print(lines[-1], flush=True)
+            ours[gc] = json.loads(lines[-1])
+    if args.vs_unsloth:
+        for gc in args.gc:
+            peer = run_unsloth(args.shape, args.batch, args.seq, gc)
+            print(json.dumps(peer), flush=True)
+            if gc in ours and "tokens_per_s" in peer:
+                mine = ours[gc]
+                print(json.dumps({"bench": "ratio_vs_unsloth", "shape": args.shape, "batch": args.batch,
+                                  "seq": args.seq, "gc": gc,
+                                  "tokens_per_s_ratio": round(mine["tokens_per_s"] / peer["tokens_per_s"], 3),
+                                  "peak_ratio": round(mine["peak_gib"] / peer["peak_gib"], 3)}), flush=True)
+
+
+PEERS = HERE.parent / ".peers"
+
+
+def run_unsloth(shape: str, batch: int, seq: int, gc: str) -> dict:
+    """Unsloth on the same shape, in its own process, from the carried peers bundle (ANCHORS.md)."""
+    site = Path("/tmp/peers-site")
+    if not site.is_dir():
+        site.mkdir(parents=True)
+        subprocess.run(["tar", "xzf", str(PEERS / "peers-site.tgz"), "-C", str(site)], check=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(site))
+    cmd = [sys.executable, str(PEERS / "torch_peers.py"), "unsloth", shape, "--bs", str(batch), "--seq", str(seq),
+           "--gc", gc]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"bench": "train_step", "system": "unsloth", "shape": shape, "gc": gc,
+                "error": (proc.stderr or proc.stdout).strip().splitlines()[-4:]}
+    row = json.loads(lines[-1])
+    row.update(bench="train_step", system="unsloth")
+    if "peak_gib" not in row:
+        for k in list(row):
+            if "peak" in k and "gib" not in k and isinstance(row[k], (int, float)) and row[k] > 1e6:
+                row["peak_gib"] = round(row[k] / 2 ** 30, 3)
+    return row
 
 
 if __name__ == "__main__":
