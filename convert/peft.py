@@ -49,6 +49,19 @@ def _entries(layout: LoraLayout):
         yield PREFIX + key, path + ("bias",), index, ()
 
 
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def embedding_base_layer_keys(layout: LoraLayout) -> dict[str, str]:
+    """PEFT key -> module name of the base weights PEFT adds to an adapter file when an embedding layer
+    is named in target_modules (its `save_embedding_layers="auto"`: `<module>.base_layer.weight`)."""
+    tm = layout.spec.target_modules
+    if not any(name in tm for name in EMBEDDING_LAYER_NAMES):  # `in` on a str is a substring test, as in PEFT
+        return {}
+    return {PREFIX + f"{t.name}.base_layer.weight": t.name for t in layout.targets
+            if t.name.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES}
+
+
 def peft_state_dict(layout: LoraLayout, tree: dict) -> dict[str, jax.Array]:
     """PEFT's adapter state dict from `lora_params` or any pytree shaped like it (gradients, say)."""
     out = {}
@@ -60,11 +73,22 @@ def peft_state_dict(layout: LoraLayout, tree: dict) -> dict[str, jax.Array]:
     return out
 
 
-def load_peft_state_dict(layout: LoraLayout, lora_params: dict, state: dict, where: str) -> dict:
-    """Write PEFT's tensors into a copy of `lora_params`; every tensor must be consumed and none missing."""
+def load_peft_state_dict(layout: LoraLayout, lora_params: dict, state: dict, where: str,
+                         base_tensor=None) -> dict:
+    """Write PEFT's tensors into a copy of `lora_params`; every tensor must be consumed and none missing.
+
+    Embedding base weights that PEFT stores beside the adapter must equal the model's own (`base_tensor`)."""
     expected = {key: (path, index, slicer) for key, path, index, slicer in _entries(layout)}
+    base_layers = embedding_base_layer_keys(layout)
+    for key, module in base_layers.items():
+        if key in state and base_tensor is not None:
+            ours = base_tensor(module + ".weight")
+            theirs = np.asarray(state[key], np.float32)
+            if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-2, atol=1e-3):
+                raise ValueError(f"adapter {where} stores {key!r} with shape {theirs.shape}, which differs from the "
+                                 f"base model's {module}.weight {ours.shape} (a resized or retrained embedding?)")
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected) - set(base_layers))
     if missing or unexpected:
         raise ValueError(f"adapter {where} does not fit the model: missing keys {missing[:6]}, "
                          f"unexpected keys {unexpected[:6]}")
@@ -107,10 +131,12 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(jax.device_get(value))
 
 
-def save_adapter(directory, layout: LoraLayout, lora_params: dict, config_dict: dict) -> Path:
+def save_adapter(directory, layout: LoraLayout, lora_params: dict, config_dict: dict,
+                 extra_tensors: dict | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: to_numpy(v) for k, v in peft_state_dict(layout, lora_params).items()}
+    state.update(extra_tensors or {})
     atomic_save_safetensors(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     atomic_write_bytes(directory / ADAPTER_CONFIG, (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode())
     return directory
@@ -159,7 +185,10 @@ def merged_tensors(model, base_source) -> dict[str, np.ndarray]:
     saved = set(layout.saved_tensors)
     trained_bias = {f"{n}.bias" for n in layout.trainable_biases}
     out = {}
-    for name in model.tensor_names():
+    names = model.tensor_names()
+    if unties_head(model):
+        names.append("lm_head.weight")
+    for name in names:
         module, leaf = name.rsplit(".", 1)
         path, index = split_module(module)
         if name in saved or name in trained_bias:
@@ -183,6 +212,16 @@ def merged_tensors(model, base_source) -> dict[str, np.ndarray]:
                 value = merged_weight(value, a, b, t.scaling, mag)
         out[name] = np.asarray(value).astype(np_dtype)
     return out
+
+
+def unties_head(model) -> bool:
+    """A tied model whose adapter changes the embedding or the head must be exported untied: merged into
+    one shared matrix, the change would reach the other side too and the export would not be the model."""
+    if not model.cfg.tie_word_embeddings:
+        return False
+    layout = model.lora_layout
+    touched = {t.name for t in layout.targets} | set(layout.modules_to_save)
+    return bool(touched & {"lm_head", "model.embed_tokens"})
 
 
 def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
@@ -224,6 +263,8 @@ def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 102
         atomic_write_bytes(directory / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    if unties_head(model):
+        config["tie_word_embeddings"] = False
     config["dtype"] = model.dtype.name
     atomic_write_bytes(directory / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     if tokenizer is not None:

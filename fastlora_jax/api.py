@@ -129,7 +129,7 @@ class _ArchitectureView:
         self.model_type = config_dict.get("model_type")
 
 
-ADAPTER_ARGS = ("r", "target_modules", "lora_alpha", "lora_dropout", "bias", "layers_to_transform", "layers_pattern",
+ADAPTER_ARGS = ("r", "init_lora_weights", "target_modules", "lora_alpha", "lora_dropout", "bias", "layers_to_transform", "layers_pattern",
                 "use_rslora", "modules_to_save", "exclude_modules", "rank_pattern", "alpha_pattern", "use_dora")
 
 
@@ -145,6 +145,8 @@ def _load_with_adapter(adapter_dir: Path, **load_kwargs):
     kwargs = {k: adapter_config[k] for k in ADAPTER_ARGS if adapter_config.get(k) is not None}
     if isinstance(kwargs.get("target_modules"), list):
         kwargs["target_modules"] = sorted(kwargs["target_modules"])
+    if kwargs.get("init_lora_weights") not in (True, False, "gaussian"):
+        kwargs["init_lora_weights"] = True  # the file's tensors replace the init; loftq/pissa need no rerun
     model = get_peft_model(model, **kwargs)
     model.load_adapter(adapter_dir)
     return model, load_tokenizer(adapter_dir) or tokenizer

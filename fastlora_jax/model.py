@@ -132,6 +132,8 @@ class CausalLM:
 
     def base_tensor(self, name: str) -> np.ndarray:
         """One base tensor by HF name as numpy (NF4 dequantized to the model dtype, as float32)."""
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
         path, index = split_module(name)
         value = get_node(self.base_params, path)
         if index is not None:
@@ -179,15 +181,18 @@ class CausalLM:
     def save_pretrained(self, save_directory, **kwargs):
         """`adapter_config.json` + `adapter_model.safetensors`, as PEFT writes them for the same config."""
         self._require_lora("save_pretrained")
-        from fastlora_jax.convert.peft import save_adapter
-        return save_adapter(save_directory, self.lora_layout, self.lora_params, self.adapter_config())
+        from fastlora_jax.convert.peft import embedding_base_layer_keys, save_adapter
+        extra = {key: self.base_tensor(module + ".weight").astype(_np_dtype(self.dtype))
+                 for key, module in embedding_base_layer_keys(self.lora_layout).items()}
+        return save_adapter(save_directory, self.lora_layout, self.lora_params, self.adapter_config(), extra)
 
     def load_adapter(self, adapter_dir) -> None:
         """Replace `lora_params` with a PEFT adapter's tensors (the adapter's config must be this one's)."""
         from fastlora_jax.convert.peft import load_peft_state_dict, read_adapter
         self._require_lora("load_adapter")
         _, tensors = read_adapter(adapter_dir)
-        self.lora_params = load_peft_state_dict(self.lora_layout, self.lora_params, tensors, str(adapter_dir))
+        self.lora_params = load_peft_state_dict(self.lora_layout, self.lora_params, tensors, str(adapter_dir),
+                                                base_tensor=self.base_tensor)
 
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: str = "merged_16bit", **kwargs):
         """`merged_16bit`: a plain HF checkpoint with W + s·B·A merged, in the model's dtype (from the
@@ -216,6 +221,11 @@ class CausalLM:
         top_k, eos_token_id, pad_token_id, seed, return_dict)."""
         from fastlora_jax.generation import generate
         return generate(self, input_ids, **kwargs)
+
+
+def _np_dtype(dtype):
+    import ml_dtypes
+    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[jnp.dtype(dtype).name]
 
 
 def _mean(loss_sum, count):
