@@ -62,6 +62,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, batch, seq)), dtype=jnp.int32)
         return {"input_ids": ids, "labels": ids}
 
+    print(f"setup done: {setup_bytes / 2 ** 30:.2f} GiB in use", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     lora, opt_state, metrics = step(lora, opt_state, batch_arrays(), None)
     jax.block_until_ready(metrics)
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--gc", nargs="+", default=["unsloth"], choices=["unsloth", "true", "false"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-4bit", action="store_true")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per config (default: %(default)s)")
     parser.add_argument("--vs-unsloth", action="store_true",
                         help="also run ../shared/bench/torch_peers.py (carried as .peers/) for Unsloth in this invocation")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -108,7 +110,16 @@ def main() -> None:
     for gc in args.gc:
         cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--batch", str(args.batch), "--seq",
                str(args.seq), "--gc", gc, "--steps", str(args.steps)] + (["--no-4bit"] if args.no_4bit else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.timeout)
+        except subprocess.TimeoutExpired as err:
+            print(json.dumps({"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq,
+                              "gc": gc, "error": f"timed out after {args.timeout}s",
+                              "stderr_tail": (err.stderr or b"").decode()[-600:]}), flush=True)
+            continue
+        if os.environ.get("OUT"):
+            with open(Path(os.environ["OUT"]) / "train_step_stderr.log", "a") as log:
+                log.write(f"=== {args.shape} {args.batch}x{args.seq} gc={gc}\n{proc.stderr[-20000:]}\n")
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not lines:
             print(json.dumps({"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq,

@@ -2,6 +2,8 @@
 
 `fastlora-jax demo` is the README's main job on the embedded default: it builds a tiny random Llama
 checkpoint locally (no hub needed), loads it with NF4 quantization exactly as bitsandbytes would, and runs it.
+`fastlora-jax train` fine-tunes a LoRA adapter on a JSONL dataset (trainer.SFTTrainer) and writes PEFT's
+adapter files; `fastlora-jax export` turns an adapter into a merged 16-bit Hugging Face checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +41,83 @@ def demo(args) -> int:
     return 0
 
 
+DEFAULT_MODEL_DIR = "runs/tiny-llama"
+
+
+def _gradient_checkpointing(value: str):
+    mapping = {"unsloth": "unsloth", "true": True, "false": False}
+    if value.lower() not in mapping:
+        raise argparse.ArgumentTypeError(f"use 'unsloth', 'true' or 'false'; got {value!r}")
+    return mapping[value.lower()]
+
+
+def train(args) -> int:
+    from fastlora_jax import FastLanguageModel
+    from fastlora_jax.data import bundled_dataset_path
+    from fastlora_jax.tiny import write_tiny_llama
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer, train_on_responses_only
+
+    data = args.data or str(bundled_dataset_path())
+    for flag, path in (("--data", data), ("--eval-data", args.eval_data)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path!r} is not a file")
+    model_dir = Path(args.model).expanduser()
+    if args.model == DEFAULT_MODEL_DIR and not (model_dir / "config.json").is_file():
+        print(f"building the embedded default model in {model_dir} ...")
+        write_tiny_llama(model_dir, seed=0)
+    # An absolute path: adapter_config.json's base_model_name_or_path must resolve from anywhere.
+    model_name = str(model_dir.resolve()) if model_dir.is_dir() else args.model
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name, max_seq_length=args.max_seq_length,
+                                                         dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+    targets = "all-linear" if args.target_modules.strip() == "all-linear" else \
+        [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    model = FastLanguageModel.get_peft_model(
+        model, r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.r,
+        lora_dropout=args.lora_dropout, target_modules=targets, use_gradient_checkpointing=args.gradient_checkpointing,
+        random_state=args.seed, max_seq_length=args.max_seq_length)
+    config = SFTConfig(
+        output_dir=args.output_dir, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps if args.max_steps else -1,
+        num_train_epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type, weight_decay=args.weight_decay, logging_steps=args.logging_steps,
+        save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
+        packing=args.packing, dataset_text_field=args.dataset_text_field,
+        eval_strategy="steps" if args.eval_data and args.eval_steps else "no", eval_steps=args.eval_steps,
+        max_seq_length=args.max_seq_length, disable_tqdm=args.quiet)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, eval_dataset=args.eval_data,
+                         args=config)
+    if args.train_on_responses_only or args.response_part:
+        train_on_responses_only(trainer, instruction_part=args.instruction_part, response_part=args.response_part)
+    model.print_trainable_parameters()
+    d = trainer.train_data
+    print(f"data: {d.num_examples} examples -> {d.num_rows} rows of {d.seq_len} tokens; "
+          f"{trainer.max_steps} steps of {config.train_batch_size} rows")
+    resume = args.resume
+    resume = True if resume == "last" else resume
+    result = trainer.train(resume_from_checkpoint=resume)
+    summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics.items()}
+    print(f"done: step {result.global_step}, training loss {result.training_loss:.4f}; {summary}")
+    print(f"adapter written to {Path(args.output_dir).resolve()}")
+    return 0
+
+
+def export(args) -> int:
+    from fastlora_jax import FastLanguageModel
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        print(f"error: --adapter {args.adapter!r} is not an adapter directory (no adapter_config.json)",
+              file=sys.stderr)
+        return 2
+    # The merge reads the base's original 16-bit weights; no need to quantize it on the way.
+    model, tokenizer = FastLanguageModel.from_pretrained(str(adapter), dtype=args.dtype, load_in_4bit=False)
+    method = "merged_16bit" if args.merged else "lora"
+    model.save_pretrained_merged(args.output, tokenizer, save_method=method)
+    what = "merged 16-bit checkpoint" if args.merged else "adapter"
+    print(f"{what} written to {Path(args.output).resolve()}")
+    return 0
+
+
 def _log_softmax(x):
     import numpy as np
     x = x - x.max(-1, keepdims=True)
@@ -51,8 +130,67 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="the main job on the embedded tiny model")
     p.add_argument("--model-dir", default="runs/tiny-llama", help="where the tiny model is built (default: %(default)s)")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter on a JSONL dataset (SFTTrainer)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR,
+                   help="a Hugging Face model directory or hub id (the default is built locally if missing)")
+    p.add_argument("--data", default=None, help="training data: JSONL with messages / text / prompt+completion "
+                                                 "(default: the bundled tiny_chat.jsonl)")
+    p.add_argument("--eval-data", default=None, help="evaluation data (JSONL)")
+    p.add_argument("--output-dir", default="outputs", help="adapter files and checkpoints/ go here")
+    p.add_argument("--max-steps", type=int, default=60, help="optimizer steps (0: train --epochs epochs)")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs, when --max-steps is 0")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=2, help="per_device_train_batch_size")
+    p.add_argument("--grad-accum", type=int, default=4, help="gradient_accumulation_steps")
+    p.add_argument("--warmup-steps", type=float, default=5)
+    p.add_argument("--lr-scheduler-type", default="linear", choices=["linear", "cosine", "constant"])
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-seq-length", type=int, default=2048)
+    p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated module names, or all-linear")
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=True,
+                   help="QLoRA: quantize the base to NF4")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on a GPU, float32 elsewhere)")
+    p.add_argument("--gradient-checkpointing", type=_gradient_checkpointing, default="unsloth",
+                   help="unsloth, true or false")
+    p.add_argument("--packing", action="store_true", help="pack short examples into full rows")
+    p.add_argument("--dataset-text-field", default="text")
+    p.add_argument("--train-on-responses-only", action="store_true",
+                   help="loss on assistant replies only (chat data)")
+    p.add_argument("--instruction-part", default=None, help="with --response-part: Unsloth's markers")
+    p.add_argument("--response-part", default=None)
+    p.add_argument("--logging-steps", type=float, default=1)
+    p.add_argument("--eval-steps", type=float, default=None)
+    p.add_argument("--save-steps", type=float, default=500)
+    p.add_argument("--save-total-limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=3407)
+    p.add_argument("--resume", nargs="?", const="last", default=None,
+                   help="resume from the last checkpoint in --output-dir (or from the given checkpoint path)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("export", help="save an adapter as a merged 16-bit Hugging Face checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--adapter", required=True, help="an adapter directory (adapter_config.json + weights)")
+    p.add_argument("--output", required=True, help="where to write")
+    p.add_argument("--merged", action="store_true",
+                   help="merge W + s*B*A into a plain HF checkpoint (otherwise: copy the adapter)")
+    p.add_argument("--dtype", default=None, help="dtype of the merged weights (default: bfloat16 on a GPU, "
+                                                 "float32 elsewhere)")
+    p.set_defaults(func=export)
     args = parser.parse_args(argv)
-    return args.func(args)
+    if args.command == "demo":
+        return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # bad arguments or data: the message says which
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

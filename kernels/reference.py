@@ -38,8 +38,8 @@ def rms_norm(x_bsd: jax.Array, weight_d: jax.Array, eps: float) -> jax.Array:
     return weight_d.astype(x_bsd.dtype) * normed
 
 
-def attention(q_bshd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, attention_mask_bs: jax.Array | None,
-              scale: float) -> jax.Array:
+def attention_reference(q_bshd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, attention_mask_bs: jax.Array | None,
+                        scale: float) -> jax.Array:
     """Causal grouped-query attention with an optional key padding mask (1 = attend).
 
     Softmax in fp32 and probabilities cast back to the query dtype before the value product, as
@@ -58,6 +58,24 @@ def attention(q_bshd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, attention
     probs = jax.nn.softmax(scores, axis=-1).astype(q_bshd.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bskd, preferred_element_type=q_bshd.dtype)
     return out.reshape(batch, seq, q_heads, head_dim)
+
+
+def attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale: float) -> jax.Array:
+    """Causal GQA attention: cuDNN's fused flash attention on a GPU for 16-bit inputs (never builds the
+    [seq, seq] scores), the jnp reference elsewhere. FASTLORA_ATTENTION=xla forces the reference."""
+    if _cudnn_attention_ok(q_bshd):
+        mask = None if attention_mask_bs is None else attention_mask_bs.astype(bool)[:, None, None, :]
+        return jax.nn.dot_product_attention(q_bshd, k_bskd, v_bskd, mask=mask, scale=scale, is_causal=True,
+                                            implementation="cudnn")
+    return attention_reference(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale)
+
+
+def _cudnn_attention_ok(q_bshd) -> bool:
+    import os
+    if os.environ.get("FASTLORA_ATTENTION", "auto") == "xla" or jax.default_backend() != "gpu":
+        return False
+    head_dim = q_bshd.shape[-1]
+    return q_bshd.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
 
 
 ACTIVATIONS = {

@@ -63,3 +63,24 @@ def test_checkpointing_modes_give_same_gradients_on_gpu(tmp_path, rng):
     for mode in ("unsloth", True):
         for key, value in grads[False].items():
             assert rel_l2(np.asarray(grads[mode][key]), np.asarray(value)) < 1e-5, (mode, key)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cudnn_attention_matches_reference(rng, padded):
+    from fastlora_jax.kernels.reference import attention, attention_reference
+    b, s, h, k, d = 2, 256, 8, 2, 64
+    q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in
+                ((b, s, h, d), (b, s, k, d), (b, s, k, d)))
+    mask = None
+    if padded:
+        mask = np.ones((b, s), np.int32)
+        mask[1, -37:] = 0  # right padding, as the trainer pads
+        mask = jnp.asarray(mask)
+    got = jax.jit(attention, static_argnums=4)(q, kk, v, mask, d ** -0.5)
+    want = attention_reference(q.astype(jnp.float32), kk.astype(jnp.float32), v.astype(jnp.float32), mask, d ** -0.5)
+    keep = np.ones((b, s), bool) if mask is None else np.asarray(mask).astype(bool)
+    assert rel_l2(np.asarray(got, np.float32)[keep], np.asarray(want)[keep]) < 1e-2
+    grad = jax.grad(lambda q_: attention(q_, kk, v, mask, d ** -0.5).astype(jnp.float32).sum())(q)
+    grad_ref = jax.grad(lambda q_: attention_reference(q_, kk.astype(jnp.float32), v.astype(jnp.float32), mask,
+                                                         d ** -0.5).sum())(q.astype(jnp.float32))
+    assert rel_l2(np.asarray(grad, np.float32)[keep], np.asarray(grad_ref)[keep]) < 2e-2
