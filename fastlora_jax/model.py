@@ -95,19 +95,22 @@ class CausalLM:
 
     # ------------------------------------------------------------------ loss
     def loss_sum_fn(self, chunk_tokens: int | None = None):
-        """`f(lora_params, input_ids, labels, attention_mask, dropout_key) -> (loss_sum, counted_tokens)`,
-        traceable (no jit of its own) for jax.grad and train steps. Uses the model's checkpointing mode."""
+        """`f(base_params, lora_params, input_ids, labels, attention_mask, dropout_key) -> (loss_sum, counted_tokens)`,
+        traceable (no jit of its own) for jax.grad and train steps. Uses the model's checkpointing mode.
+
+        The base is an argument, never a closure: a jitted function that closed over it would bake
+        gigabytes of weights into the compiled program as constants."""
         from fastlora_jax import training
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
         chunk = chunk_tokens or training.default_chunk_tokens(self.cfg.vocab_size)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
 
-        def loss_sum(lora_params, input_ids, labels, attention_mask=None, dropout_key=None):
+        def loss_sum(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None):
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
             inv_freq, scaling = rope.rope_inv_freq(self.config, seq_len=input_ids.shape[1])
             cos, sin = rope.rope_cos_sin(jnp.asarray(inv_freq), position_ids, scaling, jnp.float32)
             return training.loss_sum_and_count(
-                self, self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
+                self, base_params, lora_params, self.lora_meta if lora_params is not None else None,
                 input_ids, labels, cos, sin, attention_mask, dropout_key, compute_dtype=self.dtype,
                 dropout_rate=dropout_rate if dropout_key is not None else 0.0, remat=remat, chunk_tokens=chunk)
 
@@ -118,13 +121,13 @@ class CausalLM:
         computed in chunks so full fp32 logits never exist. Differentiable w.r.t. `lora_params`."""
         if self._loss is None:
             fn = self.loss_sum_fn()
-            self._loss = jax.jit(lambda lp, ids, lab, mask, key: _mean(*fn(lp, ids, lab, mask, key)))
+            self._loss = jax.jit(lambda base, lp, ids, lab, mask, key: _mean(*fn(base, lp, ids, lab, mask, key)))
         input_ids = jnp.asarray(_as_batch(input_ids, "input_ids"))
         labels = jnp.asarray(_as_batch(labels, "labels"))
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {labels.shape}; input_ids has {input_ids.shape}")
         mask = None if attention_mask is None else jnp.asarray(_as_batch(attention_mask, "attention_mask"))
-        return self._loss(lora_params, input_ids, labels, mask, dropout_key)
+        return self._loss(self.base_params, lora_params, input_ids, labels, mask, dropout_key)
 
     # ------------------------------------------------------------------ tensors by HF name
     def tensor_names(self) -> list[str]:

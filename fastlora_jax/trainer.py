@@ -414,7 +414,8 @@ class SFTTrainer:
         cache = self.model.__dict__.setdefault("_sft_train_steps", {})
         if key not in cache:
             loss_sum = self.model.loss_sum_fn()
-            cache[key] = jax.jit(lambda lp, ids, labels, mask: loss_sum(lp, ids, labels, mask, None))
+            jitted = jax.jit(lambda base, lp, ids, labels, mask: loss_sum(base, lp, ids, labels, mask, None))
+            cache[key] = lambda lp, ids, labels, mask: jitted(self.model.base_params, lp, ids, labels, mask)
         return cache[key]
 
     def evaluate(self, eval_dataset=None, lora_params=None) -> dict:

@@ -143,15 +143,15 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
     """
     loss_fn = model.loss_sum_fn()
 
-    def step(lora_params, opt_state, batch, dropout_key):
+    def step(base_params, lora_params, opt_state, batch, dropout_key):
         accum = batch["input_ids"].shape[0]
         keys = jax.random.split(dropout_key, accum) if dropout_key is not None else None
 
         def micro(carry, xs):
             grads_sum, loss_sum, count_sum = carry
             mb, key = xs
-            (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                lora_params, mb["input_ids"], mb["labels"], mb.get("attention_mask"), key)
+            (loss, count), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+                base_params, lora_params, mb["input_ids"], mb["labels"], mb.get("attention_mask"), key)
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             return (grads_sum, loss_sum + loss, count_sum + count), None
 
@@ -165,4 +165,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
         metrics = {"loss": loss_total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
         return lora_params, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    jitted = jax.jit(step, donate_argnums=(1, 2))
+
+    def train_step(lora_params, opt_state, batch, dropout_key):
+        return jitted(model.base_params, lora_params, opt_state, batch, dropout_key)
+
+    return train_step

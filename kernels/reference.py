@@ -64,7 +64,10 @@ def attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale: float) -> jax.Ar
     """Causal GQA attention: cuDNN's fused flash attention on a GPU for 16-bit inputs (never builds the
     [seq, seq] scores), the jnp reference elsewhere. FASTLORA_ATTENTION=xla forces the reference."""
     if _cudnn_attention_ok(q_bshd):
-        mask = None if attention_mask_bs is None else attention_mask_bs.astype(bool)[:, None, None, :]
+        mask = None
+        if attention_mask_bs is not None:  # cuDNN takes a mask as a [batch, 1, q, k] bias (16-bit, B*S*S bytes)
+            b, s = attention_mask_bs.shape
+            mask = jnp.broadcast_to(attention_mask_bs.astype(bool)[:, None, None, :], (b, 1, s, s))
         return jax.nn.dot_product_attention(q_bshd, k_bskd, v_bskd, mask=mask, scale=scale, is_causal=True,
                                             implementation="cudnn")
     return attention_reference(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale)

@@ -58,7 +58,8 @@ def test_checkpointing_modes_give_same_gradients_on_gpu(tmp_path, rng):
     for mode in ("unsloth", True, False):
         pm = FastLanguageModel.get_peft_model(model, r=8, init_lora_weights=False, use_gradient_checkpointing=mode)
         fn = pm.loss_sum_fn()
-        g = jax.jit(jax.grad(lambda lp: fn(lp, jnp.asarray(ids), jnp.asarray(ids))[0]))(pm.lora_params)
+        g = jax.jit(jax.grad(lambda lp, base: fn(base, lp, jnp.asarray(ids), jnp.asarray(ids))[0]))(
+            pm.lora_params, pm.base_params)
         grads[mode] = pm.peft_state_dict(g)
     for mode in ("unsloth", True):
         for key, value in grads[False].items():
