@@ -11,8 +11,9 @@ for job in "$@"; do
     test) python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     load8b) python3 benchmarks/load_checkpoint.py --shape llama-3.1-8b --dir /tmp/ckpt 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     gc8k) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 8192 --gc true unsloth false --timeout 170 2>&1 | tee -a "$OUT/bench.jsonl" ;;
-    peers) python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth false 2>&1 | tee -a "$OUT/bench.jsonl"
-           python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth false 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    gc4k) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 4096 --gc true unsloth false --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    peers) python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth false --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
+           python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth false --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     *) echo "unknown job $job" ;;
   esac
 done

@@ -1,8 +1,11 @@
 """fastlora_jax: LoRA and QLoRA fine-tuning of Hugging Face models in JAX.
 
 Where things are (two hops from here):
-- `FastLanguageModel` (api.py): from_pretrained / get_peft_model, the Unsloth-shaped entry points.
-- `CausalLM` (model.py): the object they return; holds the HF config, the frozen base pytree, the family.
+- `FastLanguageModel` (api.py): from_pretrained / get_peft_model / for_inference, the Unsloth-shaped entry points.
+- `CausalLM` (model.py): the object they return; the HF config, the frozen base pytree, the LoRA pytree,
+  compute_loss, generate (generation.py), save_pretrained (convert/peft.py).
+- LoRA: lora_config.py (PEFT's targeting rules), lora.py (the trainable pytree laid over the base).
+- Training: training.py (chunked loss, checkpointing policies, optax step), trainer.py + data.py (SFTTrainer).
 - model families: one file each (llama.py), found through the HF-name table in families.py.
 - `NF4Weight` (quant.py): bitsandbytes-exact NF4 as a JAX pytree.
 - kernels (fastlora_jax.kernels, from ./kernels): the ops the families call, each with a jnp reference.
@@ -11,7 +14,7 @@ Where things are (two hops from here):
 
 from fastlora_jax.quant import NF4Weight
 
-__all__ = ["NF4Weight", "FastLanguageModel", "CausalLM"]
+__all__ = ["NF4Weight", "FastLanguageModel", "CausalLM", "SFTTrainer", "SFTConfig"]
 __version__ = "0.1.0"
 
 
@@ -23,4 +26,7 @@ def __getattr__(name):
     if name == "CausalLM":
         from fastlora_jax.model import CausalLM
         return CausalLM
+    if name in ("SFTTrainer", "SFTConfig"):
+        from fastlora_jax import trainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'fastlora_jax' has no attribute {name!r}")

@@ -1,0 +1,28 @@
+"""The notebooks run start to end on the tiny local model (they are written for a real model on a GPU)."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from fastlora_jax.tiny import write_tiny_llama
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@pytest.mark.slow
+def test_qlora_quickstart_runs(tmp_path, monkeypatch):
+    model_dir = write_tiny_llama(tmp_path / "tiny-llama", seed=0)
+    monkeypatch.setenv("FASTLORA_MODEL", str(model_dir))
+    monkeypatch.setenv("FASTLORA_MAX_STEPS", "20")
+    monkeypatch.setenv("FASTLORA_OUTPUT_DIR", str(tmp_path / "adapter"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = nbformat.read(NOTEBOOKS / "qlora_quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "trainable params:" in outputs
+    assert "relative L2 difference" in outputs
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
