@@ -218,11 +218,15 @@ class CausalLM:
         return any(isinstance(x, NF4Weight) for x in leaves)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, input_ids, **kwargs):
+    def generate(self, input_ids=None, **kwargs):
         """Token ids `[batch, prompt + new]` (numpy int32) with a KV cache, LoRA unmerged; the keyword arguments
         are `fastlora_jax.generation.generate`'s (attention_mask, max_new_tokens, do_sample, temperature, top_p,
-        top_k, eos_token_id, pad_token_id, seed, return_dict)."""
+        top_k, eos_token_id, pad_token_id, seed, return_dict). `input_ids` may also be what a tokenizer
+        returns (a mapping with `input_ids` and `attention_mask`), as `apply_chat_template` gives it."""
         from fastlora_jax.generation import generate
+        if hasattr(input_ids, "keys") and "input_ids" in input_ids:
+            kwargs.setdefault("attention_mask", input_ids.get("attention_mask"))
+            input_ids = input_ids["input_ids"]
         return generate(self, input_ids, **kwargs)
 
 
