@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -119,3 +120,50 @@ def tensor_shapes(files: CheckpointFiles) -> dict[str, tuple[int, ...]]:
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {err}") from None
     return shapes
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.numpy import save
+
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
+
+
+def save_tensors(tensors: dict[str, np.ndarray], directory, max_shard_bytes: int | None = None) -> None:
+    """`model.safetensors`, or shards of at most `max_shard_bytes` with `model.safetensors.index.json`, as
+    transformers lays them out; every file written atomically."""
+    directory = Path(directory)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, value in tensors.items():
+        if max_shard_bytes is not None and shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    if len(shards) == 1:
+        atomic_save_safetensors(shards[0], directory / SINGLE_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        atomic_save_safetensors(shard, directory / fname, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
+    atomic_write_bytes(directory / INDEX_FILE, json.dumps(index, indent=2).encode())

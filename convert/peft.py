@@ -10,8 +10,6 @@ Every write goes to a temporary name first and is renamed, so a failed save leav
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastlora_jax.convert.hf_checkpoint import atomic_save_safetensors, atomic_write_bytes, save_tensors
 from fastlora_jax.lora import LoraLayout, get_node, set_node, split_module
 from fastlora_jax.quant import NF4Weight
 
@@ -105,26 +104,6 @@ def load_peft_state_dict(layout: LoraLayout, lora_params: dict, state: dict, whe
 
 
 # ------------------------------------------------------------------------------------------ files
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict | None = None) -> None:
-    from safetensors.numpy import save
-
-    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
 
 
 def to_numpy(value) -> np.ndarray:
@@ -243,24 +222,7 @@ def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 102
         return next(iter_tensors(files, [name]))[1]
 
     tensors = merged_tensors(model, base_source)
-    shards: list[dict] = [{}]
-    size = 0
-    for name, value in tensors.items():
-        if shards[-1] and size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = value
-        size += value.nbytes
-    if len(shards) == 1:
-        atomic_save_safetensors(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            atomic_save_safetensors(shard, directory / fname, metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-        index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
-        atomic_write_bytes(directory / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
+    save_tensors(tensors, directory, max_shard_bytes)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     if unties_head(model):

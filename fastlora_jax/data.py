@@ -612,7 +612,7 @@ def prepare_dataset(data, tokenizer, max_seq_length: int, *, packing: bool = Fal
 
 def bundled_dataset_path() -> Path:
     """The small chat dataset shipped with the package (`fastlora_jax/data/tiny_chat.jsonl`)."""
-    return Path(__file__).parent / "data" / "tiny_chat.jsonl"
+    return Path(__file__).parent / "bundled_data" / "tiny_chat.jsonl"
 
 
 __all__ = ["IGNORE_INDEX", "DataOptions", "Example", "SFTData", "assistant_spans", "build_rows", "bundled_dataset_path",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "bundled_data"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
@@ -81,8 +81,9 @@ def write_tiny_llama(directory, seed: int = 0, dtype: str = "float32", tokenizer
     `max_shard_bytes` splits the weights into shards with a `model.safetensors.index.json`.
     """
     import ml_dtypes
-    from safetensors.numpy import save_file
     from transformers import LlamaConfig
+
+    from fastlora_jax.convert.hf_checkpoint import save_tensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -93,29 +94,7 @@ def write_tiny_llama(directory, seed: int = 0, dtype: str = "float32", tokenizer
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     state = random_llama_state(config, seed=seed, dtype=np_dtype)
     config.save_pretrained(directory)
-    _save_sharded(state, directory, max_shard_bytes, save_file)
+    save_tensors(state, directory, max_shard_bytes)
     if tokenizer:
         write_tiny_tokenizer(directory, vocab_size=min(config.vocab_size, 512))
     return directory
-
-
-def _save_sharded(state: dict[str, np.ndarray], directory: Path, max_shard_bytes: int | None, save_file) -> None:
-    if max_shard_bytes is None:
-        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        return
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, array in state.items():
-        if shards[-1] and size + array.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = array
-        size += array.nbytes
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(a.nbytes for a in state.values())
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
