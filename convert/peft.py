@@ -19,7 +19,6 @@ import numpy as np
 
 from fastlora_jax.convert.hf_checkpoint import atomic_save_safetensors, atomic_write_bytes, save_tensors
 from fastlora_jax.lora import LoraLayout, get_node, set_node, split_module
-from fastlora_jax.quant import NF4Weight
 
 PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"

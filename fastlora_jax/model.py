@@ -8,7 +8,6 @@ HF model. LoRA (get_peft_model) adds a separate trainable pytree next to the bas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from types import ModuleType
 
 import jax

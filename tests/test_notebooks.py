@@ -1,6 +1,5 @@
 """The notebooks run start to end on the tiny local model (they are written for a real model on a GPU)."""
 
-import os
 from pathlib import Path
 
 import nbformat
