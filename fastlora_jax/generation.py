@@ -23,6 +23,7 @@ import numpy as np
 
 from fastlora_jax import rope
 from fastlora_jax.lora import combine
+from fastlora_jax.model import as_batch
 
 CACHE_MULTIPLE = 64
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")  # inv_freq depends on the longest position seen
@@ -132,18 +133,6 @@ def jitted_steps():
 # ------------------------------------------------------------------------------------------- generate
 
 
-def _ids_array(ids, name: str) -> np.ndarray:
-    if hasattr(ids, "detach"):  # a torch tensor, without importing torch
-        ids = ids.detach().cpu().numpy()
-    array = np.asarray(ids)
-    if array.ndim == 1:
-        array = array[None, :]
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
-        raise ValueError(f"{name} must be integer ids of shape [batch, seq]; got dtype {array.dtype}, "
-                         f"shape {array.shape}")
-    return array.astype(np.int32)
-
-
 def _token_list(value) -> list[int]:
     if value is None:
         return []
@@ -173,7 +162,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
       `pad_token_id` (default: the config's pad token, else the first eos, else 0).
     - `seed` makes sampling reproducible (the same seed, inputs and settings give the same ids).
     """
-    ids = _ids_array(input_ids, "input_ids")
+    ids = as_batch(input_ids, "input_ids")
     batch, prompt_len = ids.shape
     if prompt_len == 0:
         raise ValueError("input_ids is empty: generate needs at least one prompt token per row")
@@ -203,7 +192,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         if pad_token_id not in eos and (ids == pad_token_id).any():
             mask = (ids != pad_token_id).astype(np.int32)
     else:
-        mask = _ids_array(attention_mask, "attention_mask")
+        mask = as_batch(attention_mask, "attention_mask")
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask has shape {mask.shape}; input_ids has {ids.shape}")
         mask = (mask != 0).astype(np.int32)

@@ -72,9 +72,9 @@ class CausalLM:
 
     def apply(self, lora_params, input_ids, attention_mask=None, position_ids=None, dropout_key=None):
         """Logits for a given LoRA pytree (None: the base alone). `dropout_key` turns on LoRA dropout."""
-        input_ids = _as_batch(input_ids, "input_ids")
+        input_ids = as_batch(input_ids, "input_ids")
         if attention_mask is not None:
-            attention_mask = _as_batch(attention_mask, "attention_mask")
+            attention_mask = as_batch(attention_mask, "attention_mask")
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask has shape {attention_mask.shape}; input_ids has {input_ids.shape}")
         if position_ids is None:
@@ -121,11 +121,11 @@ class CausalLM:
         if self._loss is None:
             fn = self.loss_sum_fn()
             self._loss = jax.jit(lambda base, lp, ids, lab, mask, key: _mean(*fn(base, lp, ids, lab, mask, key)))
-        input_ids = jnp.asarray(_as_batch(input_ids, "input_ids"))
-        labels = jnp.asarray(_as_batch(labels, "labels"))
+        input_ids = jnp.asarray(as_batch(input_ids, "input_ids"))
+        labels = jnp.asarray(as_batch(labels, "labels"))
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {labels.shape}; input_ids has {input_ids.shape}")
-        mask = None if attention_mask is None else jnp.asarray(_as_batch(attention_mask, "attention_mask"))
+        mask = None if attention_mask is None else jnp.asarray(as_batch(attention_mask, "attention_mask"))
         return self._loss(self.base_params, lora_params, input_ids, labels, mask, dropout_key)
 
     # ------------------------------------------------------------------ tensors by HF name
@@ -238,14 +238,14 @@ def _mean(loss_sum, count):
     return loss_sum / jnp.maximum(count, 1).astype(loss_sum.dtype)
 
 
-def _as_batch(ids, name: str) -> np.ndarray:
+def as_batch(ids, name: str) -> np.ndarray:
     """Accept lists, numpy, jax or torch tensors of shape [seq] or [batch, seq]."""
     if hasattr(ids, "detach"):  # a torch tensor, without importing torch
         ids = ids.detach().cpu().numpy()
     array = np.asarray(ids)
     if array.ndim == 1:
         array = array[None, :]
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+    if array.ndim != 2 or not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
         raise ValueError(f"{name} must be integer ids of shape [batch, seq]; got dtype {array.dtype}, "
                          f"shape {array.shape}")
     return array.astype(np.int32)
