@@ -212,8 +212,10 @@ def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 102
     if model.weights_source == "16bit" and getattr(model, "model_dir", None) is not None:
         files = find_checkpoint_files(model.model_dir)
     elif model.is_4bit:
-        warnings.warn("the base was loaded from a 4-bit checkpoint: merging into its dequantized NF4 weights "
-                      "(the original 16-bit weights are not available)", stacklevel=3)
+        why = ("LoftQ replaced the base weights" if model.weights_source == "loftq"
+               else "the base was loaded from a 4-bit checkpoint")
+        warnings.warn(f"{why}: merging into the dequantized NF4 weights in memory "
+                      "(not the original 16-bit weights)", stacklevel=3)
 
     def base_source(name):
         if files is None or name not in files.tensor_to_file:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fastlora_jax.convert.hf_checkpoint import read_config_dict
+from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors, read_config_dict
 from fastlora_jax.convert.load import abstract_base_params, load_base_params
 from fastlora_jax.families import family_for
 from fastlora_jax.lora import build_lora
@@ -111,8 +112,20 @@ def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_a
             return model
         raise ValueError("the model already has LoRA adapters with a different config "
                          f"({model.lora_layout.spec} vs {spec}); load the base again to start over")
-    lora_params, lora_meta, layout = build_lora(model.family, model.cfg, model.base_params, spec, random_state)
+    original = None
+    if spec.init_lora_weights == "loftq" and model.weights_source == "16bit" and model.model_dir is not None:
+        files = find_checkpoint_files(model.model_dir)  # LoftQ starts from the original 16-bit weights
+
+        def original(name):
+            if name not in files.tensor_to_file:
+                return None
+            return np.asarray(next(iter_tensors(files, [name]))[1], np.float32)
+    lora_params, lora_meta, layout, new_base = build_lora(model.family, model.cfg, model.base_params, spec,
+                                                          random_state, original_weight=original, return_base=True)
     peft_model = copy.copy(model)
+    if new_base is not None:  # LoftQ replaces the targeted base weights (as PEFT does)
+        peft_model.base_params = new_base
+        peft_model.weights_source = "loftq"
     peft_model.lora_params, peft_model.lora_meta, peft_model.lora_layout = lora_params, lora_meta, layout
     peft_model.use_gradient_checkpointing = use_gradient_checkpointing
     peft_model._loss = None

@@ -118,10 +118,23 @@ def _dense(weight, dtype=jnp.float32):
     return jnp.asarray(weight).astype(dtype) if not isinstance(weight, jax.ShapeDtypeStruct) else weight
 
 
-def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int = 3407):
-    """Resolve PEFT's targets on the family's module list and create `(lora_params, lora_meta, layout)`."""
-    if spec.init_lora_weights == "loftq":
-        raise NotImplementedError("init_lora_weights='loftq' is not implemented yet; use True, False or 'gaussian'")
+def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int = 3407, *,
+               original_weight=None, return_base: bool = False):
+    """Resolve PEFT's targets on the family's module list and create `(lora_params, lora_meta, layout)`.
+
+    With `return_base=True` the result is `(lora_params, lora_meta, layout, new_base_params)`, where
+    `new_base_params` is None unless `init_lora_weights="loftq"` replaced base weights (LoftQ rewrites the
+    base of every targeted module, as PEFT's `LoraLayer.loftq_init` does; the input tree is not modified).
+    `original_weight(hf_tensor_name) -> np.ndarray | None` gives LoftQ the full-precision weight of an NF4
+    base (e.g. re-read from the 16-bit checkpoint); without it, or when it returns None, the dequantized
+    NF4 weight stands in (with a warning). A 16-bit base is its own original.
+    """
+    loftq = spec.init_lora_weights == "loftq"
+    if loftq and not return_base:
+        raise ValueError("init_lora_weights='loftq' replaces base weights: call build_lora(..., return_base=True) "
+                         "and use the returned base params")
+    if loftq:
+        _, loftq_iter = _loftq_settings(spec)
     modules = family.module_list(cfg)
     targets = resolve_targets(spec, modules, cfg.num_layers, output_layer_names=("lm_head",))
     saved = resolve_modules_to_save(spec, modules, targets)
@@ -145,6 +158,7 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
     lora: dict = {}
     meta: dict = {}
     num_layers = cfg.num_layers
+    new_base = _copy_containers(base_params) if loftq else None
     # Group layer targets by their path inside a layer: one stacked, rank-padded array per group.
     groups: dict[tuple, list[TargetInfo]] = {}
     for t in targets:
@@ -163,9 +177,15 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
         b = np.zeros((stack, out, r_max), np.float32)
         scaling = np.zeros((stack,), np.float32)
         targeted = np.zeros((stack,), bool)
+        if loftq:
+            if embedding:
+                raise NotImplementedError(f"init_lora_weights='loftq' on the embedding target {infos[0].name!r} "
+                                          "is not supported (LoftQ applies to linear modules)")
+            _loftq_group(new_base, path, top, infos, a, b, num_layers, loftq_iter, original_weight)
         for t in infos:
             i = 0 if top else t.layer_index
-            a[i, : t.r], b[i, :, : t.r] = _init_pair(rng, spec.init_lora_weights, t.r, fan_in, out, embedding)
+            if not loftq:
+                a[i, : t.r], b[i, :, : t.r] = _init_pair(rng, spec.init_lora_weights, t.r, fan_in, out, embedding)
             scaling[i], targeted[i] = t.scaling, True
         node: dict = {}
         names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
@@ -174,7 +194,7 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
         if spec.use_dora:
             if embedding:
                 raise NotImplementedError("use_dora=True on an embedding target is not supported")
-            node["lora_magnitude_vector"] = _dora_magnitude(base_params, path, top, node, m)
+            node["lora_magnitude_vector"] = _dora_magnitude(new_base if loftq else base_params, path, top, node, m)
         set_node(lora, path, node)
         set_node(meta, path, m)
 
@@ -182,7 +202,117 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
         _add_trainable_copy(lora, meta, base_params, cfg, name, num_layers, keys=None)
     for name in trainable_biases:
         _add_trainable_copy(lora, meta, base_params, cfg, name, num_layers, keys=("bias",))
+    if return_base:
+        return lora, meta, layout, new_base
     return lora, meta, layout
+
+
+# --------------------------------------------------------------------------------------------- LoftQ
+
+
+def _loftq_settings(spec: LoraSpec) -> tuple[int, int]:
+    config = dict(spec.loftq_config or {})
+    bits = int(config.get("loftq_bits", 4))
+    num_iter = int(config.get("loftq_iter", 1))
+    if bits != 4:
+        raise NotImplementedError(f"loftq_config['loftq_bits']={bits} is not supported; only 4 (NF4) is implemented")
+    if num_iter <= 0:
+        raise ValueError(f"loftq_config['loftq_iter'] must be > 0, got {num_iter}")
+    return bits, num_iter
+
+
+def _copy_containers(tree):
+    """A copy of the dict structure (leaves shared), so replacing leaves leaves the input tree intact."""
+    if isinstance(tree, dict):
+        return {k: _copy_containers(v) for k, v in tree.items()}
+    return tree
+
+
+def loftq_matrix(weight, reduced_rank: int, num_iter: int = 1):
+    """PEFT 0.21 `loftq_init` (4 bits) on one 2-D weight, in float32 jnp.
+
+    Returns `(qweight, dequantized, lora_A, lora_B)`: the NF4Weight of the last quantized residual
+    (bnb NF4, blocksize 64, compress_statistics=False), its float32 dequantized value, A = R [r, in] and
+    B = L [out, r] of `_low_rank_decomposition`.
+    """
+    w = jnp.asarray(weight).astype(jnp.float32)
+    res = w
+    for i in range(num_iter):
+        qweight = NF4Weight.quantize(res, blocksize=64, double_quant=False)
+        dequantized = qweight.dequantize(jnp.float32)
+        res = w - dequantized
+        u, s, vh = jnp.linalg.svd(res, full_matrices=False)
+        root = jnp.sqrt(s[:reduced_rank])
+        lora_b = u[:, :reduced_rank] * root[None, :]  # U @ sqrt(diag(S)[:, :r])
+        lora_a = root[:, None] * vh[:reduced_rank]  # sqrt(diag(S)[:r, :]) @ Vh
+        if i + 1 == num_iter:
+            break
+        res = w - lora_b @ lora_a
+    return qweight, dequantized, lora_a, lora_b
+
+
+def _with_dtype(q: NF4Weight, dtype_name: str) -> NF4Weight:
+    """The same NF4 storage, labelled with another original dtype (what `dequantize()` returns by default)."""
+    shape, _, blocksize, nested_blocksize, double_quant = q._aux()
+    return NF4Weight.tree_unflatten((shape, dtype_name, blocksize, nested_blocksize, double_quant),
+                                    q.tree_flatten()[0])
+
+
+def _loftq_group(new_base, path, top, infos, a, b, num_layers, num_iter, original_weight):
+    """LoftQ for every target of one (stacked) module: fill A/B in place and replace its base weight leaf.
+
+    A 16-bit base becomes the dequantized NF4 value (as PEFT's). An NF4 base is rebuilt as a whole stacked
+    leaf without double quantization: targeted layers hold the LoftQ NF4 residual, the other layers plain
+    NF4 of their original weight (so every layer of the stack shares one storage layout).
+    """
+    import warnings
+
+    tied = top and path == ("lm_head",) and "lm_head" not in new_base
+    base_path = ("model", "embed_tokens") if tied else path  # tied lm_head: the shared weight (PEFT: same Parameter)
+    module = get_node(new_base, base_path)
+    leaf = module["weight"]
+    by_layer = {(0 if top else t.layer_index): t for t in infos}
+    nf4 = isinstance(leaf, NF4Weight)
+    stack = 1 if top else num_layers
+    warned = False
+
+    def original(i):
+        nonlocal warned
+        layer_leaf = leaf if top else jax.tree.map(lambda x: x[i], leaf)
+        if not nf4:
+            return jnp.asarray(layer_leaf).astype(jnp.float32)
+        name = (f"{by_layer[i].name}.weight" if i in by_layer else
+                f"{'.'.join(path)}.weight" if top else f"model.layers.{i}.{'.'.join(path[2:])}.weight")
+        value = original_weight(name) if original_weight is not None else None
+        if value is None:
+            if not warned:
+                warnings.warn(f"LoftQ: no original full-precision weight for {name!r} (base is 4-bit); using the "
+                              "dequantized NF4 weight instead", stacklevel=4)
+                warned = True
+            return layer_leaf.dequantize(jnp.float32)
+        return jnp.asarray(np.asarray(value, dtype=np.float32))
+
+    layers = []
+    for i in range(stack):
+        t = by_layer.get(i)
+        if t is None:
+            if nf4:  # re-quantize plainly so the stack has one layout (no double quant)
+                w = original(i).astype(leaf.dtype)
+                layers.append(_with_dtype(NF4Weight.quantize(w, blocksize=64, double_quant=False), leaf._aux()[1]))
+            else:
+                layers.append(leaf if top else leaf[i])
+            continue
+        qweight, dequantized, lora_a, lora_b = loftq_matrix(original(i), t.r, num_iter)
+        k = lora_a.shape[0]  # min(r, out, in), as PEFT's slicing of diag(S) gives
+        a[i, :k] = np.asarray(lora_a)
+        b[i, :, :k] = np.asarray(lora_b)
+        layers.append(_with_dtype(qweight, leaf._aux()[1]) if nf4 else dequantized.astype(leaf.dtype))
+    if top:
+        new_leaf = layers[0]
+    else:
+        new_leaf = NF4Weight.stack(layers) if nf4 else jnp.stack(layers)
+    parent = get_node(new_base, base_path[:-1]) if len(base_path) > 1 else new_base
+    parent[base_path[-1]] = {**module, "weight": new_leaf}
 
 
 def _dora_magnitude(base_params, path, top, node, meta):
