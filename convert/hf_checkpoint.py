@@ -145,25 +145,42 @@ def atomic_save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata
     atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
 
 
-def save_tensors(tensors: dict[str, np.ndarray], directory, max_shard_bytes: int | None = None) -> None:
+def save_tensors(tensors, directory, max_shard_bytes: int | None = None) -> None:
     """`model.safetensors`, or shards of at most `max_shard_bytes` with `model.safetensors.index.json`, as
-    transformers lays them out; every file written atomically."""
+    transformers lays them out. `tensors` is a dict or an iterator of `(name, array)`: one shard at a time
+    is held in memory. Shards are written under temporary names and renamed once all of them exist."""
     directory = Path(directory)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, value in tensors.items():
-        if max_shard_bytes is not None and shards[-1] and size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = value
-        size += value.nbytes
-    if len(shards) == 1:
-        atomic_save_safetensors(shards[0], directory / SINGLE_FILE, metadata={"format": "pt"})
-        return
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".shard-", suffix=".safetensors.tmp")
+        os.close(fd)
+        atomic_save_safetensors(shard, Path(tmp), metadata={"format": "pt"})
+        written.append((Path(tmp), list(shard)))
+
+    try:
+        for name, value in items:
+            if max_shard_bytes is not None and shard and size + value.nbytes > max_shard_bytes:
+                flush()
+                shard, size = {}, 0
+            shard[name] = value
+            size += value.nbytes
+            total += value.nbytes
+        if len(written) == 0:
+            atomic_save_safetensors(shard, directory / SINGLE_FILE, metadata={"format": "pt"})
+            return
+        flush()
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
     weight_map = {}
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        atomic_save_safetensors(shard, directory / fname, metadata={"format": "pt"})
-        weight_map.update({n: fname for n in shard})
-    index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
+    for k, (tmp, names) in enumerate(written):
+        fname = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(tmp, directory / fname)
+        weight_map.update({n: fname for n in names})
+    index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
     atomic_write_bytes(directory / INDEX_FILE, json.dumps(index, indent=2).encode())

@@ -151,9 +151,10 @@ def merged_weight(weight_oi: np.ndarray, a_ri, b_or, scaling: float, magnitude_o
     return merged
 
 
-def merged_tensors(model, base_source) -> dict[str, np.ndarray]:
-    """Every HF tensor of the merged model, in the model's dtype. `base_source(name)` gives the original
-    base tensor as numpy (from the 16-bit checkpoint) or None (then the in-memory weight, dequantized)."""
+def merged_tensors(model, base_source):
+    """Yield `(name, array)` for every HF tensor of the merged model, in the model's dtype, one at a time.
+    `base_source(name)` gives the original base tensor as numpy (from the 16-bit checkpoint) or None
+    (then the in-memory weight, dequantized)."""
     import ml_dtypes
 
     layout: LoraLayout = model.lora_layout
@@ -162,7 +163,6 @@ def merged_tensors(model, base_source) -> dict[str, np.ndarray]:
     by_module = {t.name: t for t in layout.targets}
     saved = set(layout.saved_tensors)
     trained_bias = {f"{n}.bias" for n in layout.trainable_biases}
-    out = {}
     names = model.tensor_names()
     if unties_head(model):
         names.append("lm_head.weight")
@@ -171,7 +171,7 @@ def merged_tensors(model, base_source) -> dict[str, np.ndarray]:
         path, index = split_module(module)
         if name in saved or name in trained_bias:
             value = get_node(lora, path + (leaf,))
-            out[name] = to_numpy(value[index] if index is not None else value).astype(np_dtype)
+            yield name, to_numpy(value[index] if index is not None else value).astype(np_dtype)
             continue
         value = base_source(name)
         if value is None:
@@ -188,8 +188,7 @@ def merged_tensors(model, base_source) -> dict[str, np.ndarray]:
                 b = to_numpy(sel(node["lora_B"]))[:, : t.r]
                 mag = to_numpy(sel(node["lora_magnitude_vector"])) if layout.spec.use_dora else None
                 value = merged_weight(value, a, b, t.scaling, mag)
-        out[name] = np.asarray(value).astype(np_dtype)
-    return out
+        yield name, np.asarray(value).astype(np_dtype)
 
 
 def unties_head(model) -> bool:
@@ -222,8 +221,7 @@ def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 102
             return None
         return next(iter_tensors(files, [name]))[1]
 
-    tensors = merged_tensors(model, base_source)
-    save_tensors(tensors, directory, max_shard_bytes)
+    save_tensors(merged_tensors(model, base_source), directory, max_shard_bytes)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     if unties_head(model):

@@ -634,3 +634,21 @@ def test_loading_an_adapter_that_does_not_fit(bases, tmp_path):
         base.model.load_adapter(tmp_path / "r8")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         r4.load_adapter(tmp_path)
+
+
+def test_merged_export_in_shards(tmp_path, rng):
+    """A merged export larger than one shard: shards + index, no temporary files, same logits."""
+    model_dir = write_tiny_llama(tmp_path / "m", seed=21, tokenizer=False)
+    base, _ = FastLanguageModel.from_pretrained(model_dir, dtype="float32", load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(base, r=4, init_lora_weights=False)
+    from fastlora_jax.convert.peft import save_merged
+    save_merged(model, tmp_path / "merged", max_shard_bytes=50_000)
+    files = sorted(p.name for p in (tmp_path / "merged").iterdir())
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files
+    assert not [f for f in files if f.startswith(".")]
+    ids = rng.integers(0, 512, (2, 12))
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        got = hf(torch.tensor(ids)).logits.numpy()
+    assert rel_l2(got, np.asarray(model(ids).logits)) < 1e-4
