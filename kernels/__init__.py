@@ -1,7 +1,7 @@
 """The ops the model families call. Each has a pure-jnp reference (reference.py); Pallas Mosaic GPU
 kernels replace them on the GPU as they land, checked against the same reference."""
 
-from fastlora_jax.kernels.reference import (ACTIVATIONS, attention, dense_weight, embedding, linear, lora_linear,
-                                            rms_norm)
+from fastlora_jax.kernels.attention import attention
+from fastlora_jax.kernels.reference import ACTIVATIONS, dense_weight, embedding, linear, lora_linear, rms_norm
 
 __all__ = ["ACTIVATIONS", "attention", "dense_weight", "embedding", "linear", "lora_linear", "rms_norm"]

@@ -68,7 +68,8 @@ def test_checkpointing_modes_give_same_gradients_on_gpu(tmp_path, rng):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_cudnn_attention_matches_reference(rng, padded):
-    from fastlora_jax.kernels.reference import attention, attention_reference
+    from fastlora_jax.kernels.attention import attention
+    from fastlora_jax.kernels.reference import attention_reference
     b, s, h, k, d = 2, 256, 8, 2, 64
     q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in
                 ((b, s, h, d), (b, s, k, d), (b, s, k, d)))
