@@ -21,6 +21,12 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def numpy_dtype(name: str):
+    """The numpy dtype safetensors files hold for a dtype name ("float32", "bfloat16", "float16")."""
+    import ml_dtypes
+    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be read as the model it claims to be."""
 

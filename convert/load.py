@@ -41,12 +41,6 @@ def set_path(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
-def get_path(tree: dict, dotted: str):
-    for key in dotted.split("."):
-        tree = tree[key]
-    return tree
-
-
 @partial(jax.jit, donate_argnums=0)
 def _write_layer(stacked, index, value):
     return jax.tree.map(lambda s, v: s.at[index].set(v), stacked, value)

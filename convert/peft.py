@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.convert.hf_checkpoint import atomic_save_safetensors, atomic_write_bytes, save_tensors
+from fastlora_jax.convert.hf_checkpoint import atomic_save_safetensors, atomic_write_bytes, numpy_dtype, save_tensors
 from fastlora_jax.lora import LoraLayout, get_node, set_node, split_module
 
 PREFIX = "base_model.model."
@@ -155,11 +155,9 @@ def merged_tensors(model, base_source):
     """Yield `(name, array)` for every HF tensor of the merged model, in the model's dtype, one at a time.
     `base_source(name)` gives the original base tensor as numpy (from the 16-bit checkpoint) or None
     (then the in-memory weight, dequantized)."""
-    import ml_dtypes
-
     layout: LoraLayout = model.lora_layout
     lora = model.lora_params
-    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[model.dtype.name]
+    np_dtype = numpy_dtype(model.dtype.name)
     by_module = {t.name: t for t in layout.targets}
     saved = set(layout.saved_tensors)
     trained_bias = {f"{n}.bias" for n in layout.trainable_biases}

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastlora_jax import rope
+from fastlora_jax.convert.hf_checkpoint import numpy_dtype
 from fastlora_jax.families import checkpoint_tensors
 from fastlora_jax.lora import combine, count_parameters, get_node, split_module
 from fastlora_jax.quant import NF4Weight
@@ -184,7 +185,7 @@ class CausalLM:
         """`adapter_config.json` + `adapter_model.safetensors`, as PEFT writes them for the same config."""
         self._require_lora("save_pretrained")
         from fastlora_jax.convert.peft import embedding_base_layer_keys, save_adapter
-        extra = {key: self.base_tensor(module + ".weight").astype(_np_dtype(self.dtype))
+        extra = {key: self.base_tensor(module + ".weight").astype(numpy_dtype(self.dtype.name))
                  for key, module in embedding_base_layer_keys(self.lora_layout).items()}
         return save_adapter(save_directory, self.lora_layout, self.lora_params, self.adapter_config(), extra)
 
@@ -227,11 +228,6 @@ class CausalLM:
             kwargs.setdefault("attention_mask", input_ids.get("attention_mask"))
             input_ids = input_ids["input_ids"]
         return generate(self, input_ids, **kwargs)
-
-
-def _np_dtype(dtype):
-    import ml_dtypes
-    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[jnp.dtype(dtype).name]
 
 
 def _mean(loss_sum, count):

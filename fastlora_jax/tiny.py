@@ -80,10 +80,9 @@ def write_tiny_llama(directory, seed: int = 0, dtype: str = "float32", tokenizer
     `overrides` go to transformers' LlamaConfig (e.g. `rope_parameters`, `head_dim`, `tie_word_embeddings`).
     `max_shard_bytes` splits the weights into shards with a `model.safetensors.index.json`.
     """
-    import ml_dtypes
     from transformers import LlamaConfig
 
-    from fastlora_jax.convert.hf_checkpoint import save_tensors
+    from fastlora_jax.convert.hf_checkpoint import numpy_dtype, save_tensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -91,7 +90,7 @@ def write_tiny_llama(directory, seed: int = 0, dtype: str = "float32", tokenizer
     config = LlamaConfig(**settings)
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = dtype
-    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    np_dtype = numpy_dtype(dtype)
     state = random_llama_state(config, seed=seed, dtype=np_dtype)
     config.save_pretrained(directory)
     save_tensors(state, directory, max_shard_bytes)
