@@ -23,6 +23,9 @@ What mirrors what (peft 0.21):
   `LoraModel._create_new_module` for the "unsupported module type" error.
 - `resolve_modules_to_save`: `_set_trainable` (peft/utils/other.py): plain `str.endswith` (not
   dot-bounded) over module names.
+- `vision_target_modules`: not PEFT but Unsloth's `FastVisionModel.get_peft_model` finetune_* flags
+  (vision/language parts, attention/MLP components), written from the rule in its docstring; it
+  returns one regex, which PEFT then full-matches like any str target_modules.
 
 Deliberate deviations (stricter, never looser): invalid values are rejected when the spec is built
 instead of deep inside injection; `layers_to_transform` indices past the last layer raise (PEFT
@@ -54,6 +57,7 @@ __all__ = [
     "resolve_targets",
     "resolve_modules_to_save",
     "layer_index_of",
+    "vision_target_modules",
 ]
 
 # The PEFT release whose semantics (and adapter_config.json "peft_version") this module reproduces.
@@ -825,3 +829,230 @@ def resolve_modules_to_save(
                     "(modules_to_save matches any name ending with an entry, not only whole dotted components)."
                 )
     return matched
+
+
+# --------------------------------------------------------------------------------------------------
+# Vision-language selection: FastVisionModel.get_peft_model's finetune_* flags (Unsloth's semantics,
+# written from the rule below; the result is one regex string that PEFT full-matches).
+
+# Substrings looked for in the name segments above a module's leaf (case-sensitive, as in Unsloth).
+VISION_TAGS = ("vision", "image", "visual", "patch")
+LANGUAGE_TAGS = ("language", "text")
+ATTENTION_TAGS = ("self_attn", "attention", "attn")
+MLP_TAGS = ("mlp", "feed_forward", "ffn", "dense")
+
+_FLAG_NAMES = (
+    "finetune_vision_layers",
+    "finetune_language_layers",
+    "finetune_attention_modules",
+    "finetune_mlp_modules",
+)
+_INDEX_SEGMENT = re.compile(r"\d+")
+
+
+def _tagged(context: Sequence[str], tags: Sequence[str]) -> bool:
+    return any(tag in segment for segment in context for tag in tags)
+
+
+def _plain_decoder_layer(context: Sequence[str]) -> bool:
+    """`model.layers.<N>` as consecutive segments (a text-only model's decoder, or older VLM layouts)."""
+    return any(
+        context[i] == "model" and context[i + 1] == "layers" and _INDEX_SEGMENT.fullmatch(context[i + 2])
+        for i in range(len(context) - 2)
+    )
+
+
+def _module_parts(name: str) -> tuple[bool, bool, bool, bool]:
+    """(vision, language, attention, mlp) for one dotted module name, from the segments above the leaf."""
+    context = name.split(".")[:-1]
+    return (
+        _tagged(context, VISION_TAGS),
+        _tagged(context, LANGUAGE_TAGS) or _plain_decoder_layer(context),
+        _tagged(context, ATTENTION_TAGS),
+        _tagged(context, MLP_TAGS),
+    )
+
+
+def _selection_regex(selected: Sequence[str], all_names: Sequence[str]) -> str:
+    """A readable regex that `re.fullmatch`es exactly `selected` among `all_names`.
+
+    Layer indices are written `\\d+` where every module of that shape is selected (all layers), else the
+    names are listed; leaves that share a parent are written `parent\\.(?:a|b)`. The result is checked
+    against every module name, with a plain list of the escaped names as the fallback.
+    """
+    selected_set = set(selected)
+
+    def shape(name: str) -> tuple:
+        return tuple(None if _INDEX_SEGMENT.fullmatch(s) else s for s in name.split("."))
+
+    def segment_re(s) -> str:
+        return r"\d+" if s is None else re.escape(s)
+
+    names_by_shape: dict[tuple, list[str]] = {}
+    for name in all_names:
+        names_by_shape.setdefault(shape(name), []).append(name)
+    selected_by_shape: dict[tuple, list[str]] = {}
+    for name in selected:
+        selected_by_shape.setdefault(shape(name), []).append(name)
+
+    leaves_by_parent: dict[str, list[str]] = {}  # insertion order = model order
+    for sh, names in selected_by_shape.items():
+        if all(n in selected_set for n in names_by_shape[sh]):
+            rows = [[segment_re(s) for s in sh]]
+        else:  # only some layers of this shape are selected: spell the names out
+            rows = [[re.escape(s) for s in n.split(".")] for n in names]
+        for row in rows:
+            leaves = leaves_by_parent.setdefault(r"\.".join(row[:-1]), [])
+            if row[-1] not in leaves:
+                leaves.append(row[-1])
+
+    pieces = []
+    for parent, leaves in leaves_by_parent.items():
+        leaf_re = leaves[0] if len(leaves) == 1 else "(?:" + "|".join(leaves) + ")"
+        pieces.append(leaf_re if parent == "" else parent + r"\." + leaf_re)
+    regex = pieces[0] if len(pieces) == 1 else "(?:" + "|".join(pieces) + ")"
+
+    compiled = re.compile(regex)
+    if {n for n in all_names if compiled.fullmatch(n)} != selected_set:  # pragma: no cover - safety net
+        regex = "(?:" + "|".join(re.escape(n) for n in selected) + ")"
+    return regex
+
+
+def vision_target_modules(
+    module_list: Sequence[tuple[str, str]],
+    target_modules=None,
+    finetune_vision_layers: bool = True,
+    finetune_language_layers: bool = True,
+    finetune_attention_modules: bool = True,
+    finetune_mlp_modules: bool = True,
+) -> str:
+    """The `target_modules` regex for `FastVisionModel.get_peft_model`'s finetune_* flags.
+
+    `module_list`: `(dotted_name, kind)` pairs, kind in {"linear", "embedding", "other"}, in torch
+    `named_modules()` order (a family's `module_list(cfg)`). Returns ONE regex string; PEFT
+    `re.fullmatch`es it against every module name (a str `target_modules`), so it selects exactly the
+    modules chosen below, and it is what adapter_config.json records as `target_modules`.
+
+    The rule (Unsloth's `FastVisionModel` selection, written out here):
+
+    1. Candidates.
+       - `target_modules` None or "all-linear" (any case): the `kind == "linear"` modules whose leaf name
+         (last dotted component) occurs on more than one linear module. One-off linears are out:
+         `lm_head`, the patch merger's `mlp.0` / `mlp.2`, a multimodal projector. (So is a layer kind that a
+         1-layer tower has only once, e.g. Qwen2-VL's vision `mlp.fc1` at vision depth 1.)
+       - a list/tuple/set of names: the modules (any kind) that PEFT's list matching picks, i.e. whose name
+         equals an entry or ends with "." + entry; then narrowed by the flags like the candidates above.
+       - any other str: a regex used as given (flags are not applied; a warning says so if one is False).
+         It must full-match at least one module name.
+    2. Part flags. Only the segments ABOVE the leaf are looked at (the leaf's own name never decides, so
+       an attention output named `dense`, e.g. phi's `self_attn.dense`, is attention, not MLP). Substring
+       tests, case-sensitive:
+       - vision tower: a segment contains one of VISION_TAGS ("vision", "image", "visual", "patch"),
+         e.g. `model.visual.blocks.3.attn.qkv`;
+       - language model: a segment contains one of LANGUAGE_TAGS ("language", "text"), e.g.
+         `model.language_model.layers.0.self_attn.q_proj`, or the segments `model.layers.<N>` occur in a
+         row (a text-only model's `model.layers.0.mlp.up_proj`, and older VLM layouts).
+       A candidate is kept if it lies in a selected part (finetune_vision_layers / finetune_language_layers);
+       modules in neither part are never selected.
+    3. Component flags, same test on the same segments: attention = ATTENTION_TAGS ("self_attn",
+       "attention", "attn"), MLP = MLP_TAGS ("mlp", "feed_forward", "ffn", "dense"). A candidate is kept if
+       it is in a selected component (finetune_attention_modules / finetune_mlp_modules).
+    4. The kept modules are written as a regex (`\\d+` for layer indices where all layers are kept) that
+       full-matches exactly them and nothing else in `module_list`.
+
+    On Qwen2.5-VL with every flag True this selects `model.visual.blocks.N.attn.{qkv,proj}`,
+    `model.visual.blocks.N.mlp.{gate,up,down}_proj` and the language model's q/k/v/o/gate/up/down_proj;
+    not `lm_head`, the merger, `patch_embed.proj` (a Conv3d) nor the embeddings.
+
+    A str result cannot be combined with layers_to_transform / layers_pattern (PEFT's LoraConfig forbids
+    them with a str target_modules): a caller that offers both must fold the layer choice into the
+    selection (e.g. pass the chosen layers' full module names as the list). `module_list` must always be
+    the model's complete list: the regex is exact against it (`\\d+` stands for every index it holds).
+
+    Raises ValueError when both part flags or both component flags are False (naming them), when the
+    selection is empty (with what the candidates were), and for an invalid `target_modules`; TypeError for
+    non-bool flags or a malformed `module_list`.
+    """
+    modules = [(n, k) for n, k in _check_modules(module_list) if n]
+    flags = {
+        "finetune_vision_layers": finetune_vision_layers,
+        "finetune_language_layers": finetune_language_layers,
+        "finetune_attention_modules": finetune_attention_modules,
+        "finetune_mlp_modules": finetune_mlp_modules,
+    }
+    for arg, value in flags.items():
+        _bool(arg, value)
+    names = [n for n, _ in modules]
+
+    all_linear = target_modules is None or (
+        isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+    )
+    if isinstance(target_modules, str) and not all_linear:
+        if target_modules == "":
+            raise ValueError("target_modules='' is not accepted; pass None, 'all-linear', a list of module names or a regex str.")
+        _check_regex("target_modules", target_modules)
+        off = [arg for arg, value in flags.items() if not value]
+        if off:
+            warnings.warn(
+                f"target_modules is a regex str ({target_modules!r}), used as given: {', '.join(a + '=False' for a in off)} "
+                "is ignored. Pass target_modules=None, 'all-linear' or a list of names for the flags to apply."
+            )
+        compiled = re.compile(target_modules)
+        if not any(compiled.fullmatch(n) for n in names):
+            linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, k in modules if k == "linear"})
+            raise ValueError(
+                f"target_modules={target_modules!r} full-matches no module name of the model (a str is a regex "
+                "matched against whole dotted names such as 'model.language_model.layers.0.self_attn.q_proj'; "
+                f"pass a list to match by name). Linear modules in the model (leaf names): {linear_leaves}."
+            )
+        return target_modules
+
+    missing = []
+    if not (finetune_vision_layers or finetune_language_layers):
+        missing.append(
+            "finetune_vision_layers=False and finetune_language_layers=False select no part of the model "
+            "(set at least one to True)"
+        )
+    if not (finetune_attention_modules or finetune_mlp_modules):
+        missing.append(
+            "finetune_attention_modules=False and finetune_mlp_modules=False select no kind of module "
+            "(set at least one to True)"
+        )
+    if missing:
+        raise ValueError("; ".join(missing) + ".")
+
+    if all_linear:
+        linear = [n for n, k in modules if k == "linear"]
+        counts: dict[str, int] = {}
+        for n in linear:
+            leaf = n.rsplit(".", 1)[-1]
+            counts[leaf] = counts.get(leaf, 0) + 1
+        candidates = [n for n in linear if counts[n.rsplit(".", 1)[-1]] > 1]
+        described = (
+            f"target_modules={target_modules!r} (candidates: the linear modules whose leaf name occurs more than once, "
+            f"leaf names {sorted({n.rsplit('.', 1)[-1] for n in candidates})})"
+        )
+    else:
+        entries = _str_list("target_modules", target_modules, allow_empty=False)
+        candidates = [n for n in names if n in entries or any(n.endswith("." + e) for e in entries)]
+        described = f"target_modules={list(entries)!r} ({len(candidates)} modules match these names)"
+
+    selected = []
+    tally = [0, 0, 0, 0]
+    for n in candidates:
+        vision, language, attention, mlp = parts = _module_parts(n)
+        tally = [t + int(p) for t, p in zip(tally, parts)]
+        if ((finetune_vision_layers and vision) or (finetune_language_layers and language)) and (
+            (finetune_attention_modules and attention) or (finetune_mlp_modules and mlp)
+        ):
+            selected.append(n)
+
+    if not selected:
+        flag_text = ", ".join(f"{a}={v}" for a, v in flags.items())
+        raise ValueError(
+            f"No module selected by {described} with {flag_text}. Of the {len(candidates)} candidates, "
+            f"{tally[0]} are in the vision tower (a name segment containing one of {list(VISION_TAGS)}), "
+            f"{tally[1]} in the language model (one of {list(LANGUAGE_TAGS)}, or 'model.layers.<N>'), "
+            f"{tally[2]} attention (one of {list(ATTENTION_TAGS)}) and {tally[3]} MLP (one of {list(MLP_TAGS)})."
+        )
+    return _selection_regex(selected, names)
