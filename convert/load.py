@@ -1,18 +1,19 @@
 """HF checkpoint directory -> the frozen base pytree of a family, quantizing to NF4 on the device.
 
-Driven entirely by the family's name table (`layer_tensors`, `top_tensors`): the table says which HF
+Driven entirely by the family's name table (`layer_stacks`, `top_tensors`): the table says which HF
 tensors exist, their shapes, and which are linear weights that `load_in_4bit` quantizes (as transformers +
-bitsandbytes do: every decoder-layer Linear; embeddings, norms and lm_head stay in `dtype`).
+bitsandbytes do: every nn.Linear but the output layer; embeddings, norms, convolutions and lm_head stay in
+`dtype`). Checkpoint tensor names go through the family's `LOAD_RENAMES` (transformers writes Qwen-VL as
+`visual.*` / `model.layers.*` while its modules are `model.visual.*` / `model.language_model.layers.*`).
 
 Memory: tensors stream one at a time from the safetensors files; each is moved to the device, cast and
-quantized there, and written into its slot of the stacked `[num_layers, ...]` leaf by an in-place
-(donated) update, so neither the host nor the device ever holds more than the result plus one tensor.
+quantized there, and written into its slot of its stack's `[depth, ...]` leaf by an in-place (donated)
+update, so neither the host nor the device ever holds more than the result plus one tensor.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from functools import partial
 from types import ModuleType
@@ -23,9 +24,9 @@ import numpy as np
 
 from fastlora_jax.convert.hf_checkpoint import (CheckpointError, find_checkpoint_files, iter_tensors,
                                                 tensor_shapes)
+from fastlora_jax.families import stored_names
 from fastlora_jax.quant import NF4Weight
 
-LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
@@ -47,20 +48,34 @@ def _write_layer(stacked, index, value):
 
 
 class _StackedLeaves:
-    """Per-layer values written into `[num_layers, ...]` buffers allocated on first sight."""
+    """Per-layer values of every stack, written into `[depth, ...]` buffers allocated on first sight."""
 
-    def __init__(self, num_layers: int):
-        self.num_layers = num_layers
-        self.buffers: dict[str, object] = {}
+    def __init__(self, depths: dict[str, int]):
+        self.depths = depths  # stack prefix -> depth
+        self.buffers: dict[str, object] = {}  # "prefix.relative name" -> stacked leaf
         self.filled: dict[str, set[int]] = {}
 
-    def put(self, relative_name: str, index: int, value) -> None:
-        if relative_name not in self.buffers:
-            self.buffers[relative_name] = jax.tree.map(
-                lambda v: jnp.zeros((self.num_layers,) + v.shape, v.dtype), value)
-            self.filled[relative_name] = set()
-        self.buffers[relative_name] = _write_layer(self.buffers[relative_name], index, value)
-        self.filled[relative_name].add(index)
+    def split(self, name: str):
+        """`prefix.N.rel` -> (prefix, N, rel) for a name inside a stack; None otherwise."""
+        for prefix in self.depths:
+            if name.startswith(prefix + "."):
+                head, _, rest = name[len(prefix) + 1:].partition(".")
+                if head.isdigit() and rest:
+                    return prefix, int(head), rest
+        return None
+
+    def put(self, prefix: str, relative_name: str, index: int, value) -> None:
+        key = f"{prefix}.{relative_name}"
+        if key not in self.buffers:
+            depth = self.depths[prefix]
+            self.buffers[key] = jax.tree.map(lambda v: jnp.zeros((depth,) + v.shape, v.dtype), value)
+            self.filled[key] = set()
+        self.buffers[key] = _write_layer(self.buffers[key], index, value)
+        self.filled[key].add(index)
+
+    def write_into(self, params: dict) -> None:
+        for key, buffer in self.buffers.items():
+            set_path(params, key, buffer)
 
 
 def _quantize_on_device(array: np.ndarray, dtype, double_quant: bool) -> NF4Weight:
@@ -75,51 +90,58 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
     tensors (so a merged export can use the originals) or "bnb-4bit" when they were stored quantized.
     """
     files = find_checkpoint_files(directory)
-    header_shapes = tensor_shapes(files)
+    in_file = stored_names(family, files.tensor_to_file)  # module-tree name -> name in the file
+    stored_shapes = tensor_shapes(files)
+    header_shapes = {name: stored_shapes[stored] for name, stored in in_file.items()}
+    file_of = {name: files.tensor_to_file[stored] for name, stored in in_file.items()}
     prequantized = is_bnb_4bit(config_dict)
-    layer_table = family.layer_tensors(cfg)
-    top_table = family.top_tensors(cfg)
+    stacks = family.layer_stacks(cfg)
 
     # Everything the model needs, with its expected shape, before any data is read.
-    expected: dict[str, tuple[tuple[int, ...], str]] = dict(top_table)
-    for i in range(cfg.num_layers):
-        for rel, spec in layer_table.items():
-            expected[f"model.layers.{i}.{rel}"] = spec
+    expected: dict[str, tuple[tuple[int, ...], str]] = dict(family.top_tensors(cfg))
+    for prefix, (depth, table) in stacks.items():
+        for i in range(depth):
+            for rel, spec in table.items():
+                expected[f"{prefix}.{i}.{rel}"] = spec
     to_read: list[str] = []
     for name, (shape, kind) in expected.items():
         if name not in header_shapes:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {str(directory)!r}")
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {str(directory)!r}"
+                                  + _renamed_hint(family, name))
         stored = header_shapes[name]
         if prequantized and kind == "linear":
             n = int(np.prod(shape))
             if stored != ((n + 1) // 2, 1):
                 raise CheckpointError(
-                    f"tensor {name!r} in {str(files.tensor_to_file[name])!r} has packed shape {stored}; a 4-bit "
+                    f"tensor {in_file[name]!r} in {str(file_of[name])!r} has packed shape {stored}; a 4-bit "
                     f"weight of shape {shape} (from config.json) packs to {((n + 1) // 2, 1)}")
             for suffix in BNB_SUFFIXES:
                 key = f"{name}.{suffix}"
                 if key in header_shapes:
                     to_read.append(key)
                 elif not suffix.startswith("nested"):  # nested_* exist only with double quantization
-                    raise CheckpointError(f"tensor {key!r} is missing from the 4-bit checkpoint in {str(directory)!r}")
+                    raise CheckpointError(f"tensor {in_file[name] + '.' + suffix!r} is missing from the 4-bit "
+                                          f"checkpoint in {str(directory)!r}")
         elif stored != shape:
             raise CheckpointError(
-                f"tensor {name!r} in {str(files.tensor_to_file[name])!r} has shape {stored}, but config.json "
+                f"tensor {in_file[name]!r} in {str(file_of[name])!r} has shape {stored}, but config.json "
                 f"implies {shape}")
         to_read.append(name)
 
     params: dict = {}
-    stacked = _StackedLeaves(cfg.num_layers)
+    stacked = _StackedLeaves({prefix: depth for prefix, (depth, _) in stacks.items()})
     pending_bnb: dict[str, dict[str, np.ndarray]] = {}
 
     def place(name: str, value) -> None:
-        match = LAYER_NAME.match(name)
-        if match:
-            stacked.put(match.group(2), int(match.group(1)), value)
+        where = stacked.split(name)
+        if where:
+            stacked.put(where[0], where[2], where[1], value)
         else:
             set_path(params, name, value)
 
-    for name, array in iter_tensors(files, to_read):
+    module_name = {in_file[name]: name for name in to_read}
+    for stored_name, array in iter_tensors(files, [in_file[name] for name in to_read]):
+        name = module_name[stored_name]
         base = name
         suffix = ""
         for s in BNB_SUFFIXES:
@@ -139,7 +161,7 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
                 continue
             weight = NF4Weight.from_bnb(pending_bnb.pop(base))
             if tuple(weight.shape) != spec[0]:
-                raise CheckpointError(f"tensor {base!r} in {str(files.tensor_to_file[base])!r} has shape "
+                raise CheckpointError(f"tensor {in_file[base]!r} in {str(file_of[base])!r} has shape "
                                       f"{tuple(weight.shape)}, but config.json implies {spec[0]}")
             weight = jax.device_put(weight)
             place(base, weight if load_in_4bit else weight.dequantize(dtype))
@@ -152,17 +174,22 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
 
     if pending_bnb:
         raise CheckpointError(f"incomplete 4-bit tensors in {str(directory)!r}: {sorted(pending_bnb)}")
-    for rel, buffer in stacked.buffers.items():
-        set_path(params, f"model.layers.{rel}", buffer)
+    stacked.write_into(params)
     if prequantized and not load_in_4bit:
         warnings.warn(f"{directory} holds a bitsandbytes 4-bit checkpoint; load_in_4bit=False dequantizes it to "
                       f"{jnp.dtype(dtype).name}", stacklevel=3)
-    unused = sorted(set(header_shapes) - set(to_read) - {"lm_head.weight"})
-    unused = [n for n in unused if not n.endswith("rotary_emb.inv_freq")]
+    unused = sorted(set(header_shapes) - set(to_read) - {f"{family.OUTPUT_LAYER}.weight"})
+    unused = [in_file[n] for n in unused if not n.endswith("rotary_emb.inv_freq")]
     if unused:
         warnings.warn(f"{len(unused)} tensors in {str(directory)!r} are not used by the model: {unused[:8]}",
                       stacklevel=3)
     return params, {"source": "bnb-4bit" if prequantized else "16bit"}
+
+
+def _renamed_hint(family: ModuleType, name: str) -> str:
+    from fastlora_jax.families import checkpoint_name
+    stored = checkpoint_name(family, name)
+    return f" (transformers saves it as {stored!r})" if stored != name else ""
 
 
 def abstract_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, double_quant: bool = True) -> dict:
@@ -171,13 +198,17 @@ def abstract_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, dou
     def build():
         params: dict = {}
         for name, (shape, kind) in family.top_tensors(cfg).items():
-            set_path(params, name, jnp.zeros(shape, dtype))
-        for rel, (shape, kind) in family.layer_tensors(cfg).items():
-            one = jnp.zeros(shape, dtype)
+            value = jnp.zeros(shape, dtype)
             if kind == "linear" and load_in_4bit:
-                one = NF4Weight.quantize(one, blocksize=64, double_quant=double_quant)
-            set_path(params, f"model.layers.{rel}",
-                     jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers,) + x.shape), one))
+                value = NF4Weight.quantize(value, blocksize=64, double_quant=double_quant)
+            set_path(params, name, value)
+        for prefix, (depth, table) in family.layer_stacks(cfg).items():
+            for rel, (shape, kind) in table.items():
+                one = jnp.zeros(shape, dtype)
+                if kind == "linear" and load_in_4bit:
+                    one = NF4Weight.quantize(one, blocksize=64, double_quant=double_quant)
+                set_path(params, f"{prefix}.{rel}",
+                         jax.tree.map(lambda x, d=depth: jnp.broadcast_to(x, (d,) + x.shape), one))
         return params
     return jax.eval_shape(build)
 
@@ -191,17 +222,21 @@ def random_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, seed:
     params: dict = {}
     for n, (name, (shape, kind)) in enumerate(family.top_tensors(cfg).items()):
         value = jnp.ones(shape, dtype) if kind == "norm" else draw(jax.random.fold_in(key, n), shape)
+        if kind == "linear" and load_in_4bit:
+            value = NF4Weight.quantize(value, blocksize=64, double_quant=double_quant)
         set_path(params, name, value)
-    stacked = _StackedLeaves(cfg.num_layers)
-    for i in range(cfg.num_layers):
-        for n, (rel, (shape, kind)) in enumerate(family.layer_tensors(cfg).items()):
-            if kind == "norm":
-                value = jnp.ones(shape, dtype)
-            else:
-                value = draw(jax.random.fold_in(key, 1000 * (i + 1) + n), shape)
-                if kind == "linear" and load_in_4bit:
-                    value = NF4Weight.quantize(value, blocksize=64, double_quant=double_quant)
-            stacked.put(rel, i, value)
-    for rel, buffer in stacked.buffers.items():
-        set_path(params, f"model.layers.{rel}", buffer)
+    stacks = family.layer_stacks(cfg)
+    stacked = _StackedLeaves({prefix: depth for prefix, (depth, _) in stacks.items()})
+    for s, (prefix, (depth, table)) in enumerate(stacks.items()):
+        stack_key = key if s == 0 else jax.random.fold_in(key, 10 ** 6 + s)
+        for i in range(depth):
+            for n, (rel, (shape, kind)) in enumerate(table.items()):
+                if kind == "norm":
+                    value = jnp.ones(shape, dtype)
+                else:
+                    value = draw(jax.random.fold_in(stack_key, 1000 * (i + 1) + n), shape)
+                    if kind == "linear" and load_in_4bit:
+                        value = NF4Weight.quantize(value, blocksize=64, double_quant=double_quant)
+                stacked.put(prefix, rel, i, value)
+    stacked.write_into(params)
     return params

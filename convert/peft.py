@@ -28,8 +28,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 def _entries(layout: LoraLayout):
     """(PEFT key, tree path, layer index or None, slicer) for every tensor an adapter file holds."""
     target_names = {t.name for t in layout.targets}
+    stacks = layout.stacks
     for t in layout.targets:
-        path, index = split_module(t.name)
+        path, index = split_module(t.name, stacks)
         if t.kind == "embedding":
             yield PREFIX + f"{t.name}.lora_embedding_A", path + ("lora_embedding_A",), index, (slice(0, t.r),)
             yield PREFIX + f"{t.name}.lora_embedding_B", path + ("lora_embedding_B",), index, (slice(None), slice(0, t.r))
@@ -39,10 +40,10 @@ def _entries(layout: LoraLayout):
         if layout.spec.use_dora:
             yield PREFIX + f"{t.name}.lora_magnitude_vector", path + ("lora_magnitude_vector",), index, ()
     for name in layout.saved_tensors:
-        path, index = split_module(name)
+        path, index = split_module(name, stacks)
         yield PREFIX + name, path, index, ()
     for name in layout.trainable_biases:
-        path, index = split_module(name)
+        path, index = split_module(name, stacks)
         key = f"{name}.base_layer.bias" if name in target_names else f"{name}.bias"
         yield PREFIX + key, path + ("bias",), index, ()
 
@@ -166,7 +167,7 @@ def merged_tensors(model, base_source):
         names.append("lm_head.weight")
     for name in names:
         module, leaf = name.rsplit(".", 1)
-        path, index = split_module(module)
+        path, index = split_module(module, layout.stacks)
         if name in saved or name in trained_bias:
             value = get_node(lora, path + (leaf,))
             yield name, to_numpy(value[index] if index is not None else value).astype(np_dtype)
@@ -196,18 +197,21 @@ def unties_head(model) -> bool:
         return False
     layout = model.lora_layout
     touched = {t.name for t in layout.targets} | set(layout.modules_to_save)
-    return bool(touched & {"lm_head", "model.embed_tokens"})
+    return bool(touched & {model.family.OUTPUT_LAYER, model.family.EMBED_TOKENS})
 
 
 def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
-    """A plain HF checkpoint (config.json without quantization_config, safetensors shards, tokenizer)."""
+    """A plain HF checkpoint (config.json without quantization_config, safetensors shards, tokenizer), with
+    tensor names as transformers' save_pretrained writes them (`families.checkpoint_name`)."""
     from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors
+    from fastlora_jax.families import checkpoint_name, stored_names
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     files = None
     if model.weights_source == "16bit" and getattr(model, "model_dir", None) is not None:
         files = find_checkpoint_files(model.model_dir)
+        in_file = stored_names(model.family, files.tensor_to_file)
     elif model.is_4bit:
         why = ("LoftQ replaced the base weights" if model.weights_source == "loftq"
                else "the base was loaded from a 4-bit checkpoint")
@@ -215,11 +219,12 @@ def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 102
                       "(not the original 16-bit weights)", stacklevel=3)
 
     def base_source(name):
-        if files is None or name not in files.tensor_to_file:
+        if files is None or name not in in_file:
             return None
-        return next(iter_tensors(files, [name]))[1]
+        return next(iter_tensors(files, [in_file[name]]))[1]
 
-    save_tensors(merged_tensors(model, base_source), directory, max_shard_bytes)
+    renamed = ((checkpoint_name(model.family, name), value) for name, value in merged_tensors(model, base_source))
+    save_tensors(renamed, directory, max_shard_bytes)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     if unties_head(model):

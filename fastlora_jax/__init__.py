@@ -1,12 +1,13 @@
 """fastlora_jax: LoRA and QLoRA fine-tuning of Hugging Face models in JAX.
 
 Where things are (two hops from here):
-- `FastLanguageModel` (api.py): from_pretrained / get_peft_model / for_inference, the Unsloth-shaped entry points.
+- `FastLanguageModel`, `FastVisionModel` (api.py): from_pretrained / get_peft_model / for_inference, the
+  Unsloth-shaped entry points.
 - `CausalLM` (model.py): the object they return; the HF config, the frozen base pytree, the LoRA pytree,
-  compute_loss, generate (generation.py), save_pretrained (convert/peft.py).
+  compute_loss, generate (generation.py), save_pretrained (convert/peft.py). `VisionCausalLM` adds images.
 - LoRA: lora_config.py (PEFT's targeting rules), lora.py (the trainable pytree laid over the base).
 - Training: training.py (chunked loss, checkpointing policies, optax step), trainer.py + data.py (SFTTrainer).
-- model families: one file each (llama.py), found through the HF-name table in families.py.
+- model families: one file each (llama.py, qwen2_vl.py), found through the HF-name table in families.py.
 - `NF4Weight` (quant.py): bitsandbytes-exact NF4 as a JAX pytree.
 - kernels (fastlora_jax.kernels, from ./kernels): the ops the families call, each with a jnp reference.
 - convert (fastlora_jax.convert, from ./convert): HF checkpoint <-> pytree.
@@ -14,18 +15,19 @@ Where things are (two hops from here):
 
 from fastlora_jax.quant import NF4Weight
 
-__all__ = ["NF4Weight", "FastLanguageModel", "CausalLM", "SFTTrainer", "SFTConfig"]
+__all__ = ["NF4Weight", "FastLanguageModel", "FastVisionModel", "CausalLM", "VisionCausalLM", "SFTTrainer",
+           "SFTConfig"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
     # Lazy so that `import fastlora_jax.quant` does not pull in transformers.
-    if name == "FastLanguageModel":
-        from fastlora_jax.api import FastLanguageModel
-        return FastLanguageModel
-    if name == "CausalLM":
-        from fastlora_jax.model import CausalLM
-        return CausalLM
+    if name in ("FastLanguageModel", "FastVisionModel"):
+        from fastlora_jax import api
+        return getattr(api, name)
+    if name in ("CausalLM", "VisionCausalLM"):
+        from fastlora_jax import model
+        return getattr(model, name)
     if name in ("SFTTrainer", "SFTConfig"):
         from fastlora_jax import trainer
         return getattr(trainer, name)

@@ -1,4 +1,5 @@
-"""`FastLanguageModel`: the Unsloth-shaped entry points (argument names and defaults are Unsloth's)."""
+"""`FastLanguageModel` and `FastVisionModel`: the Unsloth-shaped entry points (argument names and defaults are
+Unsloth's)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import numpy as np
 
 from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors, read_config_dict
 from fastlora_jax.convert.load import abstract_base_params, load_base_params
-from fastlora_jax.families import family_for
+from fastlora_jax.families import family_for, stored_names
 from fastlora_jax.lora import build_lora
-from fastlora_jax.lora_config import LoraSpec
-from fastlora_jax.model import CausalLM
+from fastlora_jax.lora_config import LoraSpec, vision_target_modules
+from fastlora_jax.model import CausalLM, VisionCausalLM
 
 DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
                "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -58,6 +59,20 @@ def resolve_model_dir(model_name, token=None, revision=None, cache_dir=None) -> 
         raise FileNotFoundError(
             f"model_name={str(model_name)!r} is not a local directory and could not be resolved through the "
             f"Hugging Face hub or its cache ({type(err).__name__}: {err})") from err
+
+
+def model_class(family) -> type:
+    """VisionCausalLM for a family that takes images (its `VISION` flag), CausalLM otherwise."""
+    return VisionCausalLM if getattr(family, "VISION", False) else CausalLM
+
+
+def load_processor(directory: Path):
+    """The HF processor saved with the model (AutoProcessor) when the directory has an image processor's
+    config; otherwise its tokenizer, or None when it has neither."""
+    if any((directory / n).is_file() for n in ("processor_config.json", "preprocessor_config.json")):
+        from transformers import AutoProcessor
+        return AutoProcessor.from_pretrained(directory)
+    return load_tokenizer(directory)
 
 
 def load_tokenizer(directory: Path):
@@ -115,11 +130,12 @@ def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_a
     original = None
     if spec.init_lora_weights == "loftq" and model.weights_source == "16bit" and model.model_dir is not None:
         files = find_checkpoint_files(model.model_dir)  # LoftQ starts from the original 16-bit weights
+        in_file = stored_names(model.family, files.tensor_to_file)
 
         def original(name):
-            if name not in files.tensor_to_file:
+            if name not in in_file:
                 return None
-            return np.asarray(next(iter_tensors(files, [name]))[1], np.float32)
+            return np.asarray(next(iter_tensors(files, [in_file[name]]))[1], np.float32)
     lora_params, lora_meta, layout, new_base = build_lora(model.family, model.cfg, model.base_params, spec,
                                                           random_state, original_weight=original, return_base=True)
     peft_model = copy.copy(model)
@@ -145,8 +161,9 @@ ADAPTER_ARGS = ("r", "init_lora_weights", "target_modules", "lora_alpha", "lora_
                 "use_rslora", "modules_to_save", "exclude_modules", "rank_pattern", "alpha_pattern", "use_dora")
 
 
-def _load_with_adapter(adapter_dir: Path, **load_kwargs):
-    """A PEFT adapter directory: load its base (adapter_config's base_model_name_or_path), then the adapter."""
+def _load_with_adapter(adapter_dir: Path, processor: bool = False, **load_kwargs):
+    """A PEFT adapter directory: load its base (adapter_config's base_model_name_or_path), then the adapter.
+    Returns `(model, tokenizer)`, or `(model, processor)` with `processor=True`."""
     from fastlora_jax.convert.peft import read_adapter
     adapter_config, _ = read_adapter(adapter_dir)
     base_name = adapter_config.get("base_model_name_or_path")
@@ -161,6 +178,8 @@ def _load_with_adapter(adapter_dir: Path, **load_kwargs):
         kwargs["init_lora_weights"] = True  # the file's tensors replace the init; loftq/pissa need no rerun
     model = get_peft_model(model, **kwargs)
     model.load_adapter(adapter_dir)
+    if processor:
+        return model, load_processor(adapter_dir) or load_processor(Path(model.model_dir))
     return model, load_tokenizer(adapter_dir) or tokenizer
 
 
@@ -175,8 +194,8 @@ class FastLanguageModel:
         cfg = family.Config.from_hf(hf_config)
         compute_dtype = resolve_dtype(dtype)
         params = abstract_base_params(family, cfg, compute_dtype, load_in_4bit)
-        return CausalLM(hf_config, family, cfg, params, compute_dtype, name_or_path=getattr(hf_config, "_name_or_path", ""),
-                        max_seq_length=max_seq_length)
+        return model_class(family)(hf_config, family, cfg, params, compute_dtype,
+                                   name_or_path=getattr(hf_config, "_name_or_path", ""), max_seq_length=max_seq_length)
 
     @staticmethod
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
@@ -210,8 +229,8 @@ class FastLanguageModel:
         cfg = family.Config.from_hf(hf_config)
         params, info = load_base_params(directory, family, cfg, config_dict, compute_dtype,
                                         load_in_4bit=load_in_4bit, double_quant=double_quant)
-        model = CausalLM(hf_config, family, cfg, params, compute_dtype, name_or_path=str(model_name),
-                         weights_source=info["source"], max_seq_length=max_seq_length, model_dir=directory)
+        model = model_class(family)(hf_config, family, cfg, params, compute_dtype, name_or_path=str(model_name),
+                                    weights_source=info["source"], max_seq_length=max_seq_length, model_dir=directory)
         return model, load_tokenizer(directory)
 
     @staticmethod
@@ -225,3 +244,70 @@ class FastLanguageModel:
         """Unsloth's switch back to training mode: `model.training = True`; returns the model."""
         model.training = True
         return model
+
+
+def vision_targets(model: CausalLM, target_modules=None, finetune_vision_layers: bool = True,
+                   finetune_language_layers: bool = True, finetune_attention_modules: bool = True,
+                   finetune_mlp_modules: bool = True):
+    """`target_modules` as FastVisionModel.get_peft_model hands it to PEFT's rules: the finetune_* selection of
+    `lora_config.vision_target_modules` over the model's module list (its docstring is the rule; a regex
+    string other than "all-linear" is used as given)."""
+    return vision_target_modules(model.family.module_list(model.cfg), target_modules,
+                                 finetune_vision_layers=finetune_vision_layers,
+                                 finetune_language_layers=finetune_language_layers,
+                                 finetune_attention_modules=finetune_attention_modules,
+                                 finetune_mlp_modules=finetune_mlp_modules)
+
+
+def get_vision_peft_model(model: CausalLM, r=16, target_modules=None, lora_alpha=16, lora_dropout=0.0, bias="none",
+                          finetune_vision_layers=True, finetune_language_layers=True,
+                          finetune_attention_modules=True, finetune_mlp_modules=True, layers_to_transform=None,
+                          layers_pattern=None, use_gradient_checkpointing="unsloth", random_state=3407,
+                          max_seq_length=2048, use_rslora=False, modules_to_save=None, init_lora_weights=True,
+                          loftq_config={}, **kwargs):
+    """FastVisionModel.get_peft_model: `get_peft_model` with `target_modules` chosen by the finetune_* flags
+    (`vision_targets`). Everything else (files, counts, merge, errors) is the text path's."""
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"model must be what FastVisionModel.from_pretrained returned; got {type(model).__name__}")
+    targets = vision_targets(model, target_modules, finetune_vision_layers, finetune_language_layers,
+                             finetune_attention_modules, finetune_mlp_modules)
+    return get_peft_model(model, r=r, target_modules=targets, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          bias=bias, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                          use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
+                          max_seq_length=max_seq_length, use_rslora=use_rslora, modules_to_save=modules_to_save,
+                          init_lora_weights=init_lora_weights, loftq_config=loftq_config, **kwargs)
+
+
+class FastVisionModel:
+    """Unsloth's FastVisionModel: vision-language models (Qwen2-VL, Qwen2.5-VL) and, like Unsloth's, text models."""
+
+    get_peft_model = staticmethod(get_vision_peft_model)
+    for_inference = staticmethod(FastLanguageModel.for_inference)
+    for_training = staticmethod(FastLanguageModel.for_training)
+
+    @staticmethod
+    def from_config(hf_config, dtype=None, load_in_4bit: bool = True, max_seq_length: int = 2048) -> CausalLM:
+        """A model with an abstract base pytree (no weights): for get_peft_model and counts from a config alone."""
+        return FastLanguageModel.from_config(hf_config, dtype=dtype, load_in_4bit=load_in_4bit,
+                                             max_seq_length=max_seq_length)
+
+    @staticmethod
+    def from_pretrained(model_name: str, load_in_4bit: bool = True, dtype=None, max_seq_length: int = 2048,
+                        token=None, revision=None, cache_dir=None, double_quant: bool = True, **kwargs):
+        """Load a Hugging Face vision-language model as `(model, processor)`.
+
+        As FastLanguageModel.from_pretrained (4-bit quantizes every nn.Linear but lm_head, vision tower and
+        merger included, as transformers + bitsandbytes do; the Conv3d patch embedding, norms and embeddings
+        stay in `dtype`). `processor` is the directory's AutoProcessor (its tokenizer when it has no image
+        processor, None when it has neither). `model(input_ids, attention_mask=None, pixel_values=None,
+        image_grid_thw=None)` returns an object with `.logits`.
+        """
+        directory = resolve_model_dir(model_name, token=token, revision=revision, cache_dir=cache_dir)
+        if (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file():
+            return _load_with_adapter(directory, processor=True, max_seq_length=max_seq_length, dtype=dtype,
+                                      load_in_4bit=load_in_4bit, token=token, cache_dir=cache_dir,
+                                      double_quant=double_quant)
+        model, _ = FastLanguageModel.from_pretrained(directory, max_seq_length=max_seq_length, dtype=dtype,
+                                                     load_in_4bit=load_in_4bit, double_quant=double_quant, **kwargs)
+        model.name_or_path = str(model_name)
+        return model, load_processor(directory)

@@ -1,15 +1,24 @@
-"""The HF-name table: which family file implements which Hugging Face architecture.
+"""The HF-name table: which family file implements which Hugging Face architecture, and the generic
+helpers every family's name table feeds.
 
-Adding a family means one file (see llama.py for what it provides) and one line here.
+Adding a family means one file (see llama.py for what it provides) and one line here. A family declares:
+- `layer_stacks(cfg) -> {stack prefix: (depth, {relative tensor name: (shape, kind)})}`: each stack of
+  identical blocks (`model.layers` for Llama; `model.visual.blocks` and `model.language_model.layers` for
+  Qwen-VL) is stored stacked on a leading axis of size `depth` and runs under `jax.lax.scan`;
+- `top_tensors(cfg)`: every other tensor, by full name; `module_list(cfg)`: torch's `named_modules()`;
+- `EMBED_TOKENS` (the input embedding module, which a tied `lm_head` shares) and `OUTPUT_LAYER`;
+- `CHECKPOINT_RENAMES` / `LOAD_RENAMES`: regex tables between module names (the pytree's, PEFT's) and the
+  tensor names transformers writes in checkpoints (they differ for Qwen-VL: `visual.*`, `model.layers.*`).
 """
 
 from __future__ import annotations
 
+import re
 from types import ModuleType
 
-from fastlora_jax import llama
+from fastlora_jax import llama, qwen2_vl
 
-FAMILIES: dict[str, ModuleType] = {arch: llama for arch in llama.ARCHITECTURES}
+FAMILIES: dict[str, ModuleType] = {arch: family for family in (llama, qwen2_vl) for arch in family.ARCHITECTURES}
 
 
 def family_for(hf_config, where: str = "config.json") -> ModuleType:
@@ -19,17 +28,54 @@ def family_for(hf_config, where: str = "config.json") -> ModuleType:
     for arch in architectures:
         if arch in FAMILIES:
             return FAMILIES[arch]
-    if not architectures and model_type == "llama":
-        return llama
+    if not architectures:
+        for family in (llama, qwen2_vl):
+            if model_type in family.MODEL_TYPES:
+                return family
     raise ValueError(
         f"unsupported architecture {architectures or model_type!r} in {where}; "
         f"supported: {sorted(FAMILIES)}")
 
 
+def layer_stacks(family: ModuleType, cfg) -> dict[str, tuple[int, dict]]:
+    """{stack prefix: (depth, {relative tensor name: (shape, kind)})}, in the model's order."""
+    return family.layer_stacks(cfg)
+
+
+def stack_depths(family: ModuleType, cfg) -> dict[str, int]:
+    """{stack prefix: depth}: what `lora.split_module` needs to find the layer index in a name."""
+    return {prefix: depth for prefix, (depth, _) in family.layer_stacks(cfg).items()}
+
+
 def checkpoint_tensors(family: ModuleType, cfg) -> list[tuple[str, tuple[int, ...], str]]:
-    """(HF name, shape, kind) of every tensor the family's checkpoint holds, embeddings first, in order."""
+    """(module-tree name, shape, kind) of every tensor the family's checkpoint holds: embeddings first, then
+    each stack layer by layer, then the rest. Names are the pytree's (`checkpoint_name` gives the file's)."""
     top = family.top_tensors(cfg)
     first = [(n, *top.pop(n)) for n in list(top) if top[n][1] == "embedding"]
-    layers = [(f"model.layers.{i}.{rel}", shape, kind) for i in range(cfg.num_layers)
-              for rel, (shape, kind) in family.layer_tensors(cfg).items()]
+    layers = [(f"{prefix}.{i}.{rel}", shape, kind)
+              for prefix, (depth, table) in family.layer_stacks(cfg).items()
+              for i in range(depth) for rel, (shape, kind) in table.items()]
     return first + layers + [(name, shape, kind) for name, (shape, kind) in top.items()]
+
+
+def _rename(table, name: str) -> str:
+    for pattern, replacement in table:
+        renamed, n = re.subn(pattern, replacement, name, count=1)
+        if n:
+            return renamed
+    return name
+
+
+def checkpoint_name(family: ModuleType, name: str) -> str:
+    """A pytree/module tensor name as transformers' save_pretrained writes it (merged exports use this)."""
+    return _rename(family.CHECKPOINT_RENAMES, name)
+
+
+def module_tensor_name(family: ModuleType, stored: str) -> str:
+    """A checkpoint tensor name (either convention transformers loads) as the pytree/module name."""
+    return _rename(family.LOAD_RENAMES, stored)
+
+
+def stored_names(family: ModuleType, stored) -> dict[str, str]:
+    """{module-tree name: name in the file} for the tensor names of a checkpoint."""
+    return {module_tensor_name(family, s): s for s in stored}

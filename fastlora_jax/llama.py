@@ -5,8 +5,9 @@ difference: the N decoder layers are stacked along a leading axis, `params["mode
 shape `[num_layers, ...]`, so that the layers run under `jax.lax.scan` and compile time stays flat in depth.
 Linear weights keep torch's `[out, in]` layout, which is also bitsandbytes' layout for NF4.
 
-A family file provides: `Config.from_hf`, the name table (`layer_tensors`, `top_tensors`, `module_list`)
-and `forward`. Everything generic (loading, quantizing, LoRA targeting) is driven by those tables.
+A family file provides: `Config.from_hf`, the name table (`layer_stacks`, `top_tensors`, `module_list`,
+the constants below) and `forward`. Everything generic (loading, quantizing, LoRA targeting) is driven by
+those tables (families.py says what each entry means).
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from jax.ad_checkpoint import checkpoint_name
 from fastlora_jax import kernels, rope
 
 ARCHITECTURES = ("LlamaForCausalLM",)
+MODEL_TYPES = ("llama",)  # config.json without `architectures`
+EMBED_TOKENS = "model.embed_tokens"  # the input embedding module (a tied lm_head reads its weight)
+OUTPUT_LAYER = "lm_head"
+CHECKPOINT_RENAMES = ()  # module names are the checkpoint's tensor names
+LOAD_RENAMES = ()
 LAYER_INPUT = "decoder_layer_input"  # the name checkpointing policies save or offload
+# What use_gradient_checkpointing=False keeps (training.remat_policy): the outputs of matmuls and of
+# attention; norms, rope and the gated activation are recomputed from them in the backward pass.
+SAVED_ATTENTION_INPUTS = "attention_qkv"
+SAVED_MID_RESIDUAL = "attention_residual"
+SAVED_MLP_INPUTS = "mlp_gate_up"
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,11 @@ def layer_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
         for name, out in (("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size), ("down_proj", d)):
             tensors[f"mlp.{name}.bias"] = ((out,), "linear_bias")
     return tensors
+
+
+def layer_stacks(cfg: Config) -> dict[str, tuple[int, dict]]:
+    """One stack: the decoder layers, `model.layers.N`."""
+    return {"model.layers": (cfg.num_layers, layer_tensors(cfg))}
 
 
 def top_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -210,12 +226,16 @@ def decoder_layer_with_attention(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_b
     k = lin(h, attn["k_proj"], kk).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     v = lin(h, attn["v_proj"], kv).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     q, k = rope.apply_rotary(q, cos_bsr, sin_bsr), rope.apply_rotary(k, cos_bsr, sin_bsr)
+    q, k, v = (checkpoint_name(t, SAVED_ATTENTION_INPUTS) for t in (q, k, v))
     o, aux = attend(q, k, v)
     x_bsd = x_bsd + lin(o.reshape(batch, seq, cfg.num_heads * cfg.head_dim), attn["o_proj"], ko)
+    x_bsd = checkpoint_name(x_bsd, SAVED_MID_RESIDUAL)
 
     h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
     act = kernels.ACTIVATIONS[cfg.hidden_act]
-    gated = act(lin(h, mlp["gate_proj"], kg)) * lin(h, mlp["up_proj"], ku)
+    gate = checkpoint_name(lin(h, mlp["gate_proj"], kg), SAVED_MLP_INPUTS)
+    up = checkpoint_name(lin(h, mlp["up_proj"], ku), SAVED_MLP_INPUTS)
+    gated = act(gate) * up
     return x_bsd + lin(gated, mlp["down_proj"], kd), aux
 
 

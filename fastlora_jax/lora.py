@@ -1,6 +1,8 @@
 """LoRA as a separate trainable pytree laid over the frozen base, with PEFT 0.21's semantics.
 
-Three trees, one set of paths (HF module names, decoder layers stacked on a leading axis):
+Three trees, one set of paths (HF module names, each stack of layers stacked on a leading axis: the
+family's `layer_stacks`, e.g. `model.layers` for Llama, `model.visual.blocks` and
+`model.language_model.layers` for Qwen-VL; `L` below is the depth of the module's stack):
 - `base_params`: frozen, never differentiated.
 - `lora_params`: everything trainable. Per adapted module `lora_A` [L, r, in] / `lora_B` [L, out, r]
   (embeddings: `lora_embedding_A` [r, vocab] / `lora_embedding_B` [dim, r]), DoRA's
@@ -10,7 +12,7 @@ Three trees, one set of paths (HF module names, decoder layers stacked on a lead
   layers_to_transform), `targeted` [L] and `override_mask` [L] (which layers a stacked trainable copy
   replaces).
 
-Why stacked with padding: decoder layers run under `jax.lax.scan`, so every layer's adapter must have
+Why stacked with padding: each stack runs under `jax.lax.scan`, so every layer's adapter in it must have
 one shape. A layer with a smaller rank (rank_pattern) keeps zeros in its extra rows of A and columns of B,
 and an untargeted layer has scaling 0. Those zeros get zero gradients, so they stay zero under
 SGD/Adam/AdamW, and the math is exactly PEFT's. Counts and files come from the real shapes (`LoraLayout`),
@@ -19,18 +21,17 @@ never from the padded arrays.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.families import checkpoint_tensors
+from fastlora_jax.families import checkpoint_tensors, stack_depths
 from fastlora_jax.lora_config import LoraSpec, TargetInfo, resolve_modules_to_save, resolve_targets
 from fastlora_jax.quant import NF4Weight
 
-LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+LLAMA_STACKS = {"model.layers": None}  # split_module's default: the one stack of a text model
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class LoraLayout:
     trainable_biases: tuple[str, ...]  # module names whose bias is trained (bias="all"/"lora_only")
     saved_tensors: tuple[str, ...]  # HF tensor names that modules_to_save copies hold
     module_shapes: dict = field(default_factory=dict, compare=False)  # module name -> weight shape (out, in)
+    stacks: dict = field(default_factory=dict, compare=False)  # stack prefix -> depth (families.stack_depths)
+    embed_tokens: str = field(default="model.embed_tokens", compare=False)  # what a tied lm_head shares
 
     @property
     def targeted_module_names(self) -> list[str]:
@@ -52,12 +55,36 @@ class LoraLayout:
 # --------------------------------------------------------------------------------------------- paths
 
 
-def split_module(name: str) -> tuple[tuple[str, ...], int | None]:
-    """`model.layers.3.self_attn.q_proj` -> (("model", "layers", "self_attn", "q_proj"), 3)."""
-    match = LAYER_MODULE.match(name)
-    if match:
-        return ("model", "layers", *match.group(2).split(".")), int(match.group(1))
+def split_module(name: str, stacks=LLAMA_STACKS) -> tuple[tuple[str, ...], int | None]:
+    """A module/tensor name -> (pytree path, layer index or None), the index dropped from inside a stack.
+
+    `model.layers.3.self_attn.q_proj` -> (("model", "layers", "self_attn", "q_proj"), 3) when `model.layers`
+    is one of `stacks` (prefixes; a dict's keys do). Names outside every stack keep all their parts:
+    `model.visual.merger.mlp.0` -> (("model", "visual", "merger", "mlp", "0"), None).
+    """
+    for prefix in stacks:
+        if name.startswith(prefix + "."):
+            head, _, rest = name[len(prefix) + 1:].partition(".")
+            if head.isdigit() and rest:
+                return (*prefix.split("."), *rest.split(".")), int(head)
     return tuple(name.split(".")), None
+
+
+def stack_of(path, stacks) -> str:
+    """The stack prefix a stacked pytree path lies under (its leading axis is that stack's layers)."""
+    for prefix in stacks:
+        parts = tuple(prefix.split("."))
+        if tuple(path[: len(parts)]) == parts:
+            return prefix
+    raise KeyError(f"path {'.'.join(path)!r} is in none of the stacks {sorted(stacks)}")
+
+
+def join_module(path, index: int | None, stacks) -> str:
+    """The inverse of `split_module`: the dotted name of layer `index` of a stacked path."""
+    if index is None:
+        return ".".join(path)
+    prefix = stack_of(path, stacks)
+    return f"{prefix}.{index}.{'.'.join(path[len(prefix.split('.')):])}"
 
 
 def get_node(tree, path):
@@ -75,20 +102,22 @@ def set_node(tree: dict, path, value) -> None:
 def module_weight_shapes(family, cfg) -> dict[str, tuple[tuple[int, ...], str]]:
     """Module name -> (weight shape, kind) for every module with a weight, from the family's table."""
     shapes = {}
-    for i in range(cfg.num_layers):
-        for rel, (shape, kind) in family.layer_tensors(cfg).items():
-            if rel.endswith(".weight"):
-                shapes[f"model.layers.{i}.{rel[:-7]}"] = (shape, kind)
+    for prefix, (depth, table) in family.layer_stacks(cfg).items():
+        for i in range(depth):
+            for rel, (shape, kind) in table.items():
+                if rel.endswith(".weight"):
+                    shapes[f"{prefix}.{i}.{rel[:-7]}"] = (shape, kind)
     for name, (shape, kind) in family.top_tensors(cfg).items():
-        shapes[name[:-7]] = (shape, kind)
+        if name.endswith(".weight"):
+            shapes[name[:-7]] = (shape, kind)
     if cfg.tie_word_embeddings:
-        shapes["lm_head"] = (shapes["model.embed_tokens"][0], "lm_head")
+        shapes[family.OUTPUT_LAYER] = (shapes[family.EMBED_TOKENS][0], "lm_head")
     return shapes
 
 
 def module_biases(family, cfg) -> list[str]:
-    out = [f"model.layers.{i}.{rel[:-5]}" for i in range(cfg.num_layers)
-           for rel, (_, kind) in family.layer_tensors(cfg).items() if kind == "linear_bias"]
+    out = [f"{prefix}.{i}.{rel[:-5]}" for prefix, (depth, table) in family.layer_stacks(cfg).items()
+           for i in range(depth) for rel, (_, kind) in table.items() if kind == "linear_bias"]
     return out + [name[:-5] for name, (_, kind) in family.top_tensors(cfg).items() if kind == "linear_bias"]
 
 
@@ -136,7 +165,10 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
     if loftq:
         _, loftq_iter = _loftq_settings(spec)
     modules = family.module_list(cfg)
-    targets = resolve_targets(spec, modules, cfg.num_layers, output_layer_names=("lm_head",))
+    stacks = stack_depths(family, cfg)
+    embed_path = tuple(family.EMBED_TOKENS.split("."))
+    # layers_to_transform indices are checked against the deepest stack (PEFT parses them from the names).
+    targets = resolve_targets(spec, modules, max(stacks.values()), output_layer_names=(family.OUTPUT_LAYER,))
     saved = resolve_modules_to_save(spec, modules, targets)
     shapes = module_weight_shapes(family, cfg)
     target_names = {t.name for t in targets}
@@ -152,19 +184,19 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
         tensor_names.append("lm_head.weight")
     saved_tensors = [n for n in tensor_names if any(n.startswith(m + ".") for m in saved)]
     layout = LoraLayout(spec, tuple(targets), tuple(saved), tuple(trainable_biases), tuple(saved_tensors),
-                        {name: shape for name, (shape, _) in shapes.items()})
+                        {name: shape for name, (shape, _) in shapes.items()}, stacks, family.EMBED_TOKENS)
 
     rng = np.random.default_rng(random_state)
     lora: dict = {}
     meta: dict = {}
-    num_layers = cfg.num_layers
     new_base = _copy_containers(base_params) if loftq else None
     # Group layer targets by their path inside a layer: one stacked, rank-padded array per group.
-    groups: dict[tuple, list[TargetInfo]] = {}
+    groups: dict[tuple, list[tuple[TargetInfo, int | None]]] = {}
     for t in targets:
-        path, index = split_module(t.name)
-        groups.setdefault(path if index is not None else ("__top__",) + path, []).append(t)
-    for key, infos in groups.items():
+        path, index = split_module(t.name, stacks)
+        groups.setdefault(path if index is not None else ("__top__",) + path, []).append((t, index))
+    for key, placed in groups.items():
+        infos = [t for t, _ in placed]
         top = key[0] == "__top__"
         path = key[1:] if top else key
         (out, fan_in) = shapes[infos[0].name][0]
@@ -172,7 +204,7 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
         if embedding:
             out, fan_in = fan_in, out  # embedding weight is [vocab, dim]: A [r, vocab], B [dim, r]
         r_max = max(t.r for t in infos)
-        stack = 1 if top else num_layers
+        stack = 1 if top else stacks[stack_of(path, stacks)]
         a = np.zeros((stack, r_max, fan_in), np.float32)
         b = np.zeros((stack, out, r_max), np.float32)
         scaling = np.zeros((stack,), np.float32)
@@ -181,9 +213,9 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
             if embedding:
                 raise NotImplementedError(f"init_lora_weights='loftq' on the embedding target {infos[0].name!r} "
                                           "is not supported (LoftQ applies to linear modules)")
-            _loftq_group(new_base, path, top, infos, a, b, num_layers, loftq_iter, original_weight)
-        for t in infos:
-            i = 0 if top else t.layer_index
+            _loftq_group(new_base, path, top, placed, a, b, stacks, embed_path, loftq_iter, original_weight)
+        for t, index in placed:
+            i = 0 if top else index
             if not loftq:
                 a[i, : t.r], b[i, :, : t.r] = _init_pair(rng, spec.init_lora_weights, t.r, fan_in, out, embedding)
             scaling[i], targeted[i] = t.scaling, True
@@ -194,14 +226,15 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
         if spec.use_dora:
             if embedding:
                 raise NotImplementedError("use_dora=True on an embedding target is not supported")
-            node["lora_magnitude_vector"] = _dora_magnitude(new_base if loftq else base_params, path, top, node, m)
+            node["lora_magnitude_vector"] = _dora_magnitude(new_base if loftq else base_params, path, top, node, m,
+                                                            embed_path)
         set_node(lora, path, node)
         set_node(meta, path, m)
 
     for name in saved:
-        _add_trainable_copy(lora, meta, base_params, cfg, name, num_layers, keys=None)
+        _add_trainable_copy(lora, meta, base_params, name, stacks, embed_path, keys=None)
     for name in trainable_biases:
-        _add_trainable_copy(lora, meta, base_params, cfg, name, num_layers, keys=("bias",))
+        _add_trainable_copy(lora, meta, base_params, name, stacks, embed_path, keys=("bias",))
     if return_base:
         return lora, meta, layout, new_base
     return lora, meta, layout
@@ -258,7 +291,7 @@ def _with_dtype(q: NF4Weight, dtype_name: str) -> NF4Weight:
                                     q.tree_flatten()[0])
 
 
-def _loftq_group(new_base, path, top, infos, a, b, num_layers, num_iter, original_weight):
+def _loftq_group(new_base, path, top, placed, a, b, stacks, embed_path, num_iter, original_weight):
     """LoftQ for every target of one (stacked) module: fill A/B in place and replace its base weight leaf.
 
     A 16-bit base becomes the dequantized NF4 value (as PEFT's). An NF4 base is rebuilt as a whole stacked
@@ -268,12 +301,12 @@ def _loftq_group(new_base, path, top, infos, a, b, num_layers, num_iter, origina
     import warnings
 
     tied = top and path == ("lm_head",) and "lm_head" not in new_base
-    base_path = ("model", "embed_tokens") if tied else path  # tied lm_head: the shared weight (PEFT: same Parameter)
+    base_path = embed_path if tied else path  # tied lm_head: the shared weight (PEFT: same Parameter)
     module = get_node(new_base, base_path)
     leaf = module["weight"]
-    by_layer = {(0 if top else t.layer_index): t for t in infos}
+    by_layer = {(0 if top else index): t for t, index in placed}
     nf4 = isinstance(leaf, NF4Weight)
-    stack = 1 if top else num_layers
+    stack = 1 if top else stacks[stack_of(path, stacks)]
     warned = False
 
     def original(i):
@@ -282,7 +315,7 @@ def _loftq_group(new_base, path, top, infos, a, b, num_layers, num_iter, origina
         if not nf4:
             return jnp.asarray(layer_leaf).astype(jnp.float32)
         name = (f"{by_layer[i].name}.weight" if i in by_layer else
-                f"{'.'.join(path)}.weight" if top else f"model.layers.{i}.{'.'.join(path[2:])}.weight")
+                f"{join_module(path, None if top else i, stacks)}.weight")
         value = original_weight(name) if original_weight is not None else None
         if value is None:
             if not warned:
@@ -315,10 +348,10 @@ def _loftq_group(new_base, path, top, infos, a, b, num_layers, num_iter, origina
     parent[base_path[-1]] = {**module, "weight": new_leaf}
 
 
-def _dora_magnitude(base_params, path, top, node, meta):
+def _dora_magnitude(base_params, path, top, node, meta, embed_path):
     """||W + s·B·A|| per output row, as PEFT initialises `lora_magnitude_vector`."""
     weight = get_node(base_params, path)["weight"] if not (top and path == ("lm_head",) and "lm_head" not in base_params) \
-        else base_params["model"]["embed_tokens"]["weight"]
+        else get_node(base_params, embed_path)["weight"]
 
     def one(w, a, b, s):
         return jnp.linalg.norm(_dense(w) + s * (b @ a), axis=1)
@@ -328,11 +361,11 @@ def _dora_magnitude(base_params, path, top, node, meta):
     return jax.vmap(one)(weight, node["lora_A"], node["lora_B"], meta["scaling"])
 
 
-def _add_trainable_copy(lora, meta, base_params, cfg, name, num_layers, keys):
+def _add_trainable_copy(lora, meta, base_params, name, stacks, embed_path, keys):
     """A trainable full copy of module `name` (all its tensors, or only `keys`), masked to its layers."""
-    path, index = split_module(name)
+    path, index = split_module(name, stacks)
     if path == ("lm_head",) and "lm_head" not in base_params:
-        source = {"weight": base_params["model"]["embed_tokens"]["weight"]}  # tied: the copy starts from it
+        source = {"weight": get_node(base_params, embed_path)["weight"]}  # tied: the copy starts from it
     else:
         source = get_node(base_params, path)
     if keys is not None:
@@ -347,7 +380,8 @@ def _add_trainable_copy(lora, meta, base_params, cfg, name, num_layers, keys):
         mask_node = meta
         for key in path:
             mask_node = mask_node.setdefault(key, {})
-        mask = np.asarray(mask_node.get("override_mask", np.zeros((num_layers,), bool)))
+        depth = stacks[stack_of(path, stacks)]
+        mask = np.asarray(mask_node.get("override_mask", np.zeros((depth,), bool)))
         mask = mask.copy()
         mask[index] = True
         mask_node["override_mask"] = jnp.asarray(mask)
@@ -401,7 +435,7 @@ def count_parameters(base_params: dict, layout: LoraLayout, cfg) -> tuple[int, i
         if layout.spec.use_dora:
             trainable += out if t.kind != "embedding" else 0
     for name in layout.modules_to_save:
-        trainable += _module_size(base_params, name, cfg)
+        trainable += _module_size(base_params, name, layout)
     bias_trainable = 0
     for name in layout.trainable_biases:
         out = layout.module_shapes[name][0]
@@ -409,12 +443,12 @@ def count_parameters(base_params: dict, layout: LoraLayout, cfg) -> tuple[int, i
     return trainable + bias_trainable, base_total + trainable
 
 
-def _module_size(base_params, name, cfg) -> int:
-    path, index = split_module(name)
+def _module_size(base_params, name, layout: LoraLayout) -> int:
+    path, index = split_module(name, layout.stacks)
     if path == ("lm_head",) and "lm_head" not in base_params:
-        path = ("model", "embed_tokens")
+        path = tuple(layout.embed_tokens.split("."))
     total = sum(logical_size(leaf) for leaf in jax.tree.leaves(get_node(base_params, path), is_leaf=_is_nf4))
-    return total // cfg.num_layers if index is not None else total
+    return total // layout.stacks[stack_of(path, layout.stacks)] if index is not None else total
 
 
 def _is_nf4(x) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from fastlora_jax import rope
 from fastlora_jax.convert.hf_checkpoint import numpy_dtype
-from fastlora_jax.families import checkpoint_tensors
+from fastlora_jax.families import checkpoint_tensors, stack_depths
 from fastlora_jax.lora import combine, count_parameters, get_node, split_module
 from fastlora_jax.quant import NF4Weight
 
@@ -45,6 +45,10 @@ class CausalLM:
         self.lora_layout = None
         self.training = True
         self._loss = None  # jitted compute_loss, built on first use
+        self._forward = self._make_forward()
+
+    def _make_forward(self):
+        family, cfg = self.family, self.cfg
 
         def forward(base, lora, meta, input_ids, cos, sin, attention_mask, dropout_key, *, compute_dtype,
                     dropout_rate):
@@ -52,7 +56,7 @@ class CausalLM:
             return family.forward(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
                                   dropout_key, dropout_rate)
 
-        self._forward = jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate"))
+        return jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate"))
 
     # ------------------------------------------------------------------ rope
     def rotary_cos_sin(self, position_ids_bs) -> tuple[jax.Array, jax.Array]:
@@ -133,11 +137,16 @@ class CausalLM:
     def tensor_names(self) -> list[str]:
         return [name for name, _, _ in checkpoint_tensors(self.family, self.cfg)]
 
+    @property
+    def stacks(self) -> dict[str, int]:
+        """{stack prefix: depth}: the family's stacks of layers (each one leading axis of the pytree)."""
+        return stack_depths(self.family, self.cfg)
+
     def base_tensor(self, name: str) -> np.ndarray:
-        """One base tensor by HF name as numpy (NF4 dequantized to the model dtype, as float32)."""
-        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
-        path, index = split_module(name)
+        """One base tensor by HF module name as numpy (NF4 dequantized to the model dtype, as float32)."""
+        if name == f"{self.family.OUTPUT_LAYER}.weight" and self.cfg.tie_word_embeddings:
+            name = f"{self.family.EMBED_TOKENS}.weight"
+        path, index = split_module(name, self.stacks)
         value = get_node(self.base_params, path)
         if index is not None:
             value = jax.tree.map(lambda x: x[index], value)
@@ -245,3 +254,180 @@ def as_batch(ids, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be integer ids of shape [batch, seq]; got dtype {array.dtype}, "
                          f"shape {array.shape}")
     return array.astype(np.int32)
+
+
+class VisionCausalLM(CausalLM):
+    """What `FastVisionModel.from_pretrained` returns for an image-text family (Qwen2-VL, Qwen2.5-VL).
+
+    A CausalLM: LoRA (get_peft_model), counts, adapter files, `peft_state_dict` and merged export work
+    unchanged, driven by the family's name table and its two stacks. What differs is the forward pass, which
+    takes the processor's image inputs (`pixel_values`, `image_grid_thw`) and multimodal rotary positions.
+    `prepare_inputs` does the host-side part (index arrays, positions, checks); the jitted part takes arrays.
+    """
+
+    def _make_forward(self):
+        family, cfg = self.family, self.cfg
+
+        def forward(base, lora, meta, input_ids, position_ids, attention_mask, vision, dropout_key, *,
+                    compute_dtype, dropout_rate):
+            params = combine(base, lora, meta)
+            cos, sin = family.mrope_cos_sin(cfg, position_ids)
+            return family.forward(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype, dropout_key,
+                                  dropout_rate, vision=vision)
+
+        return jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate"))
+
+    # ------------------------------------------------------------------ inputs
+    def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                       mm_token_type_ids=None, position_ids=None) -> dict:
+        """The processor's outputs as the arrays the jitted forward and loss take:
+        `{"input_ids" [B, S] int32, "attention_mask" [B, S] int32 | None, "position_ids" [3, B, S] int32,
+        "vision": dict | None}` (`vision`: `pixel_values` plus the family's `vision_inputs` index arrays).
+
+        Checks what transformers would only find deep inside its forward: the patch count against
+        `image_grid_thw`, and one image token in `input_ids` per merged patch. `position_ids` default to
+        transformers' `get_rope_index` of the inputs (`[B, S]` given ones are used on all three axes).
+        """
+        family, cfg = self.family, self.cfg
+        ids = as_batch(input_ids, "input_ids")
+        mask = None
+        if attention_mask is not None:
+            mask = as_batch(attention_mask, "attention_mask")
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask has shape {mask.shape}; input_ids has {ids.shape}")
+        pixels = None if pixel_values is None else _float_array(pixel_values, "pixel_values")
+        grid = None if image_grid_thw is None else np.asarray(_to_numpy(image_grid_thw), np.int64).reshape(-1, 3)
+        if pixels is not None and pixels.shape[0] == 0 and (grid is None or len(grid) == 0):
+            pixels = grid = None  # a batch without images (a collator's empty arrays)
+        if (pixels is None) != (grid is None):
+            raise ValueError("pixel_values and image_grid_thw go together: got "
+                             f"pixel_values={'None' if pixels is None else pixels.shape}, "
+                             f"image_grid_thw={'None' if grid is None else grid.shape}")
+        vision = None
+        if pixels is not None:
+            patches = int(np.prod(grid, axis=1).sum())
+            if pixels.shape != (patches, cfg.vision.patch_dim):
+                raise ValueError(f"pixel_values has shape {pixels.shape}; image_grid_thw {grid.tolist()} needs "
+                                 f"({patches}, {cfg.vision.patch_dim}) (patches, channels*temporal*patch*patch)")
+            needed = family.image_token_count(cfg, grid)
+            found = int((ids == cfg.image_token_id).sum())
+            if found != needed:
+                raise ValueError(f"input_ids hold {found} image tokens (id {cfg.image_token_id}) but the images of "
+                                 f"image_grid_thw {grid.tolist()} give {needed} features: build the inputs with the "
+                                 f"model's processor")
+            vision = {"pixel_values": pixels, **family.vision_inputs(cfg, grid)}
+        if position_ids is None:
+            types = None if mm_token_type_ids is None else as_batch(mm_token_type_ids, "mm_token_type_ids")
+            position_ids, _ = family.rope_index(cfg, ids, grid, mask, types)
+        else:
+            position_ids = np.asarray(_to_numpy(position_ids))
+            if position_ids.ndim == 2:
+                position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
+            if position_ids.shape != (3,) + ids.shape:
+                raise ValueError(f"position_ids has shape {position_ids.shape}; expected [3, batch, seq] or "
+                                 f"[batch, seq] for input_ids of shape {ids.shape}")
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int32),
+                "vision": vision}
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, position_ids=None) -> CausalLMOutput:
+        """Logits with the current adapter (if any), without dropout: the HF model in eval mode."""
+        return CausalLMOutput(logits=self.apply(self.lora_params, input_ids, attention_mask, pixel_values,
+                                                image_grid_thw, mm_token_type_ids, position_ids))
+
+    def apply(self, lora_params, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+              mm_token_type_ids=None, position_ids=None, dropout_key=None):
+        """Logits for a given LoRA pytree (None: the base alone). `dropout_key` turns on LoRA dropout."""
+        batch = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                                    position_ids)
+        dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
+        mask = batch["attention_mask"]
+        return self._forward(self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
+                             jnp.asarray(batch["input_ids"]), jnp.asarray(batch["position_ids"]),
+                             None if mask is None else jnp.asarray(mask), batch["vision"], dropout_key,
+                             compute_dtype=self.dtype, dropout_rate=dropout_rate if dropout_key is not None else 0.0)
+
+    def rotary_cos_sin(self, position_ids) -> tuple[jax.Array, jax.Array]:
+        """cos/sin `[batch, seq, head_dim]` in fp32 of `[3, batch, seq]` multimodal (or `[batch, seq]`) positions."""
+        position_ids = np.asarray(position_ids)
+        if position_ids.ndim == 2:
+            position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
+        return self.family.mrope_cos_sin(self.cfg, position_ids)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        quant = "nf4" if self.is_4bit else self.dtype.name
+        return (f"VisionCausalLM({self.family.__name__.rsplit('.', 1)[-1]}/{c.vision.variant}, "
+                f"vision_blocks={c.vision.depth}, layers={c.num_layers}, hidden={c.hidden_size}, weights={quant}, "
+                f"compute={self.dtype.name}, from={self.name_or_path!r})")
+
+    # ------------------------------------------------------------------ loss
+    def loss_sum_fn(self, chunk_tokens: int | None = None):
+        """`f(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None, position_ids=None,
+        vision=None) -> (loss_sum, counted_tokens)`, traceable, with the model's checkpointing mode.
+        `position_ids [3, B, S]` and `vision` are `prepare_inputs`' (None: text only, positions `arange(seq)`)."""
+        from fastlora_jax import training
+        family, cfg = self.family, self.cfg
+        remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
+        chunk = chunk_tokens or training.default_chunk_tokens(cfg.vocab_size)
+        dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
+        compute_dtype = self.dtype
+
+        def loss_sum(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None,
+                     position_ids=None, vision=None):
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32),
+                                                (3,) + input_ids.shape)
+            cos, sin = family.mrope_cos_sin(cfg, position_ids)
+            meta = self.lora_meta if lora_params is not None else None
+            params = combine(base_params, lora_params, meta)
+            rate = dropout_rate if dropout_key is not None else 0.0
+            hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
+                                          dropout_key, rate, remat=remat, vision=vision)
+            head = family.lm_head_module(cfg, params)
+            head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
+            targets = training.shift_labels(labels)
+            b, s, d = hidden.shape
+            return training.chunked_cross_entropy(
+                hidden.reshape(b * s, d), targets.reshape(b * s),
+                lambda h: family._linear(h, head, head_key, rate), chunk)
+
+        return loss_sum
+
+    def compute_loss(self, lora_params, input_ids, labels, attention_mask=None, pixel_values=None,
+                     image_grid_thw=None, mm_token_type_ids=None, dropout_key=None):
+        """The HF model's `.loss` for these labels (shifted inside, -100 ignored, mean over counted tokens),
+        computed in chunks so full fp32 logits never exist. Differentiable w.r.t. `lora_params`."""
+        if self._loss is None:
+            fn = self.loss_sum_fn()
+            self._loss = jax.jit(lambda base, lp, ids, lab, mask, key, pos, vision:
+                                 _mean(*fn(base, lp, ids, lab, mask, key, pos, vision)))
+        batch = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        labels = jnp.asarray(as_batch(labels, "labels"))
+        if labels.shape != batch["input_ids"].shape:
+            raise ValueError(f"labels has shape {labels.shape}; input_ids has {batch['input_ids'].shape}")
+        mask = batch["attention_mask"]
+        return self._loss(self.base_params, lora_params, jnp.asarray(batch["input_ids"]), labels,
+                          None if mask is None else jnp.asarray(mask), dropout_key,
+                          jnp.asarray(batch["position_ids"]), batch["vision"])
+
+    def generate(self, input_ids=None, **kwargs):
+        raise NotImplementedError("generate() is not implemented for vision-language models yet")
+
+
+def _to_numpy(x):
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch (bfloat16 has no numpy dtype)
+        x = x.detach().cpu()
+        return x.float().numpy() if x.is_floating_point() else x.numpy()
+    return np.asarray(x)
+
+
+def _float_array(x, name: str) -> np.ndarray:
+    array = _to_numpy(x)
+    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+        raise ValueError(f"{name} must be floating point; got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be [patches, channels*temporal*patch*patch] as the processor makes it; "
+                         f"got shape {array.shape}")
+    return array.astype(np.float32)

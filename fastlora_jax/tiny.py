@@ -97,3 +97,65 @@ def write_tiny_llama(directory, seed: int = 0, dtype: str = "float32", tokenizer
     if tokenizer:
         write_tiny_tokenizer(directory, vocab_size=min(config.vocab_size, 512))
     return directory
+
+
+TINY_QWEN_VL_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=512,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6})
+TINY_QWEN_VL_VISION = {
+    # window_size 56 px = 2x2 merged tokens per window; block 1 attends over the whole image
+    "qwen2_5_vl": dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=14,
+                       temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1]),
+    "qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                     temporal_patch_size=2, spatial_merge_size=2),
+}
+# Token ids of tiny_vision's processor (Qwen's special tokens take ids 0..13 there).
+TINY_QWEN_VL_TOKENS = dict(image_token_id=12, video_token_id=13, vision_start_token_id=9, vision_end_token_id=10)
+
+
+def write_tiny_qwen2_vl(directory, variant: str = "qwen2_5_vl", seed: int = 0, dtype: str = "float32",
+                        processor: bool = True, **overrides) -> Path:
+    """Write a random Qwen2.5-VL (`variant="qwen2_5_vl"`) or Qwen2-VL (`"qwen2_vl"`) checkpoint with
+    transformers' own model class and save_pretrained (so the files are exactly what transformers writes),
+    plus, with `processor=True`, the tiny offline processor of tiny_vision.py (its token ids are used).
+
+    Weights: normal(0, 0.02) for matrices and biases, 1 + 0.1·noise for norm weights (a norm that ignored its
+    weight would fail the parity tests). `overrides` go to the top-level config; `text_config=` and
+    `vision_config=` dicts are merged into the tiny defaults (e.g. `vision_config={"depth": 1}`).
+    Needs torch (a test dependency).
+    """
+    import torch
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+
+    classes = {"qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+               "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration)}
+    if variant not in classes:
+        raise ValueError(f"variant={variant!r} is not accepted; use one of {sorted(classes)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = {**TINY_QWEN_VL_TEXT, **overrides.pop("text_config", {})}
+    vision = {**TINY_QWEN_VL_VISION[variant], **overrides.pop("vision_config", {})}
+    tokens = dict(TINY_QWEN_VL_TOKENS)
+    if processor:
+        from fastlora_jax.tiny_vision import qwen_vl_config_fields, write_tiny_qwen_vl_processor
+        proc = write_tiny_qwen_vl_processor(directory, variant=variant,
+                                            patch_size=vision["patch_size"],
+                                            temporal_patch_size=vision["temporal_patch_size"],
+                                            merge_size=vision["spatial_merge_size"])
+        fields = qwen_vl_config_fields(proc, vocab_size=max(text["vocab_size"], -(-len(proc.tokenizer) // 64) * 64))
+        text.update(fields["text_config"])
+        tokens = {k: fields[k] for k in TINY_QWEN_VL_TOKENS}
+    config_class, model_class = classes[variant]
+    config = config_class(text_config=text, vision_config=vision, **{**tokens, **overrides})
+    config.architectures = [model_class.__name__]
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn_like(p)
+            is_norm = name.endswith(".weight") and any(k in name for k in ("norm", "ln_q"))
+            p.copy_(1.0 + 0.1 * noise if is_norm else 0.02 * noise)
+    model.to(getattr(torch, dtype)).save_pretrained(directory)
+    return directory
