@@ -1,0 +1,204 @@
+"""Microbenchmark of the fused NF4 matmul (kernels/nf4_matmul.py) against XLA and a dense bf16 matmul.
+
+For M=4096 tokens and the (N, K) of Llama-3.1-8B's and Llama-3.2-1B's projections, forward (x @ deq(W)^T)
+and transposed (dy @ deq(W), the backward's dX), one JSON line each:
+
+  kernel_ms   the fused Pallas kernel (including the tiny XLA op that decodes the scales)
+  xla_ms      XLA's dequantize-then-matmul (`nf4_matmul_reference`: a bf16 W is written, then cuBLAS)
+  dense_ms    a plain bf16 matmul with an already dense W (what a 16-bit model pays)
+  floor_ms    max(FLOPs / 784e12, bytes / copy bandwidth measured here), bytes = activation + NF4 weight
+              (packed + absmax) + output, each once
+  *_frac      floor / time (1.0 = at the floor)
+
+Times: each jitted call runs one op on each of `--sets` distinct input sets (at least 200 MB of them, so
+repeated runs do not find warm data in the 50 MB L2, and XLA cannot merge the calls); per-op time = call
+time / sets, median over `--reps` calls after warm-up, timed with CUPTI (device time of the kernels) where
+it works, else the host clock. Run on the GPU machine; the lines are appended to results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastlora_jax.kernels import nf4_matmul as nm
+from fastlora_jax.quant import NF4Weight
+
+PEAK_FLOPS = 784e12  # bf16 dense, H100 SXM (the project's ANCHORS.md figure)
+
+SHAPES = {
+    "llama-3.1-8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
+    "llama-3.2-1b": [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)],
+}
+
+
+TIMER = {"kind": "cupti"}
+
+
+def _time_call(fn, args, reps: int, warmup: int = 2) -> float:
+    """Median seconds of one call of the jitted `fn(*args)`.
+
+    CUPTI (Mosaic GPU's profiler: the summed device time of the call's kernels, no launch gaps) where it
+    works, else the host clock around each call with a block_until_ready."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    if TIMER["kind"] == "cupti":
+        try:
+            from jax.experimental.mosaic.gpu import profiler
+            _, ms = profiler.measure(fn, iterations=reps)(*args)
+            return statistics.median(ms) / 1e3
+        except Exception as e:  # noqa: BLE001 - fall back to the host clock, say so once
+            print(json.dumps({"note": f"CUPTI timing unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                                      "using the host clock"}), file=sys.stderr, flush=True)
+            TIMER["kind"] = "wall"
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written (x + 1 over a large array)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda x: x + 1.0)
+    t = _time_call(f, (x,), reps)
+    del x
+    return 2 * nbytes / t
+
+
+def dense_rate(n: int = 8192, reps: int = 10) -> float:
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * n ** 3 / _time_call(f, (a, b), reps)
+
+
+def _make_sets(m, n, k, sets, transposed, seed=0):
+    key = jax.random.key(seed)
+    xs, ws, dense = [], [], []
+    for i in range(sets):
+        kw, kx = jax.random.split(jax.random.fold_in(key, i))
+        w_bf16 = (jax.random.normal(kw, (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        w = NF4Weight.quantize(w_bf16)
+        ws.append(w)
+        dense.append(w.dequantize(jnp.bfloat16))
+        xs.append(jax.random.normal(kx, (m, n if transposed else k), jnp.bfloat16))
+    return xs, ws, dense
+
+
+def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impls):
+    if sets is None:  # enough distinct inputs that they cannot stay in the 50 MB L2 between runs
+        set_bytes = m * (n if transposed else k) * 2 + n * k // 2 + m * (k if transposed else n) * 2
+        sets = int(min(32, max(4, -(-200_000_000 // set_bytes))))
+    xs, ws, dense = _make_sets(m, n, k, sets, transposed)
+    op = nm.nf4_matmul_t if transposed else nm.nf4_matmul
+    out_cols = k if transposed else n
+    kc = n if transposed else k
+
+    def multi(impl):
+        if impl == "dense":
+            eq = "mn,nk->mk" if transposed else "mk,nk->mn"
+            one = lambda x, d: jnp.einsum(eq, x, d, preferred_element_type=jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+            return jax.jit(lambda xs, ds: [one(x, d) for x, d in zip(xs, ds)])
+        return jax.jit(lambda xs, ws: [op(x, w, impl=impl, config=config) for x, w in zip(xs, ws)])
+
+    res = {}
+    for impl in impls:
+        args = (xs, dense) if impl == "dense" else (xs, ws)
+        try:
+            res[impl] = _time_call(multi(impl), args, reps) / sets
+        except Exception as e:  # report, keep going with the other impls
+            res[impl] = None
+            res[impl + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    # correctness of what was timed, on the first set
+    if res.get("pallas") is not None:
+        ref = nm.nf4_matmul_t_reference(xs[0], ws[0]) if transposed else nm.nf4_matmul_reference(xs[0], ws[0])
+        got = op(xs[0], ws[0], impl="pallas", config=config)
+        d = np.asarray(got, np.float64) - np.asarray(ref, np.float64)
+        res["kernel_rel_l2"] = float(np.linalg.norm(d) / np.linalg.norm(np.asarray(ref, np.float64)))
+
+    flops = 2 * m * n * k
+    nbytes = m * kc * 2 + ws[0].nbytes + m * out_cols * 2
+    t_flops, t_bytes = flops / PEAK_FLOPS, nbytes / copy_bw
+    floor = max(t_flops, t_bytes)
+    line = {
+        "bench": "nf4_matmul", "op": "t" if transposed else "fwd", "model": model, "M": m, "N": n, "K": k,
+        "kernel_ms": None if res.get("pallas") is None else round(res["pallas"] * 1e3, 4),
+        "xla_ms": None if res.get("xla") is None else round(res["xla"] * 1e3, 4),
+        "dense_ms": None if res.get("dense") is None else round(res["dense"] * 1e3, 4),
+        "floor_ms": round(floor * 1e3, 4), "floor_bound": "flops" if t_flops >= t_bytes else "bytes",
+        "gflop": round(flops / 1e9, 3), "mbytes": round(nbytes / 1e6, 2), "sets": sets, "reps": reps,
+        "timer": TIMER["kind"],
+    }
+    for impl, key in (("pallas", "kernel"), ("xla", "xla"), ("dense", "dense")):
+        if res.get(impl):
+            line[f"{key}_frac"] = round(floor / res[impl], 3)
+            line[f"{key}_tflops"] = round(flops / res[impl] / 1e12, 1)
+    if res.get("pallas") and res.get("xla"):
+        line["kernel_speedup_vs_xla"] = round(res["xla"] / res["pallas"], 3)
+    for key in ("kernel_rel_l2", "pallas_error", "xla_error", "dense_error"):
+        if key in res:
+            line[key] = res[key]
+    return line
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, default=4096)
+    ap.add_argument("--models", nargs="+", default=list(SHAPES))
+    ap.add_argument("--ops", nargs="+", default=["fwd", "t"], choices=["fwd", "t"])
+    ap.add_argument("--impls", nargs="+", default=["pallas", "xla", "dense"], choices=["pallas", "xla", "dense"])
+    ap.add_argument("--sets", type=int, default=None, help="distinct input sets per timed call (default: >= 200 MB)")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--stages", type=int, default=nm.DEFAULT_CONFIG.stages)
+    ap.add_argument("--grid-minor", type=int, default=nm.DEFAULT_CONFIG.grid_minor)
+    ap.add_argument("--grid-tile-width", type=int, default=nm.DEFAULT_CONFIG.grid_tile_width)
+    ap.add_argument("--only", default=None, help="N,K: a single shape")
+    ap.add_argument("--command", default=None, help="the command line to record")
+    args = ap.parse_args(argv)
+
+    config = nm.TileConfig(stages=args.stages, grid_minor=args.grid_minor, grid_tile_width=args.grid_tile_width)
+    dev = jax.devices()[0]
+    copy_bw = copy_bandwidth()
+    meta = {
+        "gpu": dev.device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+        "command": args.command or "python benchmarks/nf4_matmul.py " + " ".join(argv or sys.argv[1:]),
+        "copy_gbps": round(copy_bw / 1e9, 1), "config": {"stages": config.stages, "grid_minor": config.grid_minor,
+                                                          "grid_tile_width": config.grid_tile_width},
+    }
+    print(json.dumps({"bench": "nf4_matmul_ceilings", **meta, "dense_8192_tflops": round(dense_rate() / 1e12, 1)}),
+          flush=True)
+    rows = []
+    for model in args.models:
+        shapes = SHAPES[model]
+        if args.only:
+            shapes = [tuple(int(v) for v in args.only.split(","))]
+        for n, k in shapes:
+            for op in args.ops:
+                line = bench_shape(model, args.m, n, k, op == "t", sets=args.sets, reps=args.reps,
+                                   copy_bw=copy_bw, config=config, impls=args.impls)
+                line.update(meta)
+                print(json.dumps(line), flush=True)
+                rows.append(line)
+    print("\n| model | op | M | N | K | kernel ms | frac of floor | XLA ms | XLA frac | dense ms | kernel/XLA speedup |",
+          file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
+    for r in rows:
+        print(f"| {r['model']} | {r['op']} | {r['M']} | {r['N']} | {r['K']} | {r['kernel_ms']} | "
+              f"{r.get('kernel_frac')} | {r['xla_ms']} | {r.get('xla_frac')} | {r['dense_ms']} | "
+              f"{r.get('kernel_speedup_vs_xla')} |", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
