@@ -115,10 +115,14 @@ def module_weight_shapes(family, cfg) -> dict[str, tuple[tuple[int, ...], str]]:
     return shapes
 
 
+BIAS_KINDS = ("linear_bias", "norm_bias")  # PEFT's bias="all" trains every parameter named *bias*
+
+
 def module_biases(family, cfg) -> list[str]:
+    """Modules with a bias (linear layers and LayerNorms), in stack-then-top order."""
     out = [f"{prefix}.{i}.{rel[:-5]}" for prefix, (depth, table) in family.layer_stacks(cfg).items()
-           for i in range(depth) for rel, (_, kind) in table.items() if kind == "linear_bias"]
-    return out + [name[:-5] for name, (_, kind) in family.top_tensors(cfg).items() if kind == "linear_bias"]
+           for i in range(depth) for rel, (_, kind) in table.items() if kind in BIAS_KINDS]
+    return out + [name[:-5] for name, (_, kind) in family.top_tensors(cfg).items() if kind in BIAS_KINDS]
 
 
 # ---------------------------------------------------------------------------------------------- init

@@ -482,14 +482,17 @@ def vision_block(v: VisionConfig, block: dict, x_nd, cos_nd, sin_nd, segment_n, 
     h = _vision_norm(v, block["norm1"], x_nd)
     qkv = lin(h, attn["qkv"], kqkv).reshape(n, 3, v.num_heads, v.head_dim)
     q, k = _rotate_vision(qkv[:, 0], cos_nd, sin_nd), _rotate_vision(qkv[:, 1], cos_nd, sin_nd)
-    o = segment_attention(q, k, qkv[:, 2], segment_n, v.head_dim ** -0.5)
-    x_nd = x_nd + lin(o.reshape(n, v.hidden_size), attn["proj"], kproj)
+    q, k, values = (checkpoint_name(t, llama.SAVED_ATTENTION_INPUTS) for t in (q, k, qkv[:, 2]))
+    o = segment_attention(q, k, values, segment_n, v.head_dim ** -0.5)
+    x_nd = checkpoint_name(x_nd + lin(o.reshape(n, v.hidden_size), attn["proj"], kproj), llama.SAVED_MID_RESIDUAL)
     h = _vision_norm(v, block["norm2"], x_nd)
     act = ACTIVATIONS[v.hidden_act]
     if v.variant == "qwen2_vl":
-        out = lin(act(lin(h, mlp["fc1"], k1)), mlp["fc2"], k2)
+        out = lin(act(checkpoint_name(lin(h, mlp["fc1"], k1), llama.SAVED_MLP_INPUTS)), mlp["fc2"], k2)
     else:
-        out = lin(act(lin(h, mlp["gate_proj"], k1)) * lin(h, mlp["up_proj"], k2), mlp["down_proj"], k3)
+        gate = checkpoint_name(lin(h, mlp["gate_proj"], k1), llama.SAVED_MLP_INPUTS)
+        up = checkpoint_name(lin(h, mlp["up_proj"], k2), llama.SAVED_MLP_INPUTS)
+        out = lin(act(gate) * up, mlp["down_proj"], k3)
     return x_nd + out
 
 
