@@ -16,7 +16,7 @@ from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tenso
 from fastlora_jax.convert.load import abstract_base_params, load_base_params
 from fastlora_jax.families import family_for, stored_names
 from fastlora_jax.lora import build_lora
-from fastlora_jax.lora_config import LoraSpec, vision_target_modules
+from fastlora_jax.lora_config import LoraSpec, layer_index_of, vision_target_modules
 from fastlora_jax.model import CausalLM, VisionCausalLM
 
 DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
@@ -266,16 +266,40 @@ def get_vision_peft_model(model: CausalLM, r=16, target_modules=None, lora_alpha
                           max_seq_length=2048, use_rslora=False, modules_to_save=None, init_lora_weights=True,
                           loftq_config={}, **kwargs):
     """FastVisionModel.get_peft_model: `get_peft_model` with `target_modules` chosen by the finetune_* flags
-    (`vision_targets`). Everything else (files, counts, merge, errors) is the text path's."""
+    (`vision_targets`). Everything else (files, counts, merge, errors) is the text path's.
+
+    The selection is one regex, and PEFT refuses `layers_to_transform` with a regex; so with
+    `layers_to_transform` (and `layers_pattern`) the layer choice is applied here, by PEFT's rule (the layer
+    index parsed from each selected name), and folded into the regex, which then selects exactly those
+    modules. A regex you pass yourself is used as given (and PEFT's refusal stands).
+    """
     if not isinstance(model, CausalLM):
         raise TypeError(f"model must be what FastVisionModel.from_pretrained returned; got {type(model).__name__}")
     targets = vision_targets(model, target_modules, finetune_vision_layers, finetune_language_layers,
                              finetune_attention_modules, finetune_mlp_modules)
+    chose = not isinstance(target_modules, str) or target_modules.lower() == "all-linear"
+    if layers_to_transform is not None and chose and isinstance(targets, str):
+        targets = _fold_layers(model.family.module_list(model.cfg), targets, layers_to_transform, layers_pattern)
+        layers_to_transform = layers_pattern = None
     return get_peft_model(model, r=r, target_modules=targets, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           bias=bias, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
                           use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
                           max_seq_length=max_seq_length, use_rslora=use_rslora, modules_to_save=modules_to_save,
                           init_lora_weights=init_lora_weights, loftq_config=loftq_config, **kwargs)
+
+
+def _fold_layers(modules, regex: str, layers_to_transform, layers_pattern) -> str:
+    """The modules `regex` selects whose PEFT layer index is in `layers_to_transform`, as one regex."""
+    import re
+
+    from fastlora_jax.lora_config import _selection_regex
+    wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform)
+    names = [name for name, _ in modules]
+    kept = [n for n in names if re.fullmatch(regex, n) and layer_index_of(n, layers_pattern) in wanted]
+    if not kept:
+        raise ValueError(f"layers_to_transform={layers_to_transform!r} (layers_pattern={layers_pattern!r}) keeps none "
+                         f"of the modules selected by {regex!r}")
+    return _selection_regex(kept, names)
 
 
 class FastVisionModel:

@@ -390,3 +390,40 @@ def test_bad_image_inputs_name_what_is_wrong(tiny):
         tiny.model(batch["input_ids"], pixel_values=batch["pixel_values"][:-4], image_grid_thw=batch["image_grid_thw"])
     with pytest.raises(ValueError, match="go together"):
         tiny.model(batch["input_ids"], pixel_values=batch["pixel_values"])
+
+
+def test_layers_to_transform_is_folded_into_the_selection(tiny):
+    """PEFT refuses layers_to_transform with a regex; FastVisionModel applies it (PEFT's index rule) to its
+    selection, so the targets are those PEFT picks for the list with layers_to_transform."""
+    leaves = ["qkv", "q_proj", "down_proj"]
+    for kwargs in (dict(layers_to_transform=[1]), dict(layers_to_transform=0, layers_pattern="layers")):
+        model = FastVisionModel.get_peft_model(tiny.model, r=4, target_modules=leaves, **kwargs)
+        torch.manual_seed(0)
+        ref = get_peft_model(load_hf(tiny.dir, tiny.variant), LoraConfig(r=4, target_modules=leaves, **kwargs))
+        assert model.targeted_module_names == ref.targeted_module_names, kwargs
+        assert model.adapter_config()["layers_to_transform"] is None
+
+
+def test_tied_embeddings_with_embedding_and_head_adapters(tmp_path):
+    """Qwen2-VL-2B ties lm_head to the embedding: logits, LoRA on both (PEFT's targets and counts) and the
+    merged export (untied, as the text path does) against transformers."""
+    from fastlora_jax import FastLanguageModel
+    model_dir = write_tiny_qwen2_vl(tmp_path / "tied", variant="qwen2_vl", seed=3, processor=False,
+                                    tie_word_embeddings=True)
+    model, processor = FastVisionModel.from_pretrained(str(model_dir), load_in_4bit=False, dtype="float32")
+    assert processor is None and "lm_head" not in model.base_params
+    ids = np.random.default_rng(0).integers(20, 500, (2, 9))
+    hf = load_hf(model_dir, "qwen2_vl")
+    with torch.no_grad():
+        assert rel_l2(np.asarray(model(ids).logits), hf(torch.tensor(ids)).logits.numpy()) < 1e-4
+    kwargs = dict(r=4, target_modules=["embed_tokens", "lm_head", "v_proj"], init_lora_weights=False)
+    lora = FastLanguageModel.get_peft_model(model, **kwargs)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = get_peft_model(hf, LoraConfig(**kwargs))
+    assert lora.targeted_module_names == ref.targeted_module_names
+    assert lora.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    merged = load_hf(lora.save_pretrained_merged(tmp_path / "merged"), "qwen2_vl")
+    with torch.no_grad():
+        assert rel_l2(np.asarray(lora(ids).logits), merged(torch.tensor(ids)).logits.numpy()) < 1e-4
