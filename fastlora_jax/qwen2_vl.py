@@ -583,3 +583,55 @@ def forward(cfg: Config, params: dict, input_ids_bs, cos_bsd, sin_bsd, attention
                       dropout_rate, vision=vision)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
     return _linear(h, lm_head_module(cfg, params), head_key, dropout_rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference with a KV cache (the language model's; images enter once, at prefill). As llama.py's: the cache
+# is `{"k", "v"}` of shape [num_layers, batch, max_len, kv_heads, head_dim]. A generated token's multimodal
+# position is the same on all three axes, so decode steps may take Llama's rope of that position.
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    return llama.init_cache(cfg.text, batch, max_len, dtype)
+
+
+def hidden_states_cached(cfg: Config, params: dict, input_ids_bs, cos_bsd, sin_bsd, cache: dict, cache_index,
+                         attention_mask_b_maxlen=None, compute_dtype=jnp.float32, *, vision: dict | None = None):
+    """llama.hidden_states_cached for the language model, with image features in place of the image tokens
+    (`vision`: prefill only). Returns `(hidden [batch, seq, hidden], new_cache)`."""
+    t = cfg.text
+    lm = params["model"]["language_model"]
+    seq, max_len = input_ids_bs.shape[1], cache["k"].shape[2]
+    x = kernels.embedding(input_ids_bs, lm["embed_tokens"], compute_dtype)
+    if vision is not None:
+        x = scatter_image_embeds(x, input_ids_bs == cfg.image_token_id,
+                                 vision_tower(cfg, params, vision, compute_dtype))
+    cos_bsd, sin_bsd = cos_bsd.astype(compute_dtype), sin_bsd.astype(compute_dtype)
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    allowed = llama.cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen)
+    zero = jnp.zeros((), jnp.int32)
+
+    def step(x_bsd, layer_and_cache):
+        layer, k_cache, v_cache = layer_and_cache
+
+        def attend(q, k, v):
+            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, cache_index, zero, zero))
+            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, cache_index, zero, zero))
+            o = llama.cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed, t.head_dim ** -0.5)
+            return o, (k_all, v_all)
+
+        return llama.decoder_layer_with_attention(t, layer, x_bsd, cos_bsd, sin_bsd, attend)
+
+    x, (k, v) = jax.lax.scan(step, x, (lm["layers"], cache["k"], cache["v"]))
+    return kernels.rms_norm(x, lm["norm"]["weight"], t.rms_norm_eps), {"k": k, "v": v}
+
+
+def forward_cached(cfg: Config, params: dict, input_ids_bs, cos_bsd, sin_bsd, cache: dict, cache_index,
+                   attention_mask_b_maxlen=None, compute_dtype=jnp.float32, last_only: bool = False, *,
+                   vision: dict | None = None):
+    """`(logits, new_cache)` of the tokens written at slots `cache_index ...` (llama.forward_cached's contract)."""
+    h, cache = hidden_states_cached(cfg, params, input_ids_bs, cos_bsd, sin_bsd, cache, cache_index,
+                                    attention_mask_b_maxlen, compute_dtype, vision=vision)
+    if last_only:
+        h = h[:, -1:]
+    return _linear(h, lm_head_module(cfg, params)), cache

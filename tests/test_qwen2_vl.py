@@ -427,3 +427,31 @@ def test_tied_embeddings_with_embedding_and_head_adapters(tmp_path):
     merged = load_hf(lora.save_pretrained_merged(tmp_path / "merged"), "qwen2_vl")
     with torch.no_grad():
         assert rel_l2(np.asarray(lora(ids).logits), merged(torch.tensor(ids)).logits.numpy()) < 1e-4
+
+
+def test_kv_cache_prefill_and_decode_match_the_full_forward(tiny):
+    """forward_cached: a prefill with the images and one decode step give the logits of the whole forward pass
+    (the decoded token's position: the prompt's largest + 1 on all three axes, as transformers' rope_deltas)."""
+    cfg, params = tiny.model.cfg, tiny.model.base_params
+    batch = make_batch(tiny.processor, "left")
+    prep = tiny.model.prepare_inputs(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                     batch["image_grid_thw"])
+    ids, mask, pos = prep["input_ids"], prep["attention_mask"], prep["position_ids"]
+    b, s = ids.shape
+    nxt = np.full((b, 1), 100, np.int32)
+    full_pos = np.concatenate([pos, pos.max(axis=(0, 2))[None, :, None] + 1 + np.zeros((3, b, 1), np.int32)], axis=2)
+    full = np.asarray(tiny.model(np.concatenate([ids, nxt], 1), np.concatenate([mask, np.ones_like(nxt)], 1),
+                                 batch["pixel_values"], batch["image_grid_thw"], position_ids=full_pos).logits)
+    max_len = s + 8
+    mask_l = np.zeros((b, max_len), np.int32)
+    mask_l[:, :s] = mask
+    cache = qwen2_vl.init_cache(cfg, b, max_len)
+    cos, sin = qwen2_vl.mrope_cos_sin(cfg, pos)
+    logits, cache = qwen2_vl.forward_cached(cfg, params, jnp.asarray(ids), cos, sin, cache, 0, jnp.asarray(mask_l),
+                                            vision=prep["vision"])
+    keep = mask.astype(bool)
+    assert rel_l2(np.asarray(logits)[keep], full[:, :s][keep]) < 1e-5
+    mask_l[:, s] = 1
+    cos, sin = qwen2_vl.mrope_cos_sin(cfg, full_pos[:, :, s:])
+    logits, _ = qwen2_vl.forward_cached(cfg, params, jnp.asarray(nxt), cos, sin, cache, s, jnp.asarray(mask_l))
+    assert rel_l2(np.asarray(logits)[:, 0], full[:, s]) < 1e-5
