@@ -455,3 +455,33 @@ def test_kv_cache_prefill_and_decode_match_the_full_forward(tiny):
     cos, sin = qwen2_vl.mrope_cos_sin(cfg, full_pos[:, :, s:])
     logits, _ = qwen2_vl.forward_cached(cfg, params, jnp.asarray(nxt), cos, sin, cache, s, jnp.asarray(mask_l))
     assert rel_l2(np.asarray(logits)[:, 0], full[:, s]) < 1e-5
+
+
+def test_checkpoint_with_module_names_loads_too(tiny, tmp_path):
+    """transformers loads both layouts (`visual.*` as save_pretrained writes it, and the module names); so do we."""
+    import shutil
+    target = tmp_path / "renamed"
+    shutil.copytree(tiny.dir, target)
+    tensors = load_file(target / "model.safetensors")
+    renamed = {qwen2_vl_module_name(k): v for k, v in tensors.items()}
+    assert any(k.startswith("model.language_model.layers.") for k in renamed)
+    save_file(renamed, str(target / "model.safetensors"), metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unused tensors" warning
+        model, _ = FastVisionModel.from_pretrained(str(target), load_in_4bit=False, dtype="float32")
+    keep = tiny.batch["attention_mask"].numpy().astype(bool)
+    np.testing.assert_array_equal(ours(model, tiny.batch)[keep], ours(tiny.model, tiny.batch)[keep])
+
+
+def qwen2_vl_module_name(stored: str) -> str:
+    from fastlora_jax.families import module_tensor_name
+    return module_tensor_name(qwen2_vl, stored)
+
+
+def test_random_base_params_for_benchmarks(tiny):
+    from fastlora_jax.convert.load import abstract_base_params, random_base_params
+    cfg = tiny.model.cfg
+    params = random_base_params(qwen2_vl, cfg, jnp.bfloat16, load_in_4bit=True)
+    abstract = abstract_base_params(qwen2_vl, cfg, jnp.bfloat16, load_in_4bit=True)
+    assert jax.tree.structure(params) == jax.tree.structure(abstract)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(params)] == [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)]
