@@ -101,10 +101,8 @@ def nf4_matmul_t_reference(dy_mn: jax.Array, w: NF4Weight) -> jax.Array:
 # tiles
 # ----------------------------------------------------------------------------------------------
 
-WG_ROWS = 128   # rows of the activation per compute warpgroup (the wgmma M of one warpgroup)
+WG_ROWS = 128   # threads of a warpgroup; also its rows of the activation in the shared layout
 NUM_COMPUTE_WGS = 2
-CTA_M = WG_ROWS * NUM_COMPUTE_WGS
-OUT_COLS = 128  # output columns per CTA tile (the wgmma N)
 K_STEP = 64     # contraction per pipeline step (one 128-byte swizzle row of bf16, one NF4 block)
 BLOCK = 64      # NF4 blocksize the kernel supports
 EPI = 64        # epilogue sub-tile (64 x 64 bf16 through SMEM, then TMA)
@@ -112,9 +110,14 @@ EPI = 64        # epilogue sub-tile (64 x 64 bf16 through SMEM, then TMA)
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Knobs of the kernel; tile sizes are fixed above (they are tied to the dequantization layout)."""
+    """Knobs of the kernel (tile sizes follow from `shared_dequant`; they are tied to the dequant layout).
+
+    shared_dequant=True: CTA tile 256 (M) x 128 (out); the two compute warpgroups take 128 rows each and
+    share one dequantized weight tile (each fills half of it, then both wait on an mbarrier).
+    shared_dequant=False: CTA tile 128 x 256; each warpgroup owns 128 output columns and dequantizes its
+    own weight tile (twice the dequantization work per FLOP, no lockstep between the warpgroups)."""
     stages: int = 4            # TMA pipeline depth (must exceed delay_release=1)
-    dq_buffers: int = 3        # dequantized weight tiles in flight (3 is what the shared tile needs, see _body)
+    shared_dequant: bool = True
     grid_minor: int = 1        # planar_snake: 0 -> walk M fastest, 1 -> walk the output columns fastest
     grid_tile_width: int = 8   # planar_snake tile width (L2 reuse)
     memory_registers: int = 40
@@ -123,13 +126,40 @@ class TileConfig:
 DEFAULT_CONFIG = TileConfig()
 
 
-def supported(m: int, n: int, k: int, *, transposed: bool = False) -> bool:
+@dataclasses.dataclass(frozen=True)
+class _Geom:
+    """Tile geometry of one kernel variant (all sizes in elements, packed widths in bytes)."""
+    transposed: bool
+    shared: bool
+
+    @property
+    def cta_m(self): return 256 if self.shared else 128          # activation rows per CTA
+    @property
+    def cta_out(self): return 128 if self.shared else 256        # output columns per CTA
+    @property
+    def w_rows(self): return K_STEP if self.transposed else 128  # one dequantized W buffer: rows of W
+    @property
+    def w_cols(self): return 128 if self.transposed else K_STEP  # ... and columns of W (K)
+    @property
+    def p_rows(self): return K_STEP if self.transposed else self.cta_out   # packed tile per step
+    @property
+    def p_bytes(self): return self.cta_out // 2 if self.transposed else K_STEP // 2
+    @property
+    def s_rows(self): return self.cta_out // BLOCK if self.transposed else 1  # scale tile per step
+    @property
+    def s_cols(self): return K_STEP if self.transposed else self.cta_out
+    @property
+    def dq_buffers(self): return 3 if self.shared else 2
+
+
+def supported(m: int, n: int, k: int, *, transposed: bool = False, config: TileConfig | None = None) -> bool:
     """Whether the fused kernel handles x[m, k] @ W[n, k]^T (or dy[m, n] @ W[n, k] when transposed)."""
-    if m <= 0 or n <= 0 or k <= 0 or m % CTA_M or k % K_STEP:
+    g = _Geom(transposed, (config or DEFAULT_CONFIG).shared_dequant)
+    if min(m, n, k) <= 0 or m % g.cta_m or k % K_STEP:
         return False
     if transposed:
-        return n % K_STEP == 0 and k % OUT_COLS == 0
-    return n % OUT_COLS == 0
+        return n % K_STEP == 0 and k % g.cta_out == 0
+    return n % g.cta_out == 0
 
 
 def kernel_scales(w: NF4Weight) -> jax.Array:
@@ -195,24 +225,42 @@ def _swizzled_offset(r, col_chunk, tile_cols, ops):
     return ops.add(ops.shl(atom, 10), within)
 
 
-def _dequant_tile_generic(ops, tile_rows: int, tile_cols: int, wg, t):
-    """Per-thread program: load 16 packed bytes and a scale, dequantize, store 4 x 16 bytes (swizzled).
+def _dequant_program(ops, g: _Geom, wg, t):
+    """Per-thread program of thread t (0..127) of compute warpgroup wg: load packed bytes and a scale from
+    the step's packed/scale tiles, dequantize, store 16-byte chunks (swizzled) into the W buffer.
 
-    A warpgroup covers half the tile's rows; a unit is 32 codes (half an NF4 block) of one row, one unit
-    per thread. Thread t takes row (t % rows_per_wg) and half-block (t // rows_per_wg): the 8 lanes of a
+    shared: the warpgroup covers half the rows of the shared tile, a thread 32 codes (half a block) of one
+    row: row (t % rows_per_wg), half-block (t // rows_per_wg). Not shared: the warpgroup fills its own
+    tile, a thread one whole block (64 codes, one table) of row (t % rows). Either way the 8 lanes of a
     store phase are 8 consecutive rows, which the 128-byte swizzle spreads over all 32 banks."""
-    rows_per_wg = tile_rows // NUM_COMPUTE_WGS
-    assert rows_per_wg * (tile_cols // 32) == WG_ROWS, (tile_rows, tile_cols)
-    r = ops.add(ops.mul(wg, rows_per_wg), ops.rem(t, rows_per_wg))   # row in the tile
-    hb = ops.div(t, rows_per_wg)                                          # half-block in the row
-    packed_off = ops.add(ops.mul(r, tile_cols // 2), ops.shl(hb, 4))     # 16 bytes = 32 codes
-    words = ops.load_packed_v4(packed_off)
-    scale_off = ops.add(ops.mul(ops.shr(hb, 1), tile_rows), r)          # scales tile is [tile_cols/64, rows]
-    scale = ops.load_scale(scale_off)
-    out = _dequant_unit(ops, words, scale)
-    for c in range(4):
-        chunk = ops.add(ops.shl(hb, 2), c)                                # 16-byte chunk of the row
-        ops.store_v4(_swizzled_offset(r, chunk, tile_cols, ops), out[4 * c: 4 * c + 4])
+    if g.shared:
+        rows_per_wg = g.w_rows // NUM_COMPUTE_WGS
+        assert rows_per_wg * (g.w_cols // 32) == WG_ROWS, g
+        r = ops.add(ops.mul(wg, rows_per_wg), ops.rem(t, rows_per_wg))    # row in the W tile
+        hb0 = ops.div(t, rows_per_wg)                                        # first half-block
+        nh = 1
+        p_off = ops.add(ops.mul(r, g.p_bytes), ops.shl(hb0, 4))
+        s_off = ops.add(ops.mul(ops.shr(hb0, 1), g.s_cols), r)
+    else:
+        assert g.w_rows * (g.w_cols // BLOCK) == WG_ROWS, g
+        r = ops.rem(t, g.w_rows)
+        blk = ops.div(t, g.w_rows)
+        hb0 = ops.shl(blk, 1)
+        nh = 2
+        if g.transposed:   # the warpgroup's columns: packed bytes [wg*64, +64), scale rows [wg*2, +2)
+            p_off = ops.add(ops.mul(r, g.p_bytes), ops.add(ops.mul(wg, g.w_cols // 2), ops.shl(blk, 5)))
+            s_off = ops.add(ops.mul(ops.add(ops.mul(wg, g.w_cols // BLOCK), blk), g.s_cols), r)
+        else:              # the warpgroup's rows: packed rows [wg*128, +128), scale columns [wg*128, +128)
+            row = ops.add(ops.mul(wg, g.w_rows), r)
+            p_off = ops.mul(row, g.p_bytes)
+            s_off = row
+    words = []
+    for j in range(nh):
+        words += ops.load_packed_v4(ops.add(p_off, 16 * j))
+    out = _dequant_unit(ops, words, ops.load_scale(s_off))
+    for c in range(4 * nh):
+        chunk = ops.add(ops.shl(hb0, 2), c)                                  # 16-byte chunk of the row
+        ops.store_v4(_swizzled_offset(r, chunk, g.w_cols, ops), out[4 * c: 4 * c + 4])
 
 
 class _NumpyOps:
@@ -298,26 +346,45 @@ class _NumpyOps:
         self.out[idx] = data
 
 
-def _emulate_dequant_tile(packed_tile: np.ndarray, scale_tile: np.ndarray) -> np.ndarray:
-    """Run the GPU dequantization program for all threads of both warpgroups on numpy.
-
-    packed_tile: uint8 [rows, cols/2]; scale_tile: float32 [cols/64, rows]. Returns the tile as the
-    kernel's SMEM holds it, un-swizzled back to bf16 [rows, cols] (as uint16 bits) for comparison."""
-    rows, half = packed_tile.shape
-    cols = 2 * half
-    out = np.zeros(rows * cols * 2, np.uint8)
-    ops = _NumpyOps(packed_tile, scale_tile, out)
-    t = np.arange(WG_ROWS)
-    for wg in range(NUM_COMPUTE_WGS):
-        _dequant_tile_generic(ops, rows, cols, wg, t)
-    # un-swizzle with the layout definition: tiled (8, 64) atoms, 16-byte chunk XOR row % 8
-    tiled = out.view(np.uint16).reshape(rows // 8, cols // 64, 8, 64)
+def _unswizzle(buf: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A [rows, cols] bf16 tile (uint16 bits) from its SMEM bytes: tiled (8, 64) atoms, chunk XOR row % 8."""
+    tiled = buf.view(np.uint16).reshape(rows // 8, cols // 64, 8, 64)
     res = np.zeros((rows, cols), np.uint16)
     for r in range(rows):
         for c in range(cols // 8):
-            atom = tiled[r // 8, c // 8]
-            res[r, 8 * c: 8 * c + 8] = atom[r % 8, 8 * ((c % 8) ^ (r % 8)): 8 * ((c % 8) ^ (r % 8)) + 8]
+            sw = (c % 8) ^ (r % 8)
+            res[r, 8 * c: 8 * c + 8] = tiled[r // 8, c // 8][r % 8, 8 * sw: 8 * sw + 8]
     return res
+
+
+def _emulate_dequant(packed_tile: np.ndarray, scale_tile: np.ndarray, *, transposed: bool,
+                     shared: bool = True) -> np.ndarray:
+    """Run the GPU dequantization program of one pipeline step for all threads of both warpgroups on numpy.
+
+    packed_tile: uint8 [p_rows, p_bytes], scale_tile: float32 [s_rows, s_cols] (the step's TMA tiles).
+    Returns the weight tile(s) the kernel's SMEM then holds, un-swizzled, as bf16 bits: the shared tile
+    [w_rows, w_cols], or (not shared) both warpgroups' tiles placed as in W ([p_rows, 2 * p_bytes])."""
+    g = _Geom(transposed, shared)
+    assert packed_tile.shape == (g.p_rows, g.p_bytes) and scale_tile.shape == (g.s_rows, g.s_cols)
+    t = np.arange(WG_ROWS)
+    tile_bytes = g.w_rows * g.w_cols * 2
+    if shared:
+        out = np.zeros(tile_bytes, np.uint8)
+        ops = _NumpyOps(packed_tile, scale_tile, out)
+        for wg in range(NUM_COMPUTE_WGS):
+            _dequant_program(ops, g, wg, t)
+        return _unswizzle(out, g.w_rows, g.w_cols)
+    tiles = []
+    for wg in range(NUM_COMPUTE_WGS):
+        out = np.zeros(tile_bytes, np.uint8)
+        _dequant_program(_NumpyOps(packed_tile, scale_tile, out), g, wg, t)
+        tiles.append(_unswizzle(out, g.w_rows, g.w_cols))
+    return np.concatenate(tiles, axis=1 if transposed else 0)
+
+
+def _emulate_dequant_tile(packed_tile: np.ndarray, scale_tile: np.ndarray) -> np.ndarray:
+    """Shared-layout step tile from packed [rows, cols/2] and scales [cols/64, rows] (shape picks the op)."""
+    return _emulate_dequant(packed_tile, scale_tile, transposed=packed_tile.shape[0] == K_STEP)
 
 
 class _MgpuOps:
@@ -394,8 +461,9 @@ class _MgpuOps:
         self.llvm.store(vec, self._gep(self.out_ptr, off), alignment=16)
 
 
-def _dequant_into_smem_mgpu(p_ref, s_ref, w_ref, tile_rows: int, tile_cols: int):
-    """Compiled path: the per-thread program through plgpu.inline_mgpu (raw Mosaic GPU)."""
+def _dequant_into_smem_mgpu(g: _Geom, p_ref, s_ref, w_ref):
+    """Compiled path: the per-thread program through plgpu.inline_mgpu (raw Mosaic GPU), then a proxy fence
+    and a warpgroup barrier, so that wgmma (async proxy) sees the tile once anyone signals it ready."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
@@ -406,10 +474,7 @@ def _dequant_into_smem_mgpu(p_ref, s_ref, w_ref, tile_rows: int, tile_cols: int)
         del ctx
         ops = _MgpuOps(mgpu_utils.memref_ptr(p_mem), mgpu_utils.memref_ptr(s_mem), mgpu_utils.memref_ptr(w_mem))
         tid = mgpu_utils.thread_idx()
-        t = ops.and_(tid, WG_ROWS - 1)
-        wg = ops.shr(tid, 7)
-        _dequant_tile_generic(ops, tile_rows, tile_cols, wg, t)
-        # make the generic-proxy stores visible to wgmma (async proxy) before anyone signals the tile ready
+        _dequant_program(ops, g, ops.shr(tid, 7), ops.and_(tid, WG_ROWS - 1))
         mgpu_utils.commit_shared()
 
     _emit(p_ref, s_ref, w_ref)
@@ -423,16 +488,35 @@ def _nf4_values_select(codes):
     return out
 
 
-def _dequant_into_smem_jnp(p_ref, s_ref, w_ref, wg, tile_rows: int, tile_cols: int):
-    """Interpret-mode path: the same rows, dequantized with jnp ops (the interpreter cannot run inline_mgpu)."""
+def _dequant_into_smem_jnp(g: _Geom, p_ref, s_ref, w_ref, wg):
+    """Interpret-mode path: the same part of the tile, dequantized with jnp ops (the interpreter cannot
+    run inline_mgpu)."""
     import jax.experimental.pallas as pl
-    rows_per_wg = tile_rows // NUM_COMPUTE_WGS
-    rows = pl.ds(wg * rows_per_wg, rows_per_wg)
-    p = p_ref[rows, :].astype(jnp.int32)                                    # [rows, cols/2]
-    codes = jnp.stack([p >> 4, p & 0xF], axis=-1).reshape(rows_per_wg, tile_cols)
-    scale = s_ref[:, rows]                                                   # [cols/64, rows]
-    scale = jnp.repeat(scale.T, BLOCK, axis=1)                               # [rows, cols]
-    w_ref[rows, :] = (_nf4_values_select(codes) * scale).astype(jnp.bfloat16)
+    if g.shared:  # half the rows of the shared tile
+        nr = g.w_rows // NUM_COMPUTE_WGS
+        rows = pl.ds(wg * nr, nr)
+        p, sc, w_ref = p_ref[rows, :], s_ref[:, rows], w_ref.at[rows, :]
+    elif g.transposed:  # the warpgroup's columns
+        nr = g.w_rows
+        p = p_ref[:, pl.ds(wg * (g.w_cols // 2), g.w_cols // 2)]
+        sc = s_ref[pl.ds(wg * (g.w_cols // BLOCK), g.w_cols // BLOCK), :]
+    else:  # the warpgroup's rows
+        nr = g.w_rows
+        p = p_ref[pl.ds(wg * g.w_rows, g.w_rows), :]
+        sc = s_ref[:, pl.ds(wg * g.w_rows, g.w_rows)]
+    p = p.astype(jnp.int32)                                                   # [nr, w_cols/2]
+    codes = jnp.stack([p >> 4, p & 0xF], axis=-1).reshape(nr, g.w_cols)
+    scale = jnp.repeat(sc.T, BLOCK, axis=1)                                  # [nr, w_cols]
+    w_ref[...] = (_nf4_values_select(codes) * scale).astype(jnp.bfloat16)
+
+
+def _dequant_step(g: _Geom, p_ref, s_ref, w_ref, wg, interpret: bool):
+    if interpret:
+        import jax.experimental.pallas.mosaic_gpu as plgpu
+        _dequant_into_smem_jnp(g, p_ref, s_ref, w_ref, wg)
+        plgpu.commit_smem()
+    else:
+        _dequant_into_smem_mgpu(g, p_ref, s_ref, w_ref)
 
 
 def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, interpret: bool):
@@ -440,32 +524,36 @@ def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, inter
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
+    g = _Geom(transposed, cfg.shared_dequant)
     m, kc = a.shape
     n, kh = packed.shape
     k = 2 * kh
-    if transposed:
-        assert kc == n, (a.shape, packed.shape)
-        out_cols, tile_rows, tile_cols = k, K_STEP, OUT_COLS
-    else:
-        assert kc == k, (a.shape, packed.shape)
-        out_cols, tile_rows, tile_cols = n, OUT_COLS, K_STEP
-    m_iters, n_iters, k_iters = m // CTA_M, out_cols // OUT_COLS, kc // K_STEP
-    assert m_iters * CTA_M == m and n_iters * OUT_COLS == out_cols and k_iters * K_STEP == kc
-
+    assert kc == (n if transposed else k), (a.shape, packed.shape)
+    out_cols = k if transposed else n
+    m_iters, n_iters, k_iters = m // g.cta_m, out_cols // g.cta_out, kc // K_STEP
+    assert m_iters * g.cta_m == m and n_iters * g.cta_out == out_cols and k_iters * K_STEP == kc, g
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def make_pipeline(body, compute_context):
-        a_spec = plgpu.BlockSpec((CTA_M, K_STEP), lambda s: (0, s), transforms=swizzled, delay_release=1)
+        a_spec = plgpu.BlockSpec((g.cta_m, K_STEP), lambda s: (0, s), transforms=swizzled, delay_release=1)
         if transposed:
-            p_spec = plgpu.BlockSpec((tile_rows, tile_cols // 2), lambda s: (s, 0), delay_release=1)
-            s_spec = plgpu.BlockSpec((tile_cols // BLOCK, tile_rows), lambda s: (0, s), delay_release=1)
+            p_spec = plgpu.BlockSpec((g.p_rows, g.p_bytes), lambda s: (s, 0), delay_release=1)
+            s_spec = plgpu.BlockSpec((g.s_rows, g.s_cols), lambda s: (0, s), delay_release=1)
         else:
-            p_spec = plgpu.BlockSpec((tile_rows, tile_cols // 2), lambda s: (0, s), delay_release=1)
-            s_spec = plgpu.BlockSpec((tile_cols // BLOCK, tile_rows), lambda s: (s, 0), delay_release=1)
+            p_spec = plgpu.BlockSpec((g.p_rows, g.p_bytes), lambda s: (0, s), delay_release=1)
+            s_spec = plgpu.BlockSpec((g.s_rows, g.s_cols), lambda s: (s, 0), delay_release=1)
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(k_iters,), memory_registers=cfg.memory_registers, in_specs=[a_spec, p_spec, s_spec],
             wg_axis="wg", num_compute_wgs=NUM_COMPUTE_WGS, max_concurrent_steps=cfg.stages,
             compute_context=compute_context)
+
+    w_shape = (g.dq_buffers, g.w_rows, g.w_cols) if g.shared else (NUM_COMPUTE_WGS, g.dq_buffers, g.w_rows, g.w_cols)
+    scoped = dict(
+        w_smem=plgpu.SMEM(w_shape, jnp.bfloat16, transforms=swizzled),
+        out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, 2, EPI, EPI), jnp.bfloat16, transforms=swizzled),
+    )
+    if g.shared:
+        scoped["dq_ready"] = plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=g.dq_buffers)
 
     def kernel(a_gmem, p_gmem, s_gmem, out_gmem):
         ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the body
@@ -473,64 +561,69 @@ def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, inter
         @functools.partial(
             pl.run_scoped,
             pipeline_allocs=make_pipeline(ignore, ignore).get_allocations(a_gmem, p_gmem, s_gmem),
-            w_smem=plgpu.SMEM((cfg.dq_buffers, tile_rows, tile_cols), jnp.bfloat16, transforms=swizzled),
-            dq_ready=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=cfg.dq_buffers),
-            out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, 2, EPI, EPI), jnp.bfloat16, transforms=swizzled),
+            **scoped,
             collective_axes="wg",
         )
-        def _scope(pipeline_allocs, w_smem, dq_ready, out_smem):
+        def _scope(pipeline_allocs, w_smem, out_smem, dq_ready=None):
             wg = lax.axis_index("wg")
-            wg_rows = pl.ds(wg * WG_ROWS, WG_ROWS)
+            acc_rows, acc_cols = (WG_ROWS, g.cta_out) if g.shared else (g.cta_m, g.cta_out // NUM_COMPUTE_WGS)
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
             def _tile_loop(info):
                 (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), cfg.grid_minor, cfg.grid_tile_width)
-                m_sl = pl.ds(mi * CTA_M, CTA_M)
-                o_sl = pl.ds(ni * OUT_COLS, OUT_COLS)
-                # dequantized tiles are numbered across output tiles, so the triple-buffer argument in
+                m_sl = pl.ds(mi * g.cta_m, g.cta_m)
+                o_sl = pl.ds(ni * g.cta_out, g.cta_out)
+                # this warpgroup's part of the CTA's output tile
+                out_tile = out_gmem.at[m_sl, o_sl]
+                out_tile = out_tile.at[pl.ds(wg * acc_rows, acc_rows)] if g.shared else \
+                    out_tile.at[:, pl.ds(wg * acc_cols, acc_cols)]
+                # dequantized tiles are numbered across output tiles, so the buffer-reuse argument in
                 # _body holds at tile boundaries too
                 step0 = info.local_index * k_iters
 
                 def compute_context(run_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((WG_ROWS, OUT_COLS), jnp.float32))
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((acc_rows, acc_cols), jnp.float32))
                     def _acc_scope(acc_ref):
                         run_pipeline(acc_ref)
                         acc = acc_ref[...].astype(jnp.bfloat16)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for ei in range(WG_ROWS // EPI):
-                            for ej in range(OUT_COLS // EPI):
-                                slot = (ei * (OUT_COLS // EPI) + ej) % 2
+                        for ei in range(acc_rows // EPI):
+                            for ej in range(acc_cols // EPI):
+                                slot = (ei * (acc_cols // EPI) + ej) % 2
                                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
                                 out_smem[wg, slot] = acc[ei * EPI:(ei + 1) * EPI, ej * EPI:(ej + 1) * EPI]
                                 plgpu.commit_smem()
                                 plgpu.copy_smem_to_gmem(
                                     out_smem.at[wg, slot],
-                                    out_gmem.at[m_sl, o_sl].at[wg_rows].at[
-                                        ei * EPI:(ei + 1) * EPI, ej * EPI:(ej + 1) * EPI])
+                                    out_tile.at[ei * EPI:(ei + 1) * EPI, ej * EPI:(ej + 1) * EPI])
 
                 def _body(idxs, a_smem, p_smem, s_smem, acc_ref):
-                    # Both warpgroups fill half of the shared tile, then wait for each other. Buffer
-                    # g % 3 is rewritten at step g only after this warpgroup passed the barrier of step
-                    # g-1, i.e. after the other one finished step g-2, whose wgmma_wait(1) retired its
-                    # wgmma of step g-3: three buffers are enough, two are not.
                     (step,) = idxs
-                    buf = lax.rem(step0 + step, cfg.dq_buffers)
-                    w_tile = w_smem.at[buf]
-                    if interpret:
-                        _dequant_into_smem_jnp(p_smem, s_smem, w_tile, wg, tile_rows, tile_cols)
-                        plgpu.commit_smem()
+                    buf = lax.rem(step0 + step, g.dq_buffers)
+                    if g.shared:
+                        # Both warpgroups fill half of the shared tile, then wait for each other. Buffer
+                        # j % 3 is rewritten at step j only after this warpgroup passed the barrier of
+                        # step j-1, i.e. after the other one finished step j-2, whose wgmma_wait(1)
+                        # retired its wgmma of step j-3: three buffers are enough, two are not.
+                        w_tile = w_smem.at[buf]
+                        _dequant_step(g, p_smem, s_smem, w_tile, wg, interpret)
+                        plgpu.barrier_arrive(dq_ready.at[buf])
+                        plgpu.barrier_wait(dq_ready.at[buf])
+                        a_rows = a_smem.at[pl.ds(wg * WG_ROWS, WG_ROWS)]
                     else:
-                        _dequant_into_smem_mgpu(p_smem, s_smem, w_tile, tile_rows, tile_cols)
-                    plgpu.barrier_arrive(dq_ready.at[buf])
-                    plgpu.barrier_wait(dq_ready.at[buf])
-                    plgpu.wgmma(acc_ref, a_smem.at[wg_rows], w_tile if transposed else w_tile.T)
+                        # Own tile: buffer j % 2 was last read by this warpgroup's wgmma of step j-2,
+                        # which the wgmma_wait(1) of step j-1 retired.
+                        w_tile = w_smem.at[wg, buf]
+                        _dequant_step(g, p_smem, s_smem, w_tile, wg, interpret)
+                        a_rows = a_smem
+                    plgpu.wgmma(acc_ref, a_rows, w_tile if transposed else w_tile.T)
                     plgpu.wgmma_wait(1)
                     return acc_ref
 
                 if transposed:
-                    p_view = p_gmem.at[:, pl.ds(ni * (OUT_COLS // 2), OUT_COLS // 2)]
-                    s_view = s_gmem.at[pl.ds(ni * (OUT_COLS // BLOCK), OUT_COLS // BLOCK), :]
+                    p_view = p_gmem.at[:, pl.ds(ni * (g.cta_out // 2), g.cta_out // 2)]
+                    s_view = s_gmem.at[pl.ds(ni * (g.cta_out // BLOCK), g.cta_out // BLOCK), :]
                 else:
                     p_view = p_gmem.at[o_sl, :]
                     s_view = s_gmem.at[:, o_sl]
@@ -539,11 +632,10 @@ def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, inter
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    kernel.__name__ = kernel.__qualname__ = f"nf4_matmul_{'t' if transposed else 'fwd'}"
     num_tiles = m_iters * n_iters
     num_sms = _num_sms() if not interpret else min(num_tiles, 4)
-    kwargs = {}
-    if interpret:
-        kwargs["interpret"] = plgpu.InterpretGPUParams()
+    kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
     f = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((m, out_cols), jnp.bfloat16),
@@ -561,21 +653,22 @@ def _num_sms() -> int:
     return int(getattr(dev, "core_count", 132) or 132)
 
 
-def _dequantize_tiles_call(packed, scales_t, *, transposed: bool, interpret: bool):
-    """deq(W) [N, K] bf16 produced tile by tile by exactly the kernel's in-SMEM dequantization (a test hook).
-
-    Each CTA loads one packed tile and its scales with TMA, both warpgroups dequantize their halves into the
-    swizzled SMEM tile as the matmul kernel does, and the tile goes back to HBM through TMA (which
-    un-swizzles it). Only for checking the in-kernel tile bit for bit against `NF4Weight.dequantize`."""
+def _dequantize_tiles_call(packed, scales_t, *, transposed: bool, shared: bool, interpret: bool):
+    """deq(W) [N, K] bf16 produced step tile by step tile by exactly the kernel's in-SMEM dequantization
+    (a test hook). Each CTA loads one step's packed and scale tiles with TMA, both warpgroups dequantize as
+    the matmul kernel does, and the tile(s) go back to HBM through TMA (which un-swizzles them). Only for
+    checking the in-kernel tiles bit for bit against `NF4Weight.dequantize`."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
+    g = _Geom(transposed, shared)
     n, kh = packed.shape
     k = 2 * kh
-    tile_rows, tile_cols = (K_STEP, OUT_COLS) if transposed else (OUT_COLS, K_STEP)
-    if n % tile_rows or k % tile_cols:
-        raise ValueError(f"W shape {(n, k)} is not a multiple of the tile {(tile_rows, tile_cols)}")
+    cta_rows, cta_cols = g.p_rows, 2 * g.p_bytes      # the W region one step covers
+    if n % cta_rows or k % cta_cols:
+        raise ValueError(f"W shape {(n, k)} is not a multiple of the step tile {(cta_rows, cta_cols)}")
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    w_shape = (g.w_rows, g.w_cols) if shared else (NUM_COMPUTE_WGS, g.w_rows, g.w_cols)
 
     def kernel(p_gmem, s_gmem, out_gmem):
         ri = lax.axis_index("r")
@@ -583,45 +676,47 @@ def _dequantize_tiles_call(packed, scales_t, *, transposed: bool, interpret: boo
 
         @functools.partial(
             pl.run_scoped,
-            p_smem=plgpu.SMEM((tile_rows, tile_cols // 2), jnp.uint8),
-            s_smem=plgpu.SMEM((tile_cols // BLOCK, tile_rows), jnp.float32),
-            w_smem=plgpu.SMEM((tile_rows, tile_cols), jnp.bfloat16, transforms=swizzled),
+            p_smem=plgpu.SMEM((g.p_rows, g.p_bytes), jnp.uint8),
+            s_smem=plgpu.SMEM((g.s_rows, g.s_cols), jnp.float32),
+            w_smem=plgpu.SMEM(w_shape, jnp.bfloat16, transforms=swizzled),
             loaded=plgpu.Barrier(num_arrivals=2),  # one arrival (with its bytes) per copy
             done=plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS),
             collective_axes="wg",
         )
         def _scope(p_smem, s_smem, w_smem, loaded, done):
             wg = lax.axis_index("wg")
+            # scales_t is [K/64, N]: the step's scale tile is rows (K blocks) x columns (W rows)
+            s_rows_sl = pl.ds(ci * (cta_cols // BLOCK), cta_cols // BLOCK)
+            s_cols_sl = pl.ds(ri * cta_rows, cta_rows)
 
             @pl.when(wg == 0)
             def _load():
                 plgpu.copy_gmem_to_smem(
-                    p_gmem.at[pl.ds(ri * tile_rows, tile_rows), pl.ds(ci * (tile_cols // 2), tile_cols // 2)],
-                    p_smem, loaded)
-                plgpu.copy_gmem_to_smem(
-                    s_gmem.at[pl.ds(ci * (tile_cols // BLOCK), tile_cols // BLOCK), pl.ds(ri * tile_rows, tile_rows)],
-                    s_smem, loaded)
+                    p_gmem.at[pl.ds(ri * cta_rows, cta_rows), pl.ds(ci * g.p_bytes, g.p_bytes)], p_smem, loaded)
+                plgpu.copy_gmem_to_smem(s_gmem.at[s_rows_sl, s_cols_sl], s_smem, loaded)
 
             plgpu.barrier_wait(loaded)
-            if interpret:
-                _dequant_into_smem_jnp(p_smem, s_smem, w_smem, wg, tile_rows, tile_cols)
-                plgpu.commit_smem()
-            else:
-                _dequant_into_smem_mgpu(p_smem, s_smem, w_smem, tile_rows, tile_cols)
+            w_tile = w_smem if shared else w_smem.at[wg]
+            _dequant_step(g, p_smem, s_smem, w_tile, wg, interpret)
             plgpu.barrier_arrive(done)
             plgpu.barrier_wait(done)
-
-            @pl.when(wg == 0)
-            def _store():
-                plgpu.copy_smem_to_gmem(
-                    w_smem, out_gmem.at[pl.ds(ri * tile_rows, tile_rows), pl.ds(ci * tile_cols, tile_cols)])
+            region = out_gmem.at[pl.ds(ri * cta_rows, cta_rows), pl.ds(ci * cta_cols, cta_cols)]
+            if shared:
+                @pl.when(wg == 0)
+                def _store():
+                    plgpu.copy_smem_to_gmem(w_smem, region)
+                    plgpu.wait_smem_to_gmem(0)
+            else:
+                mine = region.at[:, pl.ds(wg * g.w_cols, g.w_cols)] if transposed else \
+                    region.at[pl.ds(wg * g.w_rows, g.w_rows), :]
+                plgpu.copy_smem_to_gmem(w_smem.at[wg], mine)
                 plgpu.wait_smem_to_gmem(0)
 
     kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
     f = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((n, k), jnp.bfloat16),
-        grid=(n // tile_rows, k // tile_cols),
+        grid=(n // cta_rows, k // cta_cols),
         grid_names=("r", "c"),
         num_threads=NUM_COMPUTE_WGS,
         thread_name="wg",
@@ -635,17 +730,19 @@ def _dequantize_tiles_call(packed, scales_t, *, transposed: bool, interpret: boo
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_impl(impl: str, *, m: int, n: int, k: int, transposed: bool, w: NF4Weight, dtype) -> str:
+def _resolve_impl(impl: str, *, m: int, n: int, k: int, transposed: bool, w: NF4Weight, dtype,
+                  config: TileConfig | None = None) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    g = _Geom(transposed, (config or DEFAULT_CONFIG).shared_dequant)
     why_not = None
     if w.blocksize != BLOCK:
         why_not = f"w.blocksize={w.blocksize} (the kernel needs {BLOCK})"
     elif jnp.dtype(dtype) != jnp.bfloat16:
         why_not = f"activation dtype {jnp.dtype(dtype).name} (the kernel takes bfloat16)"
-    elif not supported(m, n, k, transposed=transposed):
-        need = (f"M % {CTA_M}, K % {OUT_COLS}, N % {K_STEP}" if transposed
-                else f"M % {CTA_M}, N % {OUT_COLS}, K % {K_STEP}")
+    elif not supported(m, n, k, transposed=transposed, config=config):
+        need = (f"M % {g.cta_m}, K % {g.cta_out}, N % {K_STEP}" if transposed
+                else f"M % {g.cta_m}, N % {g.cta_out}, K % {K_STEP}")
         why_not = f"shape M={m}, N={n}, K={k} (the kernel needs {need} == 0)"
     if impl == "auto":
         return "pallas" if why_not is None and jax.default_backend() == "gpu" else "xla"
@@ -665,7 +762,7 @@ def nf4_matmul(x_mk: jax.Array, w: NF4Weight, *, impl: str = "auto", config: Til
         raise ValueError(f"x_mk.shape={tuple(x_mk.shape)} does not end in K={k} (w is [{n}, {k}])")
     lead = x_mk.shape[:-1]
     m = math.prod(lead)
-    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=False, w=w, dtype=x_mk.dtype)
+    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=False, w=w, dtype=x_mk.dtype, config=config)
     if impl == "xla":
         return nf4_matmul_reference(x_mk, w)
     out = _fused_call(x_mk.reshape(m, k), w.packed.reshape(n, k // 2), kernel_scales(w), transposed=False,
@@ -682,7 +779,7 @@ def nf4_matmul_t(dy_mn: jax.Array, w: NF4Weight, *, impl: str = "auto", config: 
         raise ValueError(f"dy_mn.shape={tuple(dy_mn.shape)} does not end in N={n} (w is [{n}, {k}])")
     lead = dy_mn.shape[:-1]
     m = math.prod(lead)
-    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=True, w=w, dtype=dy_mn.dtype)
+    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=True, w=w, dtype=dy_mn.dtype, config=config)
     if impl == "xla":
         return nf4_matmul_t_reference(dy_mn, w)
     out = _fused_call(dy_mn.reshape(m, n), w.packed.reshape(n, k // 2), kernel_scales(w), transposed=True,
@@ -690,7 +787,8 @@ def nf4_matmul_t(dy_mn: jax.Array, w: NF4Weight, *, impl: str = "auto", config: 
     return out.reshape(*lead, k)
 
 
-def dequantize_tiles(w: NF4Weight, *, transposed: bool = False, impl: str = "pallas") -> jax.Array:
+def dequantize_tiles(w: NF4Weight, *, transposed: bool = False, impl: str = "pallas",
+                     config: TileConfig | None = None) -> jax.Array:
     """deq(W) in bf16 as the kernel's SMEM holds it, tile by tile (a test hook; impl "pallas" or "interpret")."""
     n, k = _as_2d_weight(w)
     if impl not in ("pallas", "interpret"):
@@ -698,4 +796,4 @@ def dequantize_tiles(w: NF4Weight, *, transposed: bool = False, impl: str = "pal
     if w.blocksize != BLOCK:
         raise ValueError(f"w.blocksize={w.blocksize}; the kernel needs {BLOCK}")
     return _dequantize_tiles_call(w.packed.reshape(n, k // 2), kernel_scales(w), transposed=transposed,
-                                  interpret=impl == "interpret")
+                                  shared=(config or DEFAULT_CONFIG).shared_dequant, interpret=impl == "interpret")
