@@ -22,6 +22,11 @@ from fastlora_jax import kernels, rope
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 LAYER_INPUT = "decoder_layer_input"  # the name checkpointing policies save or offload
+# What use_gradient_checkpointing=False keeps (training.remat_policy): the outputs of matmuls and of
+# attention; norms, rope and the gated activation are recomputed from them in the backward pass.
+SAVED_ATTENTION_INPUTS = "attention_qkv"
+SAVED_MID_RESIDUAL = "attention_residual"
+SAVED_MLP_INPUTS = "mlp_gate_up"
 
 
 @dataclass(frozen=True)
@@ -210,12 +215,16 @@ def decoder_layer_with_attention(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_b
     k = lin(h, attn["k_proj"], kk).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     v = lin(h, attn["v_proj"], kv).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     q, k = rope.apply_rotary(q, cos_bsr, sin_bsr), rope.apply_rotary(k, cos_bsr, sin_bsr)
+    q, k, v = (checkpoint_name(t, SAVED_ATTENTION_INPUTS) for t in (q, k, v))
     o, aux = attend(q, k, v)
     x_bsd = x_bsd + lin(o.reshape(batch, seq, cfg.num_heads * cfg.head_dim), attn["o_proj"], ko)
+    x_bsd = checkpoint_name(x_bsd, SAVED_MID_RESIDUAL)
 
     h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
     act = kernels.ACTIVATIONS[cfg.hidden_act]
-    gated = act(lin(h, mlp["gate_proj"], kg)) * lin(h, mlp["up_proj"], ku)
+    gate = checkpoint_name(lin(h, mlp["gate_proj"], kg), SAVED_MLP_INPUTS)
+    up = checkpoint_name(lin(h, mlp["up_proj"], ku), SAVED_MLP_INPUTS)
+    gated = act(gate) * up
     return x_bsd + lin(gated, mlp["down_proj"], kd), aux
 
 

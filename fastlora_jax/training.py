@@ -4,7 +4,8 @@
   under `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of keeping them.
 - `use_gradient_checkpointing` is a `jax.checkpoint` policy on each decoder layer (run under `lax.scan`):
   "unsloth" offloads the layer input to pinned host memory and recomputes the layer; True keeps the layer
-  input on the device and recomputes; False saves everything.
+  input on the device and recomputes; False keeps the outputs of matmuls and attention and recomputes only
+  elementwise work (norms, rope, the gated activation).
 - The train step differentiates only the LoRA pytree (fp32 master weights; compute in the model dtype),
   accumulates gradients over micro-batches exactly as one big batch would (token-weighted), and is jitted
   once with its buffers donated.
@@ -28,7 +29,7 @@ def remat_policy(mode):
     global _warned_no_host
     from fastlora_jax.llama import LAYER_INPUT
     if mode is False:
-        return None
+        return save_matmul_outputs_policy()
     if mode is True:
         return jax.checkpoint_policies.nothing_saveable
     if mode == "unsloth":
@@ -42,6 +43,34 @@ def remat_policy(mode):
             names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
             offload_src="device", offload_dst="pinned_host")
     raise ValueError(f"use_gradient_checkpointing={mode!r} is not accepted; use 'unsloth', True or False")
+
+
+def save_matmul_outputs_policy():
+    """use_gradient_checkpointing=False: keep what is expensive to recompute, recompute the rest.
+
+    Kept per layer: its input, the rotated q/k/v, the attention output and its softmax statistics (the
+    fused attention's forward outputs), the residual after attention, and the gate/up projections.
+    Recomputed in the backward pass: the RMS norms, rope and the gated activation (elementwise, memory
+    bound, a few percent of a step) — saving them too would cost about as much memory again. The NF4
+    dequantized weights are never kept (kernels/lora_op.py re-dequantizes in the backward pass).
+    """
+    from jax.ad_checkpoint import checkpoint_name
+    from fastlora_jax.llama import SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS
+    names = frozenset((SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS))
+    name_p = _name_primitive(checkpoint_name)
+
+    def policy(prim, *_, **params):
+        if prim is name_p:
+            return params["name"] in names
+        return prim.name.startswith("dot_product_attention_fwd")  # cuDNN attention: output + softmax stats
+
+    return policy
+
+
+def _name_primitive(checkpoint_name):
+    """The primitive `checkpoint_name` binds (found by tracing it, not by importing a private module)."""
+    jaxpr = jax.make_jaxpr(lambda x: checkpoint_name(x, "probe"))(jnp.zeros(()))
+    return jaxpr.eqns[0].primitive
 
 
 def host_offload_supported() -> bool:
