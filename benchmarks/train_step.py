@@ -86,6 +86,9 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
                 lora, opt_state, metrics = step(lora, opt_state, batch_arrays(), None)
             jax.block_until_ready(metrics)
         profile = summarize_trace(trace_dir, profile_steps)
+        if os.environ.get("OUT") and shape != "tiny":  # the compiled HLO, to map kernel names to ops
+            hlo = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile().as_text()
+            Path(os.environ["OUT"], f"hlo_{shape}_{gc}.txt").write_text(hlo)
     median = float(np.median(times))
     tokens = batch * seq
     stats = jax.devices()[0].memory_stats() or {"peak_bytes_in_use": 0}

@@ -199,4 +199,5 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
     def train_step(lora_params, opt_state, batch, dropout_key):
         return jitted(model.base_params, lora_params, opt_state, batch, dropout_key)
 
+    train_step.jitted = jitted  # (base, lora, opt_state, batch, key): for .lower() / HLO inspection
     return train_step
