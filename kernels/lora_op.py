@@ -22,6 +22,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from fastlora_jax.kernels import reference
@@ -45,8 +46,17 @@ def dense_base_weight(weight_oi, dtype) -> jax.Array:
     scale_ob = weight_oi.absmax_f32().reshape(out_dim, in_dim // 64)
     packed_obj = weight_oi.packed.reshape(out_dim, in_dim // 64, 32)
     table = jnp.asarray(weight_oi.quant_map, jnp.float32)
-    values = jnp.stack([_lookup16(table, packed_obj >> 4), _lookup16(table, packed_obj & 0xF)], axis=-1)
-    return (values * scale_ob[:, :, None, None]).astype(dtype).reshape(out_dim, in_dim)
+    scale = scale_ob[:, :, None]
+    first = (_lookup16(table, packed_obj >> 4) * scale).astype(dtype)  # the high nibble comes first
+    second = (_lookup16(table, packed_obj & 0xF) * scale).astype(dtype)
+    if jnp.dtype(dtype).itemsize == 2:  # pack the pair into one 32-bit word: a plain elementwise kernel
+        bits = jnp.uint32
+        word = (lax.bitcast_convert_type(first, jnp.uint16).astype(bits)
+                | (lax.bitcast_convert_type(second, jnp.uint16).astype(bits) << 16))
+        pair = lax.bitcast_convert_type(word, dtype)  # [..., 2]: (first, second) on little-endian GPUs/CPUs
+    else:
+        pair = jnp.stack([first, second], axis=-1)
+    return pair.reshape(out_dim, in_dim)
 
 
 def _lookup16(table_16, code):
