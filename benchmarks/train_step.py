@@ -29,7 +29,8 @@ def flops_per_token(cfg, seq: int) -> float:
     return 4 * n_matmul + 3 * (2 * seq * cfg.hidden_size * cfg.num_layers)
 
 
-def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool) -> dict:
+def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool,
+            profile_steps: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,6 +77,18 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     times = times[2:]  # 3 warm-up steps in all, counting the compiling one
+    profile = None
+    if profile_steps:
+        import tempfile
+        trace_dir = tempfile.mkdtemp(prefix="fastlora_trace_")
+        with jax.profiler.trace(trace_dir):
+            for _ in range(profile_steps):
+                lora, opt_state, metrics = step(lora, opt_state, batch_arrays(), None)
+            jax.block_until_ready(metrics)
+        profile = summarize_trace(trace_dir, profile_steps)
+        if os.environ.get("OUT") and shape != "tiny":  # the compiled HLO, to map kernel names to ops
+            hlo = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile().as_text()
+            Path(os.environ["OUT"], f"hlo_{shape}_{gc}.txt").write_text(hlo)
     median = float(np.median(times))
     tokens = batch * seq
     stats = jax.devices()[0].memory_stats() or {"peak_bytes_in_use": 0}
@@ -86,7 +99,46 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "step_ms": round(median * 1e3, 2), "peak_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3),
         "setup_gib": round(setup_bytes / 2 ** 30, 3), "mfu": round(tps * flops_per_token(cfg, seq) / 784e12, 4),
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
+        "nf4_matmul": os.environ.get("FASTLORA_NF4_MATMUL", "xla"),
+        **({"profile": profile} if profile else {}),
     }
+
+
+CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports them
+    ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "wgmma", "matmul", "dot")),
+    ("host offload copies", ("memcpy", "copy")),
+    ("fusions (elementwise, reductions, dequantize)", ("fusion", "loop", "reduce", "input_", "transpose")),
+)
+
+
+def summarize_trace(trace_dir: str, steps: int) -> dict:
+    """GPU kernel time per step by category and the top kernels, from the profiler's xplane file."""
+    import glob
+
+    from jax.profiler import ProfileData
+    files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    if not files:
+        return {"error": "no trace written"}
+    data = ProfileData.from_file(files[0])
+    per_kernel: dict[str, float] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for event in line.events:
+                per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.duration_ns / 1e6 / steps
+    by_category: dict[str, float] = {}
+    for name, ms in per_kernel.items():
+        low = name.lower()
+        category = next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+        by_category[category] = by_category.get(category, 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    return {"gpu_ms_per_step": round(sum(per_kernel.values()), 2),
+            "by_category_ms": {k: round(v, 2) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[name[:120], round(ms, 3)] for name, ms in top]}
 
 
 def main() -> None:
@@ -97,19 +149,22 @@ def main() -> None:
     parser.add_argument("--gc", nargs="+", default=["unsloth"], choices=["unsloth", "true", "false"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-4bit", action="store_true")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, trace STEPS more steps and report GPU time by kernel category")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per config (default: %(default)s)")
     parser.add_argument("--vs-unsloth", action="store_true",
                         help="also run ../shared/bench/torch_peers.py (carried as .peers/) for Unsloth in this invocation")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.shape, args.batch, args.seq, args.gc[0], args.steps, not args.no_4bit)),
-              flush=True)
+        print(json.dumps(run_one(args.shape, args.batch, args.seq, args.gc[0], args.steps, not args.no_4bit,
+                                 args.profile)), flush=True)
         return
     ours = {}
     for gc in args.gc:
         cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--batch", str(args.batch), "--seq",
-               str(args.seq), "--gc", gc, "--steps", str(args.steps)] + (["--no-4bit"] if args.no_4bit else [])
+               str(args.seq), "--gc", gc, "--steps", str(args.steps), "--profile", str(args.profile)]
+        cmd += ["--no-4bit"] if args.no_4bit else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.timeout)
         except subprocess.TimeoutExpired as err:

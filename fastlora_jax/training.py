@@ -4,7 +4,8 @@
   under `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of keeping them.
 - `use_gradient_checkpointing` is a `jax.checkpoint` policy on each decoder layer (run under `lax.scan`):
   "unsloth" offloads the layer input to pinned host memory and recomputes the layer; True keeps the layer
-  input on the device and recomputes; False saves everything.
+  input on the device and recomputes; False keeps the outputs of matmuls and attention and recomputes only
+  elementwise work (norms, rope, the gated activation).
 - The train step differentiates only the LoRA pytree (fp32 master weights; compute in the model dtype),
   accumulates gradients over micro-batches exactly as one big batch would (token-weighted), and is jitted
   once with its buffers donated.
@@ -17,6 +18,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 IGNORE_INDEX = -100
@@ -28,7 +30,7 @@ def remat_policy(mode):
     global _warned_no_host
     from fastlora_jax.llama import LAYER_INPUT
     if mode is False:
-        return None
+        return save_matmul_outputs_policy()
     if mode is True:
         return jax.checkpoint_policies.nothing_saveable
     if mode == "unsloth":
@@ -42,6 +44,34 @@ def remat_policy(mode):
             names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
             offload_src="device", offload_dst="pinned_host")
     raise ValueError(f"use_gradient_checkpointing={mode!r} is not accepted; use 'unsloth', True or False")
+
+
+def save_matmul_outputs_policy():
+    """use_gradient_checkpointing=False: keep what is expensive to recompute, recompute the rest.
+
+    Kept per layer: its input, the rotated q/k/v, the attention output and its softmax statistics (the
+    fused attention's forward outputs), the residual after attention, and the gate/up projections.
+    Recomputed in the backward pass: the RMS norms, rope and the gated activation (elementwise, memory
+    bound, a few percent of a step) — saving them too would cost about as much memory again. The NF4
+    dequantized weights are never kept (kernels/lora_op.py re-dequantizes in the backward pass).
+    """
+    from jax.ad_checkpoint import checkpoint_name
+    from fastlora_jax.llama import SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS
+    names = frozenset((SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS))
+    name_p = _name_primitive(checkpoint_name)
+
+    def policy(prim, *_, **params):
+        if prim is name_p:
+            return params["name"] in names
+        return prim.name.startswith("dot_product_attention_fwd")  # cuDNN attention: output + softmax stats
+
+    return policy
+
+
+def _name_primitive(checkpoint_name):
+    """The primitive `checkpoint_name` binds (found by tracing it, not by importing a private module)."""
+    jaxpr = jax.make_jaxpr(lambda x: checkpoint_name(x, "probe"))(jnp.zeros(()))
+    return jaxpr.eqns[0].primitive
 
 
 def host_offload_supported() -> bool:
@@ -87,6 +117,77 @@ def chunked_cross_entropy(hidden_nd: jax.Array, targets_n: jax.Array, logits_fn,
     return total, count
 
 
+def fused_head_cross_entropy(hidden_nd: jax.Array, weight_vd: jax.Array, targets_n: jax.Array, chunk_tokens: int):
+    """`chunked_cross_entropy` for a frozen, plain output layer (`logits = h @ Wᵀ`), with the gradient
+    w.r.t. the hidden states computed during the forward pass.
+
+    Each chunk's logits are made once: the forward pass takes the loss and `dlogits = softmax - onehot`
+    from them and keeps only `dh = dlogits @ W` ([tokens, hidden], small); the backward pass scales it.
+    The checkpointed version makes every chunk's logits twice (the output layer is 5-15% of a step's
+    FLOPs). W gets no gradient, so this applies only when the head is not trained (no LoRA on lm_head,
+    not in modules_to_save, and not tied to a trained embedding).
+    """
+    n, d = hidden_nd.shape
+    chunk = min(chunk_tokens, n)
+    pad = (-n) % chunk
+    h_pad = jnp.pad(hidden_nd, ((0, pad), (0, 0)))
+    t_pad = jnp.pad(targets_n, (0, pad), constant_values=IGNORE_INDEX)
+    loss, count, _ = _fused_ce(h_pad.reshape(-1, chunk, d), weight_vd, t_pad.reshape(-1, chunk))
+    return loss, count
+
+
+def _fused_ce_chunks(h_kcd, weight_vd, t_kc):
+    w = weight_vd.astype(h_kcd.dtype)
+
+    def body(carry, xs):
+        h_cd, t_c = xs
+        logits = jnp.einsum("cd,vd->cv", h_cd, w, preferred_element_type=h_cd.dtype).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        valid = t_c != IGNORE_INDEX
+        safe_t = jnp.where(valid, t_c, 0)
+        target_logit = jnp.take_along_axis(logits, safe_t[:, None], axis=-1)[:, 0]
+        probs = jnp.exp(logits - lse[:, None])
+        onehot = jnp.arange(logits.shape[-1], dtype=safe_t.dtype)[None, :] == safe_t[:, None]
+        dlogits = jnp.where(valid[:, None], probs - onehot, 0.0).astype(h_cd.dtype)
+        dh_cd = jnp.einsum("cv,vd->cd", dlogits, w, preferred_element_type=h_cd.dtype)
+        loss = jnp.sum(jnp.where(valid, lse - target_logit, 0.0))
+        return (carry[0] + loss, carry[1] + jnp.sum(valid)), dh_cd
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (loss, count), dh_kcd = jax.lax.scan(body, init, (h_kcd, t_kc))
+    return loss, count, dh_kcd
+
+
+@jax.custom_vjp
+def _fused_ce(h_kcd, weight_vd, t_kc):
+    return _fused_ce_chunks(h_kcd, weight_vd, t_kc)
+
+
+def _fused_ce_fwd(h_kcd, weight_vd, t_kc):
+    loss, count, dh_kcd = _fused_ce_chunks(h_kcd, weight_vd, t_kc)
+    return (loss, count, dh_kcd), (dh_kcd, weight_vd, t_kc)
+
+
+def _fused_ce_bwd(residuals, cotangents):
+    dh_kcd, weight_vd, t_kc = residuals
+    g_loss = cotangents[0]
+    dh = (dh_kcd.astype(jnp.float32) * g_loss).astype(dh_kcd.dtype)
+    return dh, None, None  # the head and the targets get no gradient
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+def head_is_frozen(cfg, lora) -> bool:
+    """True when the output layer gets no gradient: no LoRA/copy of lm_head, and no trained tied embedding."""
+    if lora is None:
+        return True
+    if "lm_head" in lora:
+        return False
+    embed = lora.get("model", {}).get("embed_tokens", {})
+    return not (cfg.tie_word_embeddings and "weight" in embed)
+
+
 def default_chunk_tokens(vocab_size: int) -> int:
     """Tokens per loss chunk so that one chunk's fp32 logits stay near 256 MiB."""
     return int(max(64, min(8192, 2 ** 26 // max(vocab_size, 1))))
@@ -105,6 +206,9 @@ def loss_sum_and_count(model, base, lora, meta, input_ids, labels, cos, sin, att
     logits_fn = partial(family._linear, module=head, key=head_key, dropout_rate=dropout_rate)
     targets = shift_labels(labels)
     b, s, d = hidden.shape
+    if head_is_frozen(cfg, lora) and set(head) == {"weight"} and not hasattr(head["weight"], "dequantize"):
+        return fused_head_cross_entropy(hidden.reshape(b * s, d), head["weight"], targets.reshape(b * s),
+                                        chunk_tokens)
     return chunked_cross_entropy(hidden.reshape(b * s, d), targets.reshape(b * s),
                                  lambda h: logits_fn(h), chunk_tokens)
 
@@ -155,9 +259,15 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             return (grads_sum, loss_sum + loss, count_sum + count), None
 
-        zeros = jax.tree.map(jnp.zeros_like, lora_params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, loss_total, count), _ = jax.lax.scan(micro, init, (batch, keys))
+        if accum == 1:  # no accumulation buffer: one fewer copy of the LoRA gradients in memory
+            (loss_total, count), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+                base_params, lora_params, batch["input_ids"][0], batch["labels"][0],
+                None if batch.get("attention_mask") is None else batch["attention_mask"][0],
+                None if keys is None else keys[0])
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, lora_params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+            (grads, loss_total, count), _ = jax.lax.scan(micro, init, (batch, keys))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, opt_state, lora_params)
@@ -170,4 +280,5 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
     def train_step(lora_params, opt_state, batch, dropout_key):
         return jitted(model.base_params, lora_params, opt_state, batch, dropout_key)
 
+    train_step.jitted = jitted  # (base, lora, opt_state, batch, key): for .lower() / HLO inspection
     return train_step

@@ -1,0 +1,102 @@
+"""The hot-path ops with hand-written VJPs against their references: the LoRA linear (kernels/lora_op.py),
+its one-pass NF4 dequantization, the fused output-layer cross-entropy, and what the False checkpointing
+mode keeps for the backward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import LlamaConfig
+
+from conftest import rel_l2
+from fastlora_jax import FastLanguageModel, llama
+from fastlora_jax.convert.load import random_base_params
+from fastlora_jax.kernels import lora_op, reference
+from fastlora_jax.model import CausalLM
+from fastlora_jax.quant import NF4Weight
+from fastlora_jax.training import IGNORE_INDEX, chunked_cross_entropy, fused_head_cross_entropy
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (40, 192), (33, 64)])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_one_pass_dequantize_is_bit_exact(rng, shape, double_quant, dtype):
+    w = NF4Weight.quantize(jnp.asarray(rng.standard_normal(shape) * 0.05, jnp.float32), double_quant=double_quant)
+    fast = np.asarray(lora_op.dense_base_weight(w, dtype)).view(np.uint8)
+    ref = np.asarray(w.dequantize(dtype)).view(np.uint8)
+    assert np.array_equal(fast, ref)
+
+
+def _module(rng, nf4: bool, bias: bool, out=96, inp=128, r=8):
+    w = jnp.asarray(rng.standard_normal((out, inp)) * 0.05, jnp.float32)
+    module = {"weight": NF4Weight.quantize(w) if nf4 else w,
+              "lora_A": jnp.asarray(rng.standard_normal((r, inp)) * 0.1, jnp.float32),
+              "lora_B": jnp.asarray(rng.standard_normal((out, r)) * 0.1, jnp.float32),
+              "scaling": jnp.float32(rng.uniform(0.5, 2.0))}
+    if bias:
+        module["bias"] = jnp.asarray(rng.standard_normal(out), jnp.float32)
+    return module
+
+
+@pytest.mark.parametrize("nf4", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_value_and_gradients_match_reference(rng, nf4, dropout, bias):
+    module = _module(rng, nf4, bias)
+    x = jnp.asarray(rng.standard_normal((2, 7, 128)), jnp.float32)
+    key = jax.random.PRNGKey(int(rng.integers(1 << 30))) if dropout else None
+    probe = jnp.asarray(rng.standard_normal((2, 7, 96)), jnp.float32)
+
+    def loss(op, x, a, b, bias_o):
+        m = dict(module, lora_A=a, lora_B=b, **({"bias": bias_o} if bias else {}))
+        return jnp.sum(jnp.tanh(op(x, m, key, dropout)) * probe)
+
+    args = (x, module["lora_A"], module["lora_B"], module.get("bias", jnp.zeros(96)))
+    got = jax.value_and_grad(lambda *a: loss(lora_op.lora_linear, *a), argnums=(0, 1, 2, 3))(*args)
+    want = jax.value_and_grad(lambda *a: loss(reference.lora_linear, *a), argnums=(0, 1, 2, 3))(*args)
+    assert rel_l2(got[0], want[0]) < 1e-5
+    for g, w in zip(got[1][:3 + bias], want[1][:3 + bias]):
+        assert rel_l2(g, w) < 1e-5
+
+
+def test_lora_linear_bf16_close_to_fp32_reference(rng):
+    module = _module(rng, True, False, out=128, inp=256, r=16)
+    x = jnp.asarray(rng.standard_normal((4, 64, 256)), jnp.float32)
+    m16 = dict(module, lora_A=module["lora_A"].astype(jnp.bfloat16), lora_B=module["lora_B"].astype(jnp.bfloat16))
+    got = lora_op.lora_linear(x.astype(jnp.bfloat16), m16)
+    want = reference.lora_linear(x, module)
+    assert rel_l2(got.astype(jnp.float32), want) < 1e-2
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 64])
+def test_fused_cross_entropy_matches_checkpointed_chunks(rng, chunk):
+    n, d, vocab = 37, 24, 50
+    h = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((vocab, d)) * 0.3, jnp.float32)
+    t = rng.integers(0, vocab, n)
+    t[rng.random(n) < 0.3] = IGNORE_INDEX
+    t = jnp.asarray(t, jnp.int32)
+    fused = jax.value_and_grad(lambda h: fused_head_cross_entropy(h, w, t, chunk)[0])(h)
+    plain = jax.value_and_grad(lambda h: chunked_cross_entropy(h, t, lambda x: x @ w.T, chunk)[0])(h)
+    assert rel_l2(fused[0], plain[0]) < 1e-6
+    assert rel_l2(fused[1], plain[1]) < 1e-5
+    assert int(fused_head_cross_entropy(h, w, t, chunk)[1]) == int(jnp.sum(t != IGNORE_INDEX))
+
+
+def test_false_mode_keeps_no_dequantized_weight():
+    """use_gradient_checkpointing=False: the backward pass keeps activations, never [out, in] weights."""
+    hf = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+    hf.architectures = ["LlamaForCausalLM"]
+    cfg = llama.Config.from_hf(hf)
+    base = random_base_params(llama, cfg, jnp.bfloat16, True)
+    model = CausalLM(hf, llama, cfg, base, jnp.bfloat16, name_or_path="probe", max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False)
+    loss = model.loss_sum_fn()
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 32)), jnp.int32)
+    fn = jax.linearize(lambda lora: loss(model.base_params, lora, ids, ids, None, None)[0], model.lora_params)[1]
+    residual_shapes = [tuple(c.shape) for c in jax.tree.leaves(fn) if hasattr(c, "shape")]
+    weight_shapes = {(192, 64), (64, 192), (64, 64), (32, 64)}
+    weight_shapes |= {(2,) + s for s in weight_shapes}
+    assert not weight_shapes & set(residual_shapes), residual_shapes
+    assert (2, 1, 32, 192) in residual_shapes  # the gate/up outputs are kept, stacked over the 2 layers
