@@ -97,7 +97,38 @@ def _make_sets(m, n, k, sets, transposed, seed=0):
     return xs, ws, dense
 
 
-def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impls):
+VARIANTS = {
+    "shared": nm.TileConfig(shared_dequant=True),
+    "split": nm.TileConfig(shared_dequant=False),
+    "split5": nm.TileConfig(shared_dequant=False, stages=5),
+    "shared_m0": nm.TileConfig(shared_dequant=True, grid_minor=0),
+    "shared_w16": nm.TileConfig(shared_dequant=True, grid_tile_width=16),
+}
+
+
+def _kernel_names(fn, args):
+    """(kernel name, ms) of one call, through CUPTI; None where CUPTI is unavailable."""
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+        _, per_kernel = profiler.measure(fn, aggregate=False)(*args)
+        return [(name[:60], round(ms, 4)) for name, ms in per_kernel]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _example_dense_pallas(xs, dense, transposed):
+    """JAX's own Hopper bf16 Pallas matmul (ops/gpu/hopper_matmul_mgpu.py) on the dense weight, with the
+    same CTA skeleton as our shared layout (2 x 128 x 128 warpgroup tiles along M, k-step 64, 4 stages):
+    what this pipeline structure reaches when there is nothing to dequantize."""
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+    cfg = hm.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
+                          wg_dimension=hm.MatmulDimension.M, grid_tile_width=8)
+    bs = [d if transposed else d.T for d in dense]          # [contraction, out]
+    bs = [jnp.asarray(b) for b in jax.block_until_ready(bs)]
+    return jax.jit(lambda xs, bs: [hm.matmul(x, b, None, cfg) for x, b in zip(xs, bs)]), (xs, bs)
+
+
+def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impls, variants=()):
     if sets is None:  # enough distinct inputs that they cannot stay in the 50 MB L2 between runs
         set_bytes = m * (n if transposed else k) * 2 + n * k // 2 + m * (k if transposed else n) * 2
         sets = int(min(32, max(4, -(-200_000_000 // set_bytes))))
@@ -117,10 +148,27 @@ def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impl
     for impl in impls:
         args = (xs, dense) if impl == "dense" else (xs, ws)
         try:
+            if impl == "dense_pallas":
+                fn, args = _example_dense_pallas(xs, dense, transposed)
+                res[impl] = _time_call(fn, args, reps) / sets
+                continue
             res[impl] = _time_call(multi(impl), args, reps) / sets
+            if impl == "pallas":
+                one = jax.jit(lambda x, w: op(x, w, impl="pallas", config=config))
+                res["kernels"] = _kernel_names(one, (xs[0], ws[0]))
         except Exception as e:  # report, keep going with the other impls
             res[impl] = None
             res[impl + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    var_ms = {}
+    for name in variants:
+        vcfg = VARIANTS[name]
+        if not nm.supported(m, n, k, transposed=transposed, config=vcfg):
+            continue
+        try:
+            fn = jax.jit(lambda xs, ws, vcfg=vcfg: [op(x, w, impl="pallas", config=vcfg) for x, w in zip(xs, ws)])
+            var_ms[name] = round(_time_call(fn, (xs, ws), reps) / sets * 1e3, 4)
+        except Exception as e:  # noqa: BLE001
+            var_ms[name] = f"{type(e).__name__}: {str(e)[:200]}"
     # correctness of what was timed, on the first set
     if res.get("pallas") is not None:
         ref = nm.nf4_matmul_t_reference(xs[0], ws[0]) if transposed else nm.nf4_matmul_reference(xs[0], ws[0])
@@ -141,13 +189,19 @@ def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impl
         "gflop": round(flops / 1e9, 3), "mbytes": round(nbytes / 1e6, 2), "sets": sets, "reps": reps,
         "timer": TIMER["kind"],
     }
+    if "dense_pallas" in res:
+        line["dense_pallas_ms"] = None if res["dense_pallas"] is None else round(res["dense_pallas"] * 1e3, 4)
+    if var_ms:
+        line["variants_ms"] = var_ms
+    if res.get("kernels"):
+        line["kernels"] = res["kernels"]
     for impl, key in (("pallas", "kernel"), ("xla", "xla"), ("dense", "dense")):
         if res.get(impl):
             line[f"{key}_frac"] = round(floor / res[impl], 3)
             line[f"{key}_tflops"] = round(flops / res[impl] / 1e12, 1)
     if res.get("pallas") and res.get("xla"):
         line["kernel_speedup_vs_xla"] = round(res["xla"] / res["pallas"], 3)
-    for key in ("kernel_rel_l2", "pallas_error", "xla_error", "dense_error"):
+    for key in ("kernel_rel_l2", "pallas_error", "xla_error", "dense_error", "dense_pallas_error"):
         if key in res:
             line[key] = res[key]
     return line
@@ -158,7 +212,11 @@ def main(argv=None):
     ap.add_argument("--m", type=int, default=4096)
     ap.add_argument("--models", nargs="+", default=list(SHAPES))
     ap.add_argument("--ops", nargs="+", default=["fwd", "t"], choices=["fwd", "t"])
-    ap.add_argument("--impls", nargs="+", default=["pallas", "xla", "dense"], choices=["pallas", "xla", "dense"])
+    ap.add_argument("--impls", nargs="+", default=["pallas", "xla", "dense"],
+                    choices=["pallas", "xla", "dense", "dense_pallas"])
+    ap.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                    help="other kernel configurations to time as well (variants_ms)")
+    ap.add_argument("--shared-dequant", type=int, default=int(nm.DEFAULT_CONFIG.shared_dequant))
     ap.add_argument("--sets", type=int, default=None, help="distinct input sets per timed call (default: >= 200 MB)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--stages", type=int, default=nm.DEFAULT_CONFIG.stages)
@@ -168,14 +226,16 @@ def main(argv=None):
     ap.add_argument("--command", default=None, help="the command line to record")
     args = ap.parse_args(argv)
 
-    config = nm.TileConfig(stages=args.stages, grid_minor=args.grid_minor, grid_tile_width=args.grid_tile_width)
+    config = nm.TileConfig(stages=args.stages, grid_minor=args.grid_minor, grid_tile_width=args.grid_tile_width,
+                           shared_dequant=bool(args.shared_dequant))
     dev = jax.devices()[0]
     copy_bw = copy_bandwidth()
     meta = {
         "gpu": dev.device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
         "command": args.command or "python benchmarks/nf4_matmul.py " + " ".join(argv or sys.argv[1:]),
         "copy_gbps": round(copy_bw / 1e9, 1), "config": {"stages": config.stages, "grid_minor": config.grid_minor,
-                                                          "grid_tile_width": config.grid_tile_width},
+                                                          "grid_tile_width": config.grid_tile_width,
+                                                          "shared_dequant": config.shared_dequant},
     }
     print(json.dumps({"bench": "nf4_matmul_ceilings", **meta, "dense_8192_tflops": round(dense_rate() / 1e12, 1)}),
           flush=True)
@@ -187,17 +247,18 @@ def main(argv=None):
         for n, k in shapes:
             for op in args.ops:
                 line = bench_shape(model, args.m, n, k, op == "t", sets=args.sets, reps=args.reps,
-                                   copy_bw=copy_bw, config=config, impls=args.impls)
+                                   copy_bw=copy_bw, config=config, impls=args.impls, variants=args.variants)
                 line.update(meta)
                 print(json.dumps(line), flush=True)
                 rows.append(line)
-    print("\n| model | op | M | N | K | kernel ms | frac of floor | XLA ms | XLA frac | dense ms | kernel/XLA speedup |",
-          file=sys.stderr)
-    print("|---|---|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
+    print("\n| model | op | M | N | K | kernel ms | frac of floor | XLA ms | XLA frac | dense ms | kernel/XLA | "
+          "variants ms | dense Pallas ms |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
     for r in rows:
+        var = " ".join(f"{k}={v}" for k, v in (r.get("variants_ms") or {}).items())
         print(f"| {r['model']} | {r['op']} | {r['M']} | {r['N']} | {r['K']} | {r['kernel_ms']} | "
               f"{r.get('kernel_frac')} | {r['xla_ms']} | {r.get('xla_frac')} | {r['dense_ms']} | "
-              f"{r.get('kernel_speedup_vs_xla')} |", file=sys.stderr)
+              f"{r.get('kernel_speedup_vs_xla')} | {var} | {r.get('dense_pallas_ms')} |", file=sys.stderr)
 
 
 if __name__ == "__main__":
