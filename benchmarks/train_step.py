@@ -34,13 +34,13 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from fastlora_jax.convert.load import random_base_params
+    from shapes import SHAPES
     from transformers import LlamaConfig
 
     from fastlora_jax import FastLanguageModel, llama
-    from fastlora_jax.convert.load import random_base_params
     from fastlora_jax.model import CausalLM
     from fastlora_jax.training import make_optimizer, make_train_step
-    from shapes import SHAPES
 
     hf_config = LlamaConfig(**SHAPES[shape])
     hf_config.architectures = ["LlamaForCausalLM"]

@@ -385,13 +385,8 @@ class VisionCausalLM(CausalLM):
             rate = dropout_rate if dropout_key is not None else 0.0
             hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
                                           dropout_key, rate, remat=remat, vision=vision)
-            head = family.lm_head_module(cfg, params)
-            head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
-            targets = training.shift_labels(labels)
-            b, s, d = hidden.shape
-            return training.chunked_cross_entropy(
-                hidden.reshape(b * s, d), targets.reshape(b * s),
-                lambda h: family._linear(h, head, head_key, rate), chunk)
+            return training.output_layer_loss(family, cfg, params, lora_params, hidden, labels, dropout_key, rate,
+                                              chunk)
 
         return loss_sum
 

@@ -14,11 +14,9 @@
 from __future__ import annotations
 
 import warnings
-from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 IGNORE_INDEX = -100
@@ -56,7 +54,12 @@ def save_matmul_outputs_policy():
     dequantized weights are never kept (kernels/lora_op.py re-dequantizes in the backward pass).
     """
     from jax.ad_checkpoint import checkpoint_name
-    from fastlora_jax.llama import SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS
+
+    from fastlora_jax.llama import (
+        SAVED_ATTENTION_INPUTS,
+        SAVED_MID_RESIDUAL,
+        SAVED_MLP_INPUTS,
+    )
     names = frozenset((SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS))
     name_p = _name_primitive(checkpoint_name)
 
@@ -178,13 +181,15 @@ def _fused_ce_bwd(residuals, cotangents):
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-def head_is_frozen(cfg, lora) -> bool:
-    """True when the output layer gets no gradient: no LoRA/copy of lm_head, and no trained tied embedding."""
+def head_is_frozen(family, cfg, lora) -> bool:
+    """True when the output layer gets no gradient: no LoRA/copy of it, and no trained tied embedding."""
     if lora is None:
         return True
-    if "lm_head" in lora:
+    if family.OUTPUT_LAYER in lora:
         return False
-    embed = lora.get("model", {}).get("embed_tokens", {})
+    embed = lora
+    for key in family.EMBED_TOKENS.split("."):
+        embed = embed.get(key, {}) if isinstance(embed, dict) else {}
     return not (cfg.tie_word_embeddings and "weight" in embed)
 
 
@@ -201,16 +206,21 @@ def loss_sum_and_count(model, base, lora, meta, input_ids, labels, cos, sin, att
     params = combine(base, lora, meta)
     hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype, dropout_key,
                                   dropout_rate, remat=remat)
+    return output_layer_loss(family, cfg, params, lora, hidden, labels, dropout_key, dropout_rate, chunk_tokens)
+
+
+def output_layer_loss(family, cfg, params, lora, hidden_bsd, labels_bs, dropout_key, dropout_rate, chunk_tokens):
+    """(loss sum, counted tokens) of the output layer over the final hidden states: the fused version when
+    the head is frozen and plain, the checkpointed chunks otherwise (LoRA or a trained copy on the head)."""
     head = family.lm_head_module(cfg, params)
-    head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
-    logits_fn = partial(family._linear, module=head, key=head_key, dropout_rate=dropout_rate)
-    targets = shift_labels(labels)
-    b, s, d = hidden.shape
-    if head_is_frozen(cfg, lora) and set(head) == {"weight"} and not hasattr(head["weight"], "dequantize"):
-        return fused_head_cross_entropy(hidden.reshape(b * s, d), head["weight"], targets.reshape(b * s),
+    targets = shift_labels(labels_bs)
+    b, s, d = hidden_bsd.shape
+    if head_is_frozen(family, cfg, lora) and set(head) == {"weight"} and not hasattr(head["weight"], "dequantize"):
+        return fused_head_cross_entropy(hidden_bsd.reshape(b * s, d), head["weight"], targets.reshape(b * s),
                                         chunk_tokens)
-    return chunked_cross_entropy(hidden.reshape(b * s, d), targets.reshape(b * s),
-                                 lambda h: logits_fn(h), chunk_tokens)
+    head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
+    return chunked_cross_entropy(hidden_bsd.reshape(b * s, d), targets.reshape(b * s),
+                                 lambda h: family._linear(h, head, head_key, dropout_rate), chunk_tokens)
 
 
 # ------------------------------------------------------------------------------------------ optimizer

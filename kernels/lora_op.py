@@ -22,10 +22,10 @@ import os
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
-
 from fastlora_jax.kernels import reference
+from jax import lax
+
 from fastlora_jax.quant import NF4Weight
 
 

@@ -6,15 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from transformers import LlamaConfig
-
 from conftest import rel_l2
-from fastlora_jax import FastLanguageModel, llama
 from fastlora_jax.convert.load import random_base_params
 from fastlora_jax.kernels import lora_op, reference
+from transformers import LlamaConfig
+
+from fastlora_jax import FastLanguageModel, llama
 from fastlora_jax.model import CausalLM
 from fastlora_jax.quant import NF4Weight
-from fastlora_jax.training import IGNORE_INDEX, chunked_cross_entropy, fused_head_cross_entropy
+from fastlora_jax.training import (
+    IGNORE_INDEX,
+    chunked_cross_entropy,
+    fused_head_cross_entropy,
+)
 
 
 @pytest.mark.parametrize("shape", [(96, 128), (40, 192), (33, 64)])
