@@ -57,7 +57,9 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     step = make_train_step(model, optimizer)
     rng = np.random.default_rng(0)
     jax.block_until_ready((lora, opt_state))
-    setup_bytes = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)  # CPU: no stats
+    setup_stats = jax.devices()[0].memory_stats() or {}  # CPU: no stats
+    setup_bytes = setup_stats.get("bytes_in_use", 0)
+    setup_peak = setup_stats.get("peak_bytes_in_use", 0)  # drawing and quantizing the random base
 
     def batch_arrays():
         ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, batch, seq)), dtype=jnp.int32)
@@ -97,7 +99,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "bench": "train_step", "system": "fastlora_jax", "gpu": jax.devices()[0].device_kind, "shape": shape,
         "batch": batch, "seq": seq, "gc": gc, "load_in_4bit": load_in_4bit, "tokens_per_s": round(tps, 1),
         "step_ms": round(median * 1e3, 2), "peak_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3),
-        "setup_gib": round(setup_bytes / 2 ** 30, 3), "mfu": round(tps * flops_per_token(cfg, seq) / 784e12, 4),
+        "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3), "mfu": round(tps * flops_per_token(cfg, seq) / 784e12, 4),
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
         "nf4_matmul": os.environ.get("FASTLORA_NF4_MATMUL", "xla"),
         **({"profile": profile} if profile else {}),

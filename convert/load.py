@@ -217,8 +217,8 @@ def random_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, seed:
                        double_quant: bool = True) -> dict:
     """A base pytree of random weights drawn and quantized on the device (benchmarks: no files needed)."""
     key = jax.random.key(seed)
-    draw = jax.jit(lambda k, shape: (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype),
-                   static_argnums=1)
+    # Drawn in `dtype` directly: an fp32 draw of a 128k-vocab embedding would be the run's peak.
+    draw = jax.jit(lambda k, shape: jax.random.normal(k, shape, dtype) * jnp.asarray(std, dtype), static_argnums=1)
     params: dict = {}
     for n, (name, (shape, kind)) in enumerate(family.top_tensors(cfg).items()):
         value = jnp.ones(shape, dtype) if kind == "norm" else draw(jax.random.fold_in(key, n), shape)
