@@ -151,6 +151,17 @@ def _linear(x, module: dict, key=None, dropout_rate: float = 0.0):
     return kernels.linear(x, module["weight"], module.get("bias"))
 
 
+def _linears(x, modules: list[dict], keys: list, dropout_rate: float = 0.0) -> list:
+    """`[_linear(x, m, k) for ...]` for modules that read the same x; their LoRA branches share one pass
+    over x (kernels.lora_linear_group) when no dropout or DoRA makes them differ."""
+    grouped = [i for i, m in enumerate(modules) if "lora_A" in m and "lora_magnitude_vector" not in m]
+    no_dropout = dropout_rate == 0.0 or all(k is None for k in keys)
+    if len(grouped) < 2 or not no_dropout:
+        return [_linear(x, m, k, dropout_rate) for m, k in zip(modules, keys)]
+    outs = dict(zip(grouped, kernels.lora_linear_group(x, [modules[i] for i in grouped])))
+    return [outs[i] if i in outs else _linear(x, m, k, dropout_rate) for i, (m, k) in enumerate(zip(modules, keys))]
+
+
 def _keys(key, n):
     return [None] * n if key is None else list(jax.random.split(key, n))
 
@@ -222,9 +233,10 @@ def decoder_layer_with_attention(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_b
     lin = partial(_linear, dropout_rate=dropout_rate)
 
     h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], cfg.rms_norm_eps)
-    q = lin(h, attn["q_proj"], kq).reshape(batch, seq, cfg.num_heads, cfg.head_dim)
-    k = lin(h, attn["k_proj"], kk).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    v = lin(h, attn["v_proj"], kv).reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    q, k, v = _linears(h, [attn["q_proj"], attn["k_proj"], attn["v_proj"]], [kq, kk, kv], dropout_rate)
+    q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     q, k = rope.apply_rotary(q, cos_bsr, sin_bsr), rope.apply_rotary(k, cos_bsr, sin_bsr)
     q, k, v = (checkpoint_name(t, SAVED_ATTENTION_INPUTS) for t in (q, k, v))
     o, aux = attend(q, k, v)
@@ -233,8 +245,8 @@ def decoder_layer_with_attention(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_b
 
     h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
     act = kernels.ACTIVATIONS[cfg.hidden_act]
-    gate = checkpoint_name(lin(h, mlp["gate_proj"], kg), SAVED_MLP_INPUTS)
-    up = checkpoint_name(lin(h, mlp["up_proj"], ku), SAVED_MLP_INPUTS)
+    gate, up = _linears(h, [mlp["gate_proj"], mlp["up_proj"]], [kg, ku], dropout_rate)
+    gate, up = checkpoint_name(gate, SAVED_MLP_INPUTS), checkpoint_name(up, SAVED_MLP_INPUTS)
     gated = act(gate) * up
     return x_bsd + lin(gated, mlp["down_proj"], kd), aux
 

@@ -2,7 +2,7 @@
 kernels replace them on the GPU as they land, checked against the same reference."""
 
 from fastlora_jax.kernels.attention import attention
-from fastlora_jax.kernels.lora_op import lora_linear
+from fastlora_jax.kernels.lora_op import lora_linear, lora_linear_group
 from fastlora_jax.kernels.reference import ACTIVATIONS, dense_weight, embedding, linear, rms_norm
 
-__all__ = ["ACTIVATIONS", "attention", "dense_weight", "embedding", "linear", "lora_linear", "rms_norm"]
+__all__ = ["ACTIVATIONS", "attention", "dense_weight", "embedding", "linear", "lora_linear", "lora_linear_group", "rms_norm"]

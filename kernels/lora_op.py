@@ -19,6 +19,7 @@ DoRA goes through the reference (`reference.lora_linear`), which autodiff handle
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -166,3 +167,68 @@ def lora_linear(x_bsi: jax.Array, module: dict, dropout_key=None, dropout_rate: 
     if module.get("bias") is not None:
         y_to = y_to + module["bias"].astype(y_to.dtype)
     return y_to.reshape(*lead, y_to.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Several LoRA linears that read the same input (q/k/v, gate/up): one pass over x for all their A's.
+
+
+def lora_linear_group(x_bsi: jax.Array, modules: list[dict]) -> list[jax.Array]:
+    """`[lora_linear(x, m) for m in modules]` for modules that share their input, without dropout or DoRA.
+
+    Why: the LoRA branch is memory-bound (rank 16 against thousands of features). Concatenating the A's
+    reads x once for all `x @ Aᵀ` products, once for all `dA`, and writes one `dx` term instead of one per
+    module. The math per module is `lora_linear`'s.
+    """
+    lead = x_bsi.shape[:-1]
+    x_ti = x_bsi.reshape(-1, x_bsi.shape[-1])
+    dtype = x_ti.dtype
+    a_cat = jnp.concatenate([m["lora_A"].astype(dtype) for m in modules], axis=0)
+    ranks = tuple(int(m["lora_A"].shape[0]) for m in modules)
+    ys = _group_core(ranks, x_ti, tuple(m["weight"] for m in modules), a_cat,
+                     tuple(m["lora_B"].astype(dtype) for m in modules),
+                     tuple(jnp.asarray(m["scaling"]) for m in modules))
+    out = []
+    for m, y_to in zip(modules, ys):
+        if m.get("bias") is not None:
+            y_to = y_to + m["bias"].astype(y_to.dtype)
+        out.append(y_to.reshape(*lead, y_to.shape[-1]))
+    return out
+
+
+def _split_ranks(xa_tR, ranks):
+    offsets = np.cumsum((0,) + ranks)
+    return [xa_tR[:, offsets[i]:offsets[i + 1]] for i in range(len(ranks))]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _group_core(ranks, x_ti, weights, a_cat, bs, scalings):
+    return _group_fwd(ranks, x_ti, weights, a_cat, bs, scalings)[0]
+
+
+def _group_fwd(ranks, x_ti, weights, a_cat, bs, scalings):
+    xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32).astype(x_ti.dtype)
+    ys = []
+    for w, b, s, xa in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks)):
+        xa_scaled = (xa.astype(jnp.float32) * s.astype(jnp.float32)).astype(x_ti.dtype)
+        ys.append(base_matmul(x_ti, w) + jnp.einsum("tr,or->to", xa_scaled, b, preferred_element_type=x_ti.dtype))
+    return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR)
+
+
+def _group_bwd(ranks, residuals, gs):
+    x_ti, weights, a_cat, bs, scalings, xa_tR = residuals
+    gbs, dbs, dx = [], [], None
+    for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):
+        s32 = s.astype(jnp.float32)
+        gbs.append((jnp.einsum("to,or->tr", g, b, preferred_element_type=jnp.float32) * s32).astype(g.dtype))
+        dbs.append((jnp.einsum("to,tr->or", g, xa, preferred_element_type=jnp.float32) * s32).astype(b.dtype))
+        term = base_matmul_t(g, w)
+        dx = term if dx is None else dx + term
+    gb_tR = jnp.concatenate(gbs, axis=1)
+    dx = dx + jnp.einsum("tR,Ri->ti", gb_tR, a_cat, preferred_element_type=x_ti.dtype)
+    da_cat = jnp.einsum("tR,ti->Ri", gb_tR, x_ti, preferred_element_type=jnp.float32).astype(a_cat.dtype)
+    return (dx, tuple(_zeros_like_tree(w) for w in weights), da_cat, tuple(dbs),
+            tuple(jnp.zeros_like(s) for s in scalings))
+
+
+_group_core.defvjp(_group_fwd, _group_bwd)

@@ -104,3 +104,24 @@ def test_false_mode_keeps_no_dequantized_weight():
     weight_shapes |= {(2,) + s for s in weight_shapes}
     assert not weight_shapes & set(residual_shapes), residual_shapes
     assert (2, 1, 32, 192) in residual_shapes  # the gate/up outputs are kept, stacked over the 2 layers
+
+
+@pytest.mark.parametrize("nf4", [True, False])
+def test_grouped_lora_linears_match_separate_ones(rng, nf4):
+    """q/k/v-style modules sharing x, different output sizes and ranks, one with a bias."""
+    mods = [_module(rng, nf4, bias=False, out=96, r=8), _module(rng, nf4, bias=True, out=32, r=4),
+            _module(rng, nf4, bias=False, out=64, r=8)]
+    x = jnp.asarray(rng.standard_normal((2, 9, 128)), jnp.float32)
+    probes = [jnp.asarray(rng.standard_normal((2, 9, m["lora_B"].shape[0])), jnp.float32) for m in mods]
+
+    def loss(grouped, x, lora):
+        ms = [dict(m, lora_A=a, lora_B=b) for m, (a, b) in zip(mods, lora)]
+        ys = lora_op.lora_linear_group(x, ms) if grouped else [reference.lora_linear(x, m) for m in ms]
+        return sum(jnp.sum(jnp.tanh(y) * p) for y, p in zip(ys, probes))
+
+    lora = [(m["lora_A"], m["lora_B"]) for m in mods]
+    got = jax.value_and_grad(lambda x, lora: loss(True, x, lora), argnums=(0, 1))(x, lora)
+    want = jax.value_and_grad(lambda x, lora: loss(False, x, lora), argnums=(0, 1))(x, lora)
+    assert rel_l2(got[0], want[0]) < 1e-5
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert rel_l2(g, w) < 1e-5
