@@ -70,35 +70,36 @@ def _lookup16(table_16, code):
 
 
 def base_matmul(x_ti: jax.Array, weight_oi) -> jax.Array:
-    """`x @ deq(W)ᵀ` in x's dtype with fp32 accumulation: the fused NF4 kernel where it applies, else XLA."""
-    kernel = _nf4_kernel(x_ti, weight_oi)
-    if kernel is not None:
-        return kernel.nf4_matmul(x_ti, weight_oi)
+    """`x @ deq(W)ᵀ` in x's dtype (fp32 accumulation): the fused NF4 kernel where chosen and supported, else XLA."""
+    if _use_nf4_kernel(x_ti, weight_oi, transposed=False):
+        from fastlora_jax.kernels import nf4_matmul
+        return nf4_matmul.nf4_matmul(x_ti, weight_oi, impl="pallas")
     w_oi = dense_base_weight(weight_oi, x_ti.dtype)
     return jnp.einsum("ti,oi->to", x_ti, w_oi, preferred_element_type=x_ti.dtype)
 
 
 def base_matmul_t(g_to: jax.Array, weight_oi) -> jax.Array:
     """`g @ deq(W)` (the backward's dx through the base weight)."""
-    kernel = _nf4_kernel(g_to, weight_oi)
-    if kernel is not None:
-        return kernel.nf4_matmul_t(g_to, weight_oi)
+    if _use_nf4_kernel(g_to, weight_oi, transposed=True):
+        from fastlora_jax.kernels import nf4_matmul
+        return nf4_matmul.nf4_matmul_t(g_to, weight_oi, impl="pallas")
     w_oi = dense_base_weight(weight_oi, g_to.dtype)
     return jnp.einsum("to,oi->ti", g_to, w_oi, preferred_element_type=g_to.dtype)
 
 
-def _nf4_kernel(x, weight):
-    """The Pallas NF4 matmul module when FASTLORA_NF4_MATMUL=pallas asks for it and it supports the case."""
-    if os.environ.get("FASTLORA_NF4_MATMUL", "xla") != "pallas" or not isinstance(weight, NF4Weight):
-        return None
-    try:
-        from fastlora_jax.kernels import nf4_matmul
-    except ImportError:
-        return None
-    supported = getattr(nf4_matmul, "supported", None)
-    if supported is not None and not supported(x, weight):
-        return None
-    return nf4_matmul
+NF4_MATMUL = os.environ.get("FASTLORA_NF4_MATMUL", "xla")  # "xla" (default: measured as fast) or "pallas"
+
+
+def _use_nf4_kernel(a_tx, weight, *, transposed: bool) -> bool:
+    """FASTLORA_NF4_MATMUL=pallas selects the fused Pallas kernel (kernels/nf4_matmul.py) on a GPU, for
+    bf16 activations and shapes it supports; XLA's one-pass dequantize + cuBLAS otherwise."""
+    if NF4_MATMUL != "pallas" or not isinstance(weight, NF4Weight) or jax.default_backend() != "gpu":
+        return False
+    if a_tx.dtype != jnp.bfloat16 or weight.stack_shape or len(weight.weight_shape) != 2:
+        return False
+    from fastlora_jax.kernels import nf4_matmul
+    n, k = weight.weight_shape
+    return nf4_matmul.supported(a_tx.shape[0], n, k, transposed=transposed)
 
 
 def _zeros_like_tree(tree):
