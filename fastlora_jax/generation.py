@@ -90,12 +90,24 @@ def _finish(next_b, finished_b, eos_ids, pad_id):
 STATIC = ("family", "cfg", "compute_dtype")
 
 
+def _cos_sin(family, cfg, inv_freq, rope_scale, positions):
+    """Rotary tables of positions `[batch, seq]` (or `[3, batch, seq]` multimodal ones for a vision family, whose
+    text positions are the same on the three axes)."""
+    if getattr(family, "VISION", False):
+        if positions.ndim == 2:
+            positions = jnp.broadcast_to(positions, (3,) + positions.shape)
+        return family.mrope_cos_sin(cfg, positions)
+    return rope.rope_cos_sin(inv_freq, positions, rope_scale, jnp.float32)
+
+
 def _prefill(base, lora, meta, cache, ids_bs, positions_bs, mask_bL, inv_freq, rope_scale, key, sampling, eos_ids,
-             pad_id, *, family, cfg, compute_dtype):
+             pad_id, vision=None, *, family, cfg, compute_dtype):
+    """The whole prompt in one call; `vision` (a vision family's image inputs, `prepare_inputs`') enters here."""
     params = combine(base, lora, meta)
-    cos, sin = rope.rope_cos_sin(inv_freq, positions_bs, rope_scale, jnp.float32)
+    cos, sin = _cos_sin(family, cfg, inv_freq, rope_scale, positions_bs)
+    images = {} if vision is None else {"vision": vision}
     logits, cache = family.forward_cached(cfg, params, ids_bs, cos, sin, cache, 0, mask_bL, compute_dtype,
-                                          last_only=True)
+                                          last_only=True, **images)
     logits_bv = logits[:, -1].astype(jnp.float32)
     next_b = _choose(logits_bv, jax.random.fold_in(key, 0), *sampling)
     next_b, finished_b = _finish(next_b, jnp.zeros(next_b.shape, bool), eos_ids, pad_id)
@@ -112,7 +124,7 @@ def _decode(base, lora, meta, cache, mask_bL, token_b, last_position_b, prompt_l
     position_b = last_position_b + step
     mask_bL = jax.lax.dynamic_update_slice(mask_bL, jnp.ones((batch, 1), mask_bL.dtype),
                                            (jnp.zeros((), jnp.int32), index))
-    cos, sin = rope.rope_cos_sin(inv_freq, position_b[:, None], rope_scale, jnp.float32)
+    cos, sin = _cos_sin(family, cfg, inv_freq, rope_scale, position_b[:, None])
     logits, cache = family.forward_cached(cfg, params, token_b[:, None], cos, sin, cache, index, mask_bL,
                                           compute_dtype)
     logits_bv = logits[:, -1].astype(jnp.float32)
@@ -141,6 +153,14 @@ def _token_list(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
+def _config_token(config, name: str):
+    """A special token id from the config, or from its `text_config` (vision-language configs keep them there)."""
+    value = getattr(config, name, None)
+    if value is None:
+        value = getattr(getattr(config, "text_config", None), name, None)
+    return value
+
+
 def _rope_tables(config, seq_len: int):
     inv_freq, scaling = rope.rope_inv_freq(config, seq_len=seq_len)
     return jnp.asarray(inv_freq), jnp.float32(scaling)
@@ -148,7 +168,8 @@ def _rope_tables(config, seq_len: int):
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool | None = None,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id=None,
-             seed: int = 0, return_dict: bool = False):
+             seed: int = 0, return_dict: bool = False, pixel_values=None, image_grid_thw=None,
+             mm_token_type_ids=None):
     """Generate up to `max_new_tokens` tokens after each (left-padded) prompt.
 
     Returns int32 numpy ids `[batch, prompt_len + new]` (new < max_new_tokens when every row stopped at eos
@@ -161,6 +182,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     - `eos_token_id` (int or list; default: the model config's) ends a row; later tokens of that row are
       `pad_token_id` (default: the config's pad token, else the first eos, else 0).
     - `seed` makes sampling reproducible (the same seed, inputs and settings give the same ids).
+    - `pixel_values`, `image_grid_thw`, `mm_token_type_ids` (a vision-language model, as its processor makes
+      them): the images enter at prefill; the prompt's positions are `model.prepare_inputs`' multimodal ones and
+      new tokens continue from the prompt's largest position (transformers' `rope_deltas`).
     """
     ids = as_batch(input_ids, "input_ids")
     batch, prompt_len = ids.shape
@@ -180,9 +204,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         raise ValueError(f"input_ids must be in [0, {vocab}); got values in [{ids.min()}, {ids.max()}]")
 
     config = model.config
-    eos = _token_list(config.eos_token_id if eos_token_id is None else eos_token_id)
+    vision_family = getattr(model.family, "VISION", False)
+    if not vision_family and (pixel_values is not None or image_grid_thw is not None):
+        raise ValueError("pixel_values / image_grid_thw were given to a text model; load a vision-language model "
+                         "with FastVisionModel.from_pretrained")
+    eos = _token_list(_config_token(config, "eos_token_id") if eos_token_id is None else eos_token_id)
     if pad_token_id is None:
-        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = _config_token(config, "pad_token_id")
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
     pad_token_id = int(pad_token_id)
@@ -218,6 +246,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
 
     # positions as HF's generate: cumsum of the mask - 1, 0 on padding; each new token is the last + 1
     positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0).astype(np.int32)
+    last_position = positions[:, -1]
+    vision = None
+    if vision_family:  # multimodal positions [3, batch, seq]; new tokens follow the largest one of each row
+        prepared = model.prepare_inputs(ids, mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        positions, vision = prepared["position_ids"], prepared["vision"]
+        last_position = positions.max(axis=(0, 2)).astype(np.int32)
     max_len = -(-(prompt_len + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
     mask_full = np.zeros((batch, max_len), np.int32)
     mask_full[:, :prompt_len] = mask
@@ -225,15 +259,18 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     meta = model.lora_meta if lora is not None else None
     kv = model.family.init_cache(model.cfg, batch, max_len, model.dtype)
 
-    dynamic_rope = rope.rope_parameters(config)["rope_type"] in DYNAMIC_ROPE_TYPES
-    inv_freq, rope_scale = _rope_tables(config, int(positions.max()) + 1)
+    if vision_family:  # the family's multimodal rope (mrope_cos_sin): no tables to pass
+        dynamic_rope, inv_freq, rope_scale = False, jnp.zeros((1,), jnp.float32), jnp.float32(1.0)
+    else:
+        dynamic_rope = rope.rope_parameters(config)["rope_type"] in DYNAMIC_ROPE_TYPES
+        inv_freq, rope_scale = _rope_tables(config, int(positions.max()) + 1)
 
     prefill, decode = jitted_steps()
     token, kv, finished, logits = prefill(
         model.base_params, lora, meta, kv, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask_full),
-        inv_freq, rope_scale, key, sampling, eos_a, pad_a, **statics)
+        inv_freq, rope_scale, key, sampling, eos_a, pad_a, vision, **statics)
     tokens, all_logits = [token], [logits] if return_dict else None
-    last_position = jnp.asarray(positions[:, -1])
+    last_position = jnp.asarray(last_position)
     prompt_len_a = jnp.int32(prompt_len)
     mask_full = jnp.asarray(mask_full)
     for step in range(1, max_new_tokens):

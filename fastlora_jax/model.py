@@ -407,8 +407,41 @@ class VisionCausalLM(CausalLM):
                           None if mask is None else jnp.asarray(mask), dropout_key,
                           jnp.asarray(batch["position_ids"]), batch["vision"])
 
-    def generate(self, input_ids=None, **kwargs):
-        raise NotImplementedError("generate() is not implemented for vision-language models yet")
+    def prepare_training_batch(self, batch) -> dict:
+        """A collator's batch (`UnslothVisionDataCollator`: `input_ids`, `attention_mask`, `labels`,
+        `pixel_values`, `image_grid_thw`, `mm_token_type_ids`; numpy or torch) as one micro-batch of the train
+        step and the loss: `prepare_inputs`' arrays plus `labels [B, S]` int32."""
+        if batch.get("input_ids") is None or batch.get("labels") is None:
+            raise ValueError(f"the batch needs input_ids and labels; got keys {sorted(batch)}")
+        out = self.prepare_inputs(batch["input_ids"], batch.get("attention_mask"), batch.get("pixel_values"),
+                                  batch.get("image_grid_thw"), batch.get("mm_token_type_ids"),
+                                  batch.get("position_ids"))
+        labels = as_batch(batch["labels"], "labels")
+        if labels.shape != out["input_ids"].shape:
+            raise ValueError(f"labels has shape {labels.shape}; input_ids has {out['input_ids'].shape}")
+        return {"input_ids": out["input_ids"], "labels": labels, "attention_mask": out["attention_mask"],
+                "position_ids": out["position_ids"], "vision": out["vision"]}
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, **kwargs):
+        """Token ids `[batch, prompt + new]` (numpy int32) with a KV cache, LoRA unmerged, the images entering
+        once at prefill; the other keyword arguments are `fastlora_jax.generation.generate`'s (max_new_tokens,
+        do_sample, temperature, top_p, top_k, eos_token_id, pad_token_id, seed, return_dict). `input_ids` may
+        be what the processor returns (a mapping with input_ids, attention_mask, pixel_values, ...).
+
+        As transformers' generate: left-padded prompts, multimodal positions of the prompt from
+        `prepare_inputs`, and each new token at the prompt's largest position + 1, + 2, ... on all three axes."""
+        from fastlora_jax.generation import generate
+        if hasattr(input_ids, "keys") and "input_ids" in input_ids:
+            inputs = input_ids
+            input_ids = inputs["input_ids"]
+            attention_mask = inputs.get("attention_mask") if attention_mask is None else attention_mask
+            pixel_values = inputs.get("pixel_values") if pixel_values is None else pixel_values
+            image_grid_thw = inputs.get("image_grid_thw") if image_grid_thw is None else image_grid_thw
+            mm_token_type_ids = inputs.get("mm_token_type_ids") if mm_token_type_ids is None else mm_token_type_ids
+        return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                        image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
 
 
 def _to_numpy(x):

@@ -14,6 +14,24 @@
 Training runs the jitted step of `training.make_train_step` (compiled once: every batch has the shape
 `[gradient_accumulation_steps, per_device_train_batch_size, seq]`) on AdamW from `training.make_optimizer`.
 
+Vision-language models train as Unsloth's notebooks do it, with a `data_collator` that processes the images of
+each batch (the records are kept as they are, no tokenization up front):
+
+    model, processor = FastVisionModel.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct", load_in_4bit=True)
+    model = FastVisionModel.get_peft_model(model, r=16, finetune_vision_layers=True)
+    trainer = SFTTrainer(model=model, tokenizer=processor, data_collator=UnslothVisionDataCollator(model, processor),
+                         train_dataset=records,   # [{"messages": [...image and text parts...]}, ...]
+                         args=SFTConfig(output_dir="outputs", per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=4, max_steps=30, learning_rate=2e-4,
+                                        remove_unused_columns=False, dataset_text_field="",
+                                        dataset_kwargs={"skip_prepare_dataset": True}))
+
+Each step's records (the same rows as for text data, see `CollatedData`) go through the collator one micro-batch
+at a time, and the micro-batches go to the train step as a list (their patch counts differ, so they are not
+stacked; `training.make_train_step` says how that list is run). The step compiles once per distinct shape of
+the micro-batch (sequence length, number of image patches): the collator's `pad_to_multiple_of` and images of
+one size keep that count low.
+
 Resuming loses nothing. Everything a step depends on is either in the checkpoint or a pure function of
 the step number: the checkpoint (orbax, `output_dir/checkpoints/<step>`, written to a temporary directory
 and renamed when complete) holds the LoRA params, the optimizer state (moments, step count), the step,
@@ -26,13 +44,15 @@ ends with exactly the LoRA params of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +87,10 @@ class TrainingArguments:
     (HF 5); `warmup_ratio` is also accepted. `logging_steps`, `eval_steps` and `save_steps` in (0, 1) are
     ratios of the total steps, as in HF. `max_seq_length` (Unsloth's name) or `max_length` (TRL's) default
     to the model's `max_seq_length`. `optim` names of AdamW variants are accepted; all run optax AdamW with
-    fp32 moments. `report_to`, `fp16`, `bf16`, `dataset_num_proc`, `run_name` are accepted and ignored
-    (the compute dtype is the model's).
+    fp32 moments. `report_to`, `fp16`, `bf16`, `dataset_num_proc`, `run_name`, `remove_unused_columns` are
+    accepted and ignored (the compute dtype is the model's; records are never stripped of columns).
+    `dataset_kwargs={"skip_prepare_dataset": True}` and `dataset_text_field=""` are what Unsloth's vision
+    notebooks set along with a `data_collator`: the records go to the collator untouched.
     """
     output_dir: str = "trainer_output"
     per_device_train_batch_size: int = 8
@@ -103,6 +125,8 @@ class TrainingArguments:
     dataset_text_field: str = "text"
     assistant_only_loss: bool = False
     completion_only_loss: bool | None = None
+    # TRL's switch for collators that take raw records (vision): {"skip_prepare_dataset": True}
+    dataset_kwargs: dict | None = None
     # output
     disable_tqdm: bool = False
     # accepted for compatibility, ignored
@@ -111,6 +135,7 @@ class TrainingArguments:
     bf16: bool = False
     dataset_num_proc: int | None = None
     run_name: str | None = None
+    remove_unused_columns: bool = True
 
     def __post_init__(self):
         def bad(name, rule):
@@ -177,8 +202,10 @@ class TrainingArguments:
         pad = self.pad_to_multiple_of
         if pad is not None and (not _is_int(pad) or pad <= 0):
             bad("pad_to_multiple_of", "must be a positive int or None")
-        if not isinstance(self.dataset_text_field, str) or not self.dataset_text_field:
-            bad("dataset_text_field", "must be a column name")
+        if not isinstance(self.dataset_text_field, str):
+            bad("dataset_text_field", "must be a column name ('' with a data_collator that takes raw records)")
+        if self.dataset_kwargs is not None and not isinstance(self.dataset_kwargs, dict):
+            bad("dataset_kwargs", "must be a dict such as {'skip_prepare_dataset': True} or None")
 
     @staticmethod
     def _check_interval(name, v):
@@ -187,6 +214,10 @@ class TrainingArguments:
                              f"steps in (0, 1)")
 
     # ---------------------------------------------------------------- derived
+    @property
+    def skip_prepare_dataset(self) -> bool:
+        return bool((self.dataset_kwargs or {}).get("skip_prepare_dataset", False))
+
     @property
     def train_batch_size(self) -> int:
         """Rows per optimizer step."""
@@ -252,7 +283,7 @@ class TrainerCallback:
 
 
 LEGACY_KWARGS = {"dataset_text_field", "max_seq_length", "packing", "max_length"}
-IGNORED_KWARGS = {"dataset_num_proc", "data_collator", "compute_metrics", "peft_config"}
+IGNORED_KWARGS = {"dataset_num_proc", "compute_metrics", "peft_config"}
 
 
 class SFTTrainer:
@@ -263,11 +294,17 @@ class SFTTrainer:
     tokenized here, at construction, so a bad record fails now rather than mid-run. `tokenizer=` is accepted
     for `processing_class=`, and Unsloth's older keywords (`dataset_text_field=`, `max_seq_length=`,
     `packing=`) passed here override `args`.
+
+    With a `data_collator` (e.g. `UnslothVisionDataCollator(model, processor)` for a `FastVisionModel`), the
+    records are kept as given and each micro-batch is `data_collator(records)`, a dict with `input_ids`,
+    `attention_mask`, `labels` (and the images' `pixel_values`, `image_grid_thw`, `mm_token_type_ids`); which
+    tokens are trained on is then the collator's choice. The first step's batch is collated at construction, so
+    a collator that cannot handle the records fails now.
     """
 
     def __init__(self, model, args: TrainingArguments | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, tokenizer=None, formatting_func: Callable[[dict], str] | None = None,
-                 callbacks: list | None = None, **kwargs):
+                 callbacks: list | None = None, data_collator: Callable[[list], dict] | None = None, **kwargs):
         from fastlora_jax.model import CausalLM
 
         if not isinstance(model, CausalLM):
@@ -290,8 +327,7 @@ class SFTTrainer:
         for name in sorted(IGNORED_KWARGS & set(kwargs)):
             if kwargs[name] is not None:
                 warnings.warn(f"SFTTrainer: {name}= is not used here and is ignored (LoRA comes from "
-                              f"FastLanguageModel.get_peft_model; batches are built by fastlora_jax.data)",
-                              stacklevel=2)
+                              f"FastLanguageModel.get_peft_model)", stacklevel=2)
         overrides = {k: v for k, v in kwargs.items() if k in LEGACY_KWARGS and v is not None}
         if overrides:
             args = dataclasses.replace(args, **overrides)
@@ -304,15 +340,25 @@ class SFTTrainer:
         for i, cb in enumerate(callbacks or []):
             if isinstance(cb, type):
                 raise TypeError(f"callbacks[{i}] is the class {cb.__name__}; pass an instance")
+        if data_collator is not None:
+            if not callable(data_collator):
+                raise TypeError(f"data_collator must be callable (records -> batch dict); got {data_collator!r}")
+            if args.packing:
+                raise ValueError("packing=True does not apply with a data_collator (it batches whole records); "
+                                 "set packing=False")
+            if formatting_func is not None:
+                raise ValueError("formatting_func and data_collator: give the formatting function to the collator "
+                                 "(UnslothVisionDataCollator(model, processor, formatting_func=...))")
         self.model = model
         self.args = args
         self.processing_class = processing_class if processing_class is not None else tokenizer
         self.formatting_func = formatting_func
+        self.data_collator = data_collator
         self.callbacks = list(callbacks or [])
         self.max_seq_length = args.resolved_max_seq_length(model)
-        self.data_options = DataOptions(dataset_text_field=args.dataset_text_field, formatting_func=formatting_func,
-                                        assistant_only_loss=args.assistant_only_loss,
-                                        completion_only_loss=args.completion_only_loss)
+        self.data_options = None if data_collator is not None else DataOptions(
+            dataset_text_field=args.dataset_text_field or "text", formatting_func=formatting_func,
+            assistant_only_loss=args.assistant_only_loss, completion_only_loss=args.completion_only_loss)
         self._raw_train, self._raw_eval = train_dataset, eval_dataset
         self._prepare_data()
         self.state = TrainerState()
@@ -323,10 +369,25 @@ class SFTTrainer:
         self.eval_data = None if self._raw_eval is None else self._prepare(self._raw_eval, "eval_dataset",
                                                                             packing=False)
 
-    def _prepare(self, data, name: str, packing: bool) -> SFTData:
-        if isinstance(data, SFTData):
+    def _prepare(self, data, name: str, packing: bool) -> SFTData | CollatedData:
+        if isinstance(data, (SFTData, CollatedData)):
             return data
+        if self.data_collator is not None:
+            collated = CollatedData(data, self.data_collator, name)
+            first = collated.collate(collated.step_rows(0, self.args.per_device_train_batch_size, 1, self.data_seed),
+                                     where=f"{name}: the first batch")
+            training.prepare_micro_batch(self.model, first)  # the batch fits the model (image tokens, shapes)
+            return collated
         records = load_records(data, name=name)
+        if _has_images(records):
+            raise ValueError(f"{name} holds images; pass data_collator=UnslothVisionDataCollator(model, processor) "
+                             f"(fastlora_jax.vision_data) with a FastVisionModel model")
+        if not self.args.dataset_text_field and not all("input_ids" in r for r in records):
+            raise ValueError(f"dataset_text_field='' needs a data_collator (or pre-tokenized records with input_ids); "
+                             f"{name} has keys {sorted(records[0])}")
+        if self.args.skip_prepare_dataset and not all("input_ids" in r for r in records):
+            raise ValueError("dataset_kwargs={'skip_prepare_dataset': True} without a data_collator needs "
+                             "pre-tokenized records (input_ids); pass data_collator= for raw records")
         if self.processing_class is None and not all("input_ids" in r for r in records):
             raise ValueError(f"{name} is not tokenized: pass processing_class=tokenizer")
         examples = tokenize_records(records, self.processing_class, self.data_options, name=name)
@@ -343,6 +404,10 @@ class SFTTrainer:
 
     def set_response_only(self, instruction_part: str | None = None, response_part: str | None = None) -> None:
         """Train only on the responses (see `train_on_responses_only`)."""
+        if self.data_collator is not None:
+            raise ValueError("with a data_collator, the collator chooses the trained tokens: build it with "
+                             "train_on_responses_only=True (and instruction_part=/response_part=), as "
+                             "UnslothVisionDataCollator(model, processor, ...) takes them")
         if instruction_part is None and response_part is None:
             self.data_options = dataclasses.replace(self.data_options, assistant_only_loss=True)
         else:
@@ -410,12 +475,19 @@ class SFTTrainer:
 
     # ---------------------------------------------------------------- evaluation
     def _eval_loss_fn(self):
+        """`f(lora_params, batch) -> (loss sum, counted tokens)` of one batch (`training.prepare_micro_batch`'s)."""
         key = ("eval", repr(getattr(self.model, "use_gradient_checkpointing", False)))
         cache = self.model.__dict__.setdefault("_sft_train_steps", {})
         if key not in cache:
             loss_sum = self.model.loss_sum_fn()
-            jitted = jax.jit(lambda base, lp, ids, labels, mask: loss_sum(base, lp, ids, labels, mask, None))
-            cache[key] = lambda lp, ids, labels, mask: jitted(self.model.base_params, lp, ids, labels, mask)
+
+            def one(base, lp, mb):
+                extra = {k: mb[k] for k in ("position_ids", "vision") if mb.get(k) is not None}
+                return loss_sum(base, lp, mb["input_ids"], mb["labels"], mb.get("attention_mask"), None, **extra)
+
+            jitted = jax.jit(one)
+            model = self.model
+            cache[key] = lambda lp, batch: jitted(model.base_params, lp, training.prepare_micro_batch(model, batch))
         return cache[key]
 
     def evaluate(self, eval_dataset=None, lora_params=None) -> dict:
@@ -429,7 +501,7 @@ class SFTTrainer:
         start = time.perf_counter()
         total, count = 0.0, 0
         for batch in data.eval_batches(self.args.per_device_eval_batch_size):
-            s, c = fn(params, batch["input_ids"], batch["labels"], batch["attention_mask"])
+            s, c = fn(params, batch)
             total += float(s)
             count += int(c)
         metrics = {"eval_loss": total / max(count, 1), "eval_tokens": count,
@@ -561,7 +633,7 @@ class SFTTrainer:
         try:
             for step in range(start + 1, total + 1):
                 batch = data.step_batch(step - 1, micro, accum, self.data_seed)
-                n_tokens = int(batch["attention_mask"].sum())
+                n_tokens = _count_tokens(batch)
                 params, opt_state, metrics = step_fn(params, opt_state, batch, self.step_dropout_key(step))
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
@@ -670,6 +742,128 @@ def train_on_responses_only(trainer: SFTTrainer, instruction_part: str | None = 
     return trainer
 
 
+# ------------------------------------------------------------------------------------------ collated data
+
+
+class CollatedData:
+    """Records kept as given and batched by a `data_collator` at each step (TRL's `skip_prepare_dataset`).
+
+    The interface the trainer uses of `SFTData` (steps per epoch, the rows of a step, the data position,
+    a fingerprint, eval batches), with the same row order: step `s` (0-based) takes the `s % steps_per_epoch`-th
+    slice of `micro_batch * accum` rows of the permutation `default_rng([seed, epoch])`. So the batches are a
+    pure function of `(seed, s)` and resuming is exact. Unlike SFTData, an incomplete last slice of an epoch is
+    not filled with filler rows: the step has fewer rows (the loss is token-weighted, so fillers would change
+    nothing) and its last micro-batch is smaller.
+    """
+
+    def __init__(self, dataset, collator, name: str = "dataset"):
+        if isinstance(dataset, (list, tuple)):
+            records = list(dataset)
+        elif hasattr(dataset, "column_names") and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") \
+                and type(dataset).__name__ == "Dataset":
+            records = dataset  # a datasets.Dataset: rows are read (and images decoded) when a step needs them
+        else:
+            records = load_records(dataset, name=name)
+        if len(records) == 0:
+            raise ValueError(f"{name} is empty")
+        self.records = records
+        self.collator = collator
+        self.name = name
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.records)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.num_rows}".encode())
+        stored = getattr(self.records, "_fingerprint", None)  # datasets.Dataset keeps one
+        if stored:
+            h.update(str(stored).encode())
+        else:
+            for record in self.records:
+                h.update(json.dumps(record, sort_keys=True, default=_digest).encode())
+        return h.hexdigest()[:16]
+
+    def steps_per_epoch(self, rows_per_step: int) -> int:
+        return -(-self.num_rows // rows_per_step)
+
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([int(seed), int(epoch)]).permutation(self.num_rows)
+
+    def position(self, step: int, rows_per_step: int) -> tuple[int, int]:
+        spe = self.steps_per_epoch(rows_per_step)
+        return step // spe, step % spe
+
+    def step_rows(self, step: int, micro_batch: int, accum: int, seed: int) -> np.ndarray:
+        per_step = micro_batch * accum
+        epoch, k = self.position(step, per_step)
+        return self.epoch_order(seed, epoch)[k * per_step: (k + 1) * per_step]
+
+    def collate(self, rows, where: str) -> dict:
+        records = [self.records[int(i)] for i in rows]
+        try:
+            batch = self.collator(records)
+        except Exception as err:
+            err.add_note(f"in data_collator for {where} (rows {[int(i) for i in rows]} of {self.name})")
+            raise
+        if not hasattr(batch, "keys") or "input_ids" not in batch or "labels" not in batch:
+            raise ValueError(f"{where}: data_collator returned {type(batch).__name__} with keys "
+                             f"{sorted(batch) if hasattr(batch, 'keys') else None}; it must return a dict with "
+                             f"input_ids, attention_mask and labels")
+        return dict(batch)
+
+    def step_batch(self, step: int, micro_batch: int, accum: int, seed: int) -> list[dict]:
+        """The 0-based step `step` as a list of collated micro-batches (at most `accum`)."""
+        rows = self.step_rows(step, micro_batch, accum, seed)
+        return [self.collate(rows[i:i + micro_batch], where=f"step {step + 1}")
+                for i in range(0, len(rows), micro_batch)]
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict]:
+        for lo in range(0, self.num_rows, batch_size):
+            yield self.collate(np.arange(lo, min(lo + batch_size, self.num_rows)), where="evaluation")
+
+
+def _digest(obj):
+    """A JSON stand-in for what json cannot write (images, arrays, bytes): a hash of the content."""
+    if hasattr(obj, "tobytes") and hasattr(obj, "size") and hasattr(obj, "mode"):  # PIL.Image
+        return f"image:{obj.mode}:{obj.size}:{hashlib.sha256(obj.tobytes()).hexdigest()}"
+    if isinstance(obj, np.ndarray):
+        return f"array:{obj.dtype}:{obj.shape}:{hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()}"
+    if isinstance(obj, (bytes, bytearray)):
+        return f"bytes:{hashlib.sha256(obj).hexdigest()}"
+    if isinstance(obj, Path):
+        return str(obj)
+    return f"{type(obj).__name__}"
+
+
+def _has_images(records, limit: int = 100) -> bool:
+    """Whether chat records hold image parts (or an images column): they need a vision collator."""
+    for record in records[:limit]:
+        if record.get("images") is not None or record.get("image") is not None:
+            return True
+        for key in ("messages", "conversations"):
+            turns = record.get(key)
+            if not isinstance(turns, list):
+                continue
+            for turn in turns:
+                content = turn.get("content") if isinstance(turn, dict) else None
+                if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image"
+                                                     for p in content):
+                    return True
+    return False
+
+
+def _count_tokens(batch) -> int:
+    """Attended tokens of a step's batch (a stacked dict or a list of micro-batches)."""
+    parts = batch if isinstance(batch, list) else [batch]
+    total = 0
+    for mb in parts:
+        mask = mb.get("attention_mask")
+        total += int(np.asarray(mask).sum()) if mask is not None else int(np.size(mb["input_ids"]))
+    return total
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 
@@ -713,5 +907,5 @@ def _atomic_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2) + "\n").encode())
 
 
-__all__ = ["SFTConfig", "SFTTrainer", "TrainOutput", "TrainerCallback", "TrainerState", "TrainingArguments",
+__all__ = ["CollatedData", "SFTConfig", "SFTTrainer", "TrainOutput", "TrainerCallback", "TrainerState", "TrainingArguments",
            "train_on_responses_only", "IGNORE_INDEX"]

@@ -8,7 +8,8 @@
   elementwise work (norms, rope, the gated activation).
 - The train step differentiates only the LoRA pytree (fp32 master weights; compute in the model dtype),
   accumulates gradients over micro-batches exactly as one big batch would (token-weighted), and is jitted
-  once with its buffers donated.
+  once with its buffers donated. Image batches (their patch counts differ) come as a list of micro-batches
+  (see `make_train_step`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 IGNORE_INDEX = -100
@@ -248,14 +250,66 @@ def make_optimizer(learning_rate=2e-4, weight_decay=0.01, warmup_steps=0, total_
     return optax.chain(*parts)
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation):
-    """`step(lora_params, opt_state, batch, dropout_key) -> (lora_params, opt_state, metrics)`, jitted once.
+MICRO_BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "vision")
 
-    `batch` holds `input_ids`, `labels` and optionally `attention_mask`, each `[accum, micro_batch, seq]`:
-    gradients are summed over the `accum` micro-batches and divided by the total number of counted tokens,
-    so accumulation gives the same update as one batch of `accum * micro_batch` rows.
+
+def prepare_micro_batch(model, batch) -> dict:
+    """One micro-batch as the loss takes it: `input_ids`, `labels`, optional `attention_mask` (`[B, S]`) and,
+    for a vision-language model, `position_ids [3, B, S]` and `vision` (`VisionCausalLM.prepare_inputs`).
+
+    A collator's output (`UnslothVisionDataCollator`: `pixel_values`, `image_grid_thw`, `mm_token_type_ids`) goes
+    through `model.prepare_training_batch`; an already prepared micro-batch is kept as it is."""
+    if not hasattr(batch, "keys"):
+        raise TypeError(f"a micro-batch must be a dict of arrays; got {type(batch).__name__}")
+    if any(k in batch for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")):
+        if not hasattr(model, "prepare_training_batch"):
+            raise ValueError("the batch holds images (pixel_values / image_grid_thw) but the model is a text model; "
+                             "load a vision-language model with FastVisionModel.from_pretrained")
+        return model.prepare_training_batch(batch)
+    missing = [k for k in ("input_ids", "labels") if batch.get(k) is None]
+    if missing:
+        raise ValueError(f"the batch has no {missing}; it needs input_ids and labels (-100 = not trained on)")
+    return {k: _from_torch(batch[k]) for k in MICRO_BATCH_KEYS if batch.get(k) is not None}
+
+
+def _from_torch(x):
+    """A torch tensor as numpy (jit takes numpy and jax arrays, which stay as they are: no host round trip)."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation):
+    """`step(lora_params, opt_state, batch, dropout_key) -> (lora_params, opt_state, metrics)`, jitted once per shape.
+
+    `batch` is either
+
+    - a dict of `input_ids`, `labels` and optionally `attention_mask`, each `[accum, micro_batch, seq]` (and,
+      for a vision-language model without images, optionally `position_ids [accum, 3, micro_batch, seq]`):
+      the micro-batches run under one `lax.scan` inside one jitted step; or
+    - a list of micro-batches, each a dict of `[micro_batch, seq]` arrays as `prepare_micro_batch` takes them
+      (a collator's output with images included). This is the form for images: micro-batches differ in their
+      patch counts (and lengths), so they cannot be stacked for a scan. One micro-batch runs as the fused step
+      above (gradient and update in one jitted call); several run one jitted gradient call each (compiled once
+      per distinct shape), summed on the device, then one jitted update.
+
+    Either way gradients are summed over the micro-batches and divided by the total number of counted tokens,
+    so accumulation gives the same update as one batch of all the rows; micro-batch `i` gets the dropout key
+    `split(dropout_key, accum)[i]` in both forms.
     """
     loss_fn = model.loss_sum_fn()
+
+    def grads_of(base_params, lora_params, mb, key):
+        extra = {k: mb[k] for k in ("position_ids", "vision") if mb.get(k) is not None}
+        (loss, count), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
+            base_params, lora_params, mb["input_ids"], mb["labels"], mb.get("attention_mask"), key, **extra)
+        return loss, count, grads
+
+    def update(lora_params, opt_state, grads, loss_total, count):
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, lora_params)
+        lora_params = optax.apply_updates(lora_params, updates)
+        metrics = {"loss": loss_total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        return lora_params, opt_state, metrics
 
     def step(base_params, lora_params, opt_state, batch, dropout_key):
         accum = batch["input_ids"].shape[0]
@@ -264,30 +318,44 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
         def micro(carry, xs):
             grads_sum, loss_sum, count_sum = carry
             mb, key = xs
-            (loss, count), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
-                base_params, lora_params, mb["input_ids"], mb["labels"], mb.get("attention_mask"), key)
+            loss, count, grads = grads_of(base_params, lora_params, mb, key)
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             return (grads_sum, loss_sum + loss, count_sum + count), None
 
         if accum == 1:  # no accumulation buffer: one fewer copy of the LoRA gradients in memory
-            (loss_total, count), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
-                base_params, lora_params, batch["input_ids"][0], batch["labels"][0],
-                None if batch.get("attention_mask") is None else batch["attention_mask"][0],
-                None if keys is None else keys[0])
+            mb = {k: v if k == "vision" else v[0] for k, v in batch.items() if v is not None}
+            loss_total, count, grads = grads_of(base_params, lora_params, mb, None if keys is None else keys[0])
         else:
             zeros = jax.tree.map(jnp.zeros_like, lora_params)
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
             (grads, loss_total, count), _ = jax.lax.scan(micro, init, (batch, keys))
-        denom = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, lora_params)
-        lora_params = optax.apply_updates(lora_params, updates)
-        metrics = {"loss": loss_total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
-        return lora_params, opt_state, metrics
+        return update(lora_params, opt_state, grads, loss_total, count)
 
     jitted = jax.jit(step, donate_argnums=(1, 2))
+    jitted_grads = jax.jit(grads_of)
+    jitted_add = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new), donate_argnums=0)
+    jitted_update = jax.jit(update, donate_argnums=(0, 1))
 
     def train_step(lora_params, opt_state, batch, dropout_key):
+        if isinstance(batch, (list, tuple)):
+            if not batch:
+                raise ValueError("batch is an empty list of micro-batches")
+            mbs = [prepare_micro_batch(model, mb) for mb in batch]
+            if len(mbs) == 1:
+                stacked = {k: v if k == "vision" else v[None] for k, v in mbs[0].items()}
+                return jitted(model.base_params, lora_params, opt_state, stacked, dropout_key)
+            keys = jax.random.split(dropout_key, len(mbs)) if dropout_key is not None else None
+            total = None
+            for i, mb in enumerate(mbs):
+                out = jitted_grads(model.base_params, lora_params, mb, None if keys is None else keys[i])
+                total = out if total is None else jitted_add(total, out)
+            loss_total, count, grads = total
+            return jitted_update(lora_params, opt_state, grads, loss_total, count)
+        if any(k in batch for k in ("pixel_values", "image_grid_thw")) or (
+                batch.get("vision") is not None and np.shape(batch["input_ids"])[0] != 1):
+            raise ValueError("a batch with images goes to the train step as a list of micro-batches "
+                             "(e.g. [collator(examples)]): micro-batches with different patch counts cannot be "
+                             "stacked into [accum, micro_batch, seq] arrays")
         return jitted(model.base_params, lora_params, opt_state, batch, dropout_key)
 
     train_step.jitted = jitted  # (base, lora, opt_state, batch, key): for .lower() / HLO inspection

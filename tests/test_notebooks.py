@@ -1,5 +1,6 @@
 """The notebooks run start to end on the tiny local model (they are written for a real model on a GPU)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,24 @@ def test_qlora_quickstart_runs(tmp_path, monkeypatch):
     assert "relative L2 difference" in outputs
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_vision_quickstart_runs(tmp_path, monkeypatch):
+    """Without FASTLORA_MODEL the notebook writes its own tiny Qwen2.5-VL (with transformers, as a newcomer's
+    laptop would) and runs every step on it: 4-bit load, LoRA on both stacks, collator, SFTTrainer, generate, save."""
+    pytest.importorskip("torchvision", reason="transformers' Qwen-VL processors need torchvision")
+    pytest.importorskip("PIL")
+    monkeypatch.delenv("FASTLORA_MODEL", raising=False)
+    monkeypatch.setenv("FASTLORA_MAX_STEPS", "6")
+    monkeypatch.setenv("FASTLORA_OUTPUT_DIR", str(tmp_path / "adapter"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = nbformat.read(NOTEBOOKS / "vision_quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "trainable params:" in outputs and "model.visual.blocks.0.attn.qkv" in outputs
+    assert "6 steps; logged losses:" in outputs
+    assert (tmp_path / "runs" / "tiny-qwen2.5-vl" / "config.json").is_file()
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "visual" in config["target_modules"] and "language_model" in config["target_modules"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

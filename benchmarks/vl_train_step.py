@@ -1,0 +1,191 @@
+"""Vision-language QLoRA train-step benchmark (Qwen2.5-VL): one JSON line per config.
+
+    python benchmarks/vl_train_step.py --shape qwen2.5-vl-7b --seq 2048 --image 448 --gc unsloth
+
+Random weights are drawn and NF4-quantized on the device (no files; `convert.load.random_base_params` over the
+family's two stacks). The batch is one row: a random 448x448 image (grid [1, 32, 32] patches -> 256 image tokens
+after the 2x2 merge) inside random text, `--seq` tokens in all, labels = the text tokens (image tokens -100, as
+the collator makes them). LoRA r=16, alpha=16 on every linear the finetune_* flags select, AdamW, and two modes:
+
+- `vision+language`: FastVisionModel.get_peft_model with every finetune_* flag True (vision blocks too);
+- `language-only`: finetune_vision_layers=False.
+
+Each config runs in its own process so that peak memory is its own. tokens/s is the median step after two
+warm-up steps (plus the compiling one). `--shape tiny` is a CPU smoke test of the same code (the test suite runs
+`--shape tiny --no-4bit --in-process`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# Qwen2.5-VL-7B-Instruct's config.json (transformers' Qwen2_5_VLConfig defaults are the 72B text model and a
+# 3584-wide vision tower; the 7B checkpoint sets these).
+SHAPES = {
+    "qwen2.5-vl-7b": dict(
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+                         max_position_embeddings=128000, hidden_act="silu", use_sliding_window=False,
+                         bos_token_id=151643, eos_token_id=151645,
+                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3,
+                           tokens_per_second=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False),
+}
+MODES = {"vision+language": True, "language-only": False}  # mode -> finetune_vision_layers
+
+
+def tiny_shape() -> dict:
+    from fastlora_jax.tiny import TINY_QWEN_VL_TEXT, TINY_QWEN_VL_TOKENS, TINY_QWEN_VL_VISION
+    return dict(text_config=dict(TINY_QWEN_VL_TEXT), vision_config=dict(TINY_QWEN_VL_VISION["qwen2_5_vl"]),
+                tie_word_embeddings=False, **TINY_QWEN_VL_TOKENS)
+
+
+def make_batch(cfg, hf_config, seq: int, side: int, seed: int = 0) -> tuple[dict, int]:
+    """One row as UnslothVisionDataCollator lays it out: text, <|vision_start|>, the image's tokens,
+    <|vision_end|>, text up to `seq`; `pixel_values` random (the values do not change the work)."""
+    import numpy as np
+    v = cfg.vision
+    unit = v.patch_size * v.spatial_merge_size
+    if side % unit:
+        raise ValueError(f"--image {side}: the side must be a multiple of patch_size * merge = {unit}")
+    grid = np.array([[1, side // v.patch_size, side // v.patch_size]])
+    n_image = int(grid.prod()) // v.merge_unit
+    prefix = 16
+    if seq < prefix + n_image + 2 + 16:
+        raise ValueError(f"--seq {seq} leaves no room for {n_image} image tokens plus text")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(20, min(cfg.vocab_size, 150000), seq)  # ordinary tokens (Qwen's specials are above)
+    ids[prefix] = hf_config.vision_start_token_id
+    ids[prefix + 1:prefix + 1 + n_image] = cfg.image_token_id
+    ids[prefix + 1 + n_image] = hf_config.vision_end_token_id
+    labels = np.where(ids == cfg.image_token_id, -100, ids)
+    types = (ids == cfg.image_token_id).astype(np.int32)
+    pixels = rng.standard_normal((int(grid.prod()), v.patch_dim)).astype(np.float32)
+    return {"input_ids": ids[None].astype(np.int32), "attention_mask": np.ones((1, seq), np.int32),
+            "labels": labels[None].astype(np.int32), "mm_token_type_ids": types[None], "pixel_values": pixels,
+            "image_grid_thw": grid.astype(np.int32)}, n_image
+
+
+@functools.cache
+def random_base(shape: str, load_in_4bit: bool):
+    """(HF config, family config, compute dtype, random base pytree); one per process (--in-process shares it)."""
+    import jax
+    import jax.numpy as jnp
+    from transformers import Qwen2_5_VLConfig
+
+    from fastlora_jax import qwen2_vl
+    from fastlora_jax.convert.load import random_base_params
+    hf_config = Qwen2_5_VLConfig(**(tiny_shape() if shape == "tiny" else SHAPES[shape]))
+    hf_config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    cfg = qwen2_vl.Config.from_hf(hf_config)
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return hf_config, cfg, dtype, random_base_params(qwen2_vl, cfg, dtype, load_in_4bit)
+
+
+def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, load_in_4bit: bool) -> dict:
+    import jax
+    import numpy as np
+
+    from fastlora_jax import FastVisionModel, qwen2_vl
+    from fastlora_jax.model import VisionCausalLM
+    from fastlora_jax.training import make_optimizer, make_train_step
+
+    hf_config, cfg, dtype, base = random_base(shape, load_in_4bit)
+    model = VisionCausalLM(hf_config, qwen2_vl, cfg, base, dtype, name_or_path=shape, max_seq_length=seq)
+    checkpointing = {"unsloth": "unsloth", "true": True, "false": False}[gc]
+    model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
+                                           finetune_vision_layers=MODES[mode], finetune_language_layers=True,
+                                           finetune_attention_modules=True, finetune_mlp_modules=True,
+                                           use_gradient_checkpointing=checkpointing, random_state=3407)
+    trainable, total = model.get_nb_trainable_parameters()
+    optimizer = make_optimizer(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0)
+    lora = model.lora_params
+    opt_state = optimizer.init(lora)
+    step = make_train_step(model, optimizer)
+    raw, n_image = make_batch(model.cfg, hf_config, seq, side)
+    micro = jax.device_put(model.prepare_training_batch(raw))  # host-side index arrays, computed once
+    jax.block_until_ready((lora, opt_state, micro))
+    setup_stats = jax.devices()[0].memory_stats() or {}  # CPU: no stats
+    setup_bytes = setup_stats.get("bytes_in_use", 0)
+    setup_peak = setup_stats.get("peak_bytes_in_use", 0)
+    print(f"setup done: {setup_bytes / 2 ** 30:.2f} GiB in use", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    lora, opt_state, metrics = step(lora, opt_state, [micro], None)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        lora, opt_state, metrics = step(lora, opt_state, [micro], None)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    times = times[2:]
+    median = float(np.median(times))
+    stats = jax.devices()[0].memory_stats() or {"peak_bytes_in_use": 0}
+    return {
+        "bench": "vl_train_step", "system": "fastlora_jax", "gpu": jax.devices()[0].device_kind, "shape": shape,
+        "mode": mode, "gc": gc, "load_in_4bit": load_in_4bit, "seq": seq, "image_px": side,
+        "image_patches": int(raw["pixel_values"].shape[0]), "image_tokens": n_image,
+        "trainable_params": int(trainable), "all_params": int(total), "tokens_per_s": round(seq / median, 1),
+        "step_ms": round(median * 1e3, 2), "peak_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3),
+        "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3),
+        "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="qwen2.5-vl-7b", choices=["tiny", *SHAPES])
+    parser.add_argument("--seq", type=int, default=2048, help="tokens in the row, image tokens included")
+    parser.add_argument("--image", type=int, default=448, help="image side in pixels (a multiple of 28)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--gc", default="unsloth", choices=["unsloth", "true", "false"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-4bit", action="store_true")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per config (default: %(default)s)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the configs in this process (smoke tests; peak memory is then not per config)")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one or args.in_process:
+        for mode in args.modes[:1] if args.one else args.modes:
+            print(json.dumps(run_one(args.shape, args.seq, args.image, mode, args.gc, args.steps,
+                                     not args.no_4bit)), flush=True)
+        return
+    for mode in args.modes:
+        cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--seq", str(args.seq), "--image",
+               str(args.image), "--modes", mode, "--gc", args.gc, "--steps", str(args.steps)]
+        cmd += ["--no-4bit"] if args.no_4bit else []
+        head = {"bench": "vl_train_step", "shape": args.shape, "mode": mode, "gc": args.gc, "seq": args.seq}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.timeout)
+        except subprocess.TimeoutExpired as err:
+            print(json.dumps({**head, "error": f"timed out after {args.timeout}s",
+                              "stderr_tail": (err.stderr or b"").decode(errors="replace")[-600:]}), flush=True)
+            continue
+        if os.environ.get("OUT"):
+            with open(Path(os.environ["OUT"]) / "vl_train_step_stderr.log", "a") as log:
+                log.write(f"=== {args.shape} {mode} gc={args.gc} seq={args.seq}\n{proc.stderr[-20000:]}\n")
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            print(json.dumps({**head, "error": proc.stderr.strip().splitlines()[-3:]}), flush=True)
+        else:
+            print(lines[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
