@@ -196,8 +196,9 @@ def head_is_frozen(family, cfg, lora) -> bool:
 
 
 def default_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per loss chunk so that one chunk's fp32 logits stay near 256 MiB."""
-    return int(max(64, min(8192, 2 ** 26 // max(vocab_size, 1))))
+    """Tokens per loss chunk so that one chunk's fp32 logits stay near 64 MiB (they, their
+    softmax and the bf16 copies are a large part of a memory-lean step's peak)."""
+    return int(max(64, min(8192, 2 ** 24 // max(vocab_size, 1))))
 
 
 def loss_sum_and_count(model, base, lora, meta, input_ids, labels, cos, sin, attention_mask, dropout_key, *,
