@@ -106,7 +106,8 @@ class CausalLM:
         gigabytes of weights into the compiled program as constants."""
         from fastlora_jax import training
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
-        chunk = chunk_tokens or training.default_chunk_tokens(self.cfg.vocab_size)
+        chunk = chunk_tokens or training.default_chunk_tokens(
+            self.cfg.vocab_size, memory_lean=getattr(self, "use_gradient_checkpointing", False) is not False)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
 
         def loss_sum(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None):
@@ -370,7 +371,8 @@ class VisionCausalLM(CausalLM):
         from fastlora_jax import training
         family, cfg = self.family, self.cfg
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
-        chunk = chunk_tokens or training.default_chunk_tokens(cfg.vocab_size)
+        chunk = chunk_tokens or training.default_chunk_tokens(
+            cfg.vocab_size, memory_lean=getattr(self, "use_gradient_checkpointing", False) is not False)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         compute_dtype = self.dtype
 
