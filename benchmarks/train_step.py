@@ -20,6 +20,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from config_process import run_config  # noqa: E402
+
 
 def flops_per_token(cfg, seq: int) -> float:
     """ANCHORS.md: 4 * N_matmul + 3 * (2 * seq * hidden * layers), lm_head included in N_matmul."""
@@ -167,23 +169,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--batch", str(args.batch), "--seq",
                str(args.seq), "--gc", gc, "--steps", str(args.steps), "--profile", str(args.profile)]
         cmd += ["--no-4bit"] if args.no_4bit else []
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.timeout)
-        except subprocess.TimeoutExpired as err:
-            print(json.dumps({"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq,
-                              "gc": gc, "error": f"timed out after {args.timeout}s",
-                              "stderr_tail": (err.stderr or b"").decode()[-600:]}), flush=True)
-            continue
-        if os.environ.get("OUT"):
-            with open(Path(os.environ["OUT"]) / "train_step_stderr.log", "a") as log:
-                log.write(f"=== {args.shape} {args.batch}x{args.seq} gc={gc}\n{proc.stderr[-20000:]}\n")
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not lines:
-            print(json.dumps({"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq,
-                              "gc": gc, "error": proc.stderr.strip().splitlines()[-3:]}), flush=True)
-        else:
-            print(lines[-1], flush=True)
-            ours[gc] = json.loads(lines[-1])
+        head = {"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq, "gc": gc}
+        row = run_config(cmd, head, args.timeout, "train_step_stderr.log")
+        if row is not None:
+            ours[gc] = row
     if args.vs_unsloth:
         for gc in args.gc:
             peer = run_unsloth(args.shape, args.batch, args.seq, gc)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from config_process import run_config  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct's config.json (transformers' Qwen2_5_VLConfig defaults are the 72B text model and a
 # 3584-wide vision tower; the 7B checkpoint sets these).
@@ -48,7 +49,11 @@ MODES = {"vision+language": True, "language-only": False}  # mode -> finetune_vi
 
 
 def tiny_shape() -> dict:
-    from fastlora_jax.tiny import TINY_QWEN_VL_TEXT, TINY_QWEN_VL_TOKENS, TINY_QWEN_VL_VISION
+    from fastlora_jax.tiny import (
+        TINY_QWEN_VL_TEXT,
+        TINY_QWEN_VL_TOKENS,
+        TINY_QWEN_VL_VISION,
+    )
     return dict(text_config=dict(TINY_QWEN_VL_TEXT), vision_config=dict(TINY_QWEN_VL_VISION["qwen2_5_vl"]),
                 tie_word_embeddings=False, **TINY_QWEN_VL_TOKENS)
 
@@ -84,10 +89,10 @@ def random_base(shape: str, load_in_4bit: bool):
     """(HF config, family config, compute dtype, random base pytree); one per process (--in-process shares it)."""
     import jax
     import jax.numpy as jnp
+    from fastlora_jax.convert.load import random_base_params
     from transformers import Qwen2_5_VLConfig
 
     from fastlora_jax import qwen2_vl
-    from fastlora_jax.convert.load import random_base_params
     hf_config = Qwen2_5_VLConfig(**(tiny_shape() if shape == "tiny" else SHAPES[shape]))
     hf_config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     cfg = qwen2_vl.Config.from_hf(hf_config)
@@ -171,21 +176,7 @@ def main(argv=None) -> None:
                str(args.image), "--modes", mode, "--gc", args.gc, "--steps", str(args.steps)]
         cmd += ["--no-4bit"] if args.no_4bit else []
         head = {"bench": "vl_train_step", "shape": args.shape, "mode": mode, "gc": args.gc, "seq": args.seq}
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.timeout)
-        except subprocess.TimeoutExpired as err:
-            print(json.dumps({**head, "error": f"timed out after {args.timeout}s",
-                              "stderr_tail": (err.stderr or b"").decode(errors="replace")[-600:]}), flush=True)
-            continue
-        if os.environ.get("OUT"):
-            with open(Path(os.environ["OUT"]) / "vl_train_step_stderr.log", "a") as log:
-                log.write(f"=== {args.shape} {mode} gc={args.gc} seq={args.seq}\n{proc.stderr[-20000:]}\n")
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not lines:
-            print(json.dumps({**head, "error": proc.stderr.strip().splitlines()[-3:]}), flush=True)
-        else:
-            print(lines[-1], flush=True)
-
+        run_config(cmd, head, args.timeout, "vl_train_step_stderr.log")
 
 if __name__ == "__main__":
     main()

@@ -272,6 +272,20 @@ def cache_attention_allowed(seq: int, max_len: int, cache_index, attention_mask_
     return allowed
 
 
+def cache_writing_attention(k_cache, v_cache, cache_index, allowed_bsL, scale: float):
+    """The `attend` callback of a KV-cache step (one layer's cache slices): write this call's keys and values at
+    `cache_index`, attend over the whole cache, and return the updated slices as the aux output."""
+    zero = jnp.zeros((), jnp.int32)
+
+    def attend(q, k, v):
+        k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, cache_index, zero, zero))
+        v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, cache_index, zero, zero))
+        o = cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed_bsL, scale)
+        return o, (k_all, v_all)
+
+    return attend
+
+
 def cached_attention(q_bshd, k_bLkd, v_bLkd, allowed_bsL, scale: float):
     """Grouped-query attention of `seq` queries over `max_len` cached keys with an explicit mask, with the
     arithmetic of `kernels.attention` (fp32 scores and softmax, probabilities cast to the query dtype)."""
@@ -299,17 +313,10 @@ def hidden_states_cached(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_b
     cos_bsr, sin_bsr = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
     cache_index = jnp.asarray(cache_index, jnp.int32)
     allowed = cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen)
-    zero = jnp.zeros((), jnp.int32)
 
     def step(x_bsd, layer_and_cache):
         layer, k_cache, v_cache = layer_and_cache
-
-        def attend(q, k, v):
-            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, cache_index, zero, zero))
-            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, cache_index, zero, zero))
-            o = cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed, cfg.head_dim ** -0.5)
-            return o, (k_all, v_all)
-
+        attend = cache_writing_attention(k_cache, v_cache, cache_index, allowed, cfg.head_dim ** -0.5)
         return decoder_layer_with_attention(cfg, layer, x_bsd, cos_bsr, sin_bsr, attend)
 
     x, (k, v) = jax.lax.scan(step, x, (params["model"]["layers"], cache["k"], cache["v"]))

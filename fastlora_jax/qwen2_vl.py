@@ -609,17 +609,10 @@ def hidden_states_cached(cfg: Config, params: dict, input_ids_bs, cos_bsd, sin_b
     cos_bsd, sin_bsd = cos_bsd.astype(compute_dtype), sin_bsd.astype(compute_dtype)
     cache_index = jnp.asarray(cache_index, jnp.int32)
     allowed = llama.cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen)
-    zero = jnp.zeros((), jnp.int32)
 
     def step(x_bsd, layer_and_cache):
         layer, k_cache, v_cache = layer_and_cache
-
-        def attend(q, k, v):
-            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, cache_index, zero, zero))
-            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, cache_index, zero, zero))
-            o = llama.cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed, t.head_dim ** -0.5)
-            return o, (k_all, v_all)
-
+        attend = llama.cache_writing_attention(k_cache, v_cache, cache_index, allowed, t.head_dim ** -0.5)
         return llama.decoder_layer_with_attention(t, layer, x_bsd, cos_bsd, sin_bsd, attend)
 
     x, (k, v) = jax.lax.scan(step, x, (lm["layers"], cache["k"], cache["v"]))
