@@ -129,15 +129,20 @@ def module_list(cfg: Config) -> list[tuple[str, str]]:
     """
     modules = [("model", "other"), ("model.embed_tokens", "embedding"), ("model.layers", "other")]
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        modules += [(p, "other"), (f"{p}.self_attn", "other")]
-        modules += [(f"{p}.self_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        modules += [(f"{p}.mlp", "other")]
-        modules += [(f"{p}.mlp.{n}", "linear") for n in ("gate_proj", "up_proj", "down_proj")]
-        modules += [(f"{p}.mlp.act_fn", "other"), (f"{p}.input_layernorm", "other"),
-                    (f"{p}.post_attention_layernorm", "other")]
+        modules += decoder_layer_modules(f"model.layers.{i}")
     modules += [("model.norm", "other"), ("model.rotary_emb", "other"), ("lm_head", "linear")]
     return modules
+
+
+def decoder_layer_modules(p: str) -> list[tuple[str, str]]:
+    """One Llama decoder layer's modules under the prefix `p`, in `named_modules()` order (Qwen-VL's
+    language layers are the same)."""
+    modules = [(p, "other"), (f"{p}.self_attn", "other")]
+    modules += [(f"{p}.self_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    modules += [(f"{p}.mlp", "other")]
+    modules += [(f"{p}.mlp.{n}", "linear") for n in ("gate_proj", "up_proj", "down_proj")]
+    return modules + [(f"{p}.mlp.act_fn", "other"), (f"{p}.input_layernorm", "other"),
+                      (f"{p}.post_attention_layernorm", "other")]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,13 +255,7 @@ def module_list(cfg: Config) -> list[tuple[str, str]]:
                 ("model.visual.merger.mlp.1", "other"), ("model.visual.merger.mlp.2", "linear"),
                 ("model.language_model", "other"), (EMBED_TOKENS, "embedding"), (TEXT_STACK, "other")]
     for i in range(cfg.text.num_layers):
-        p = f"{TEXT_STACK}.{i}"
-        modules += [(p, "other"), (f"{p}.self_attn", "other")]
-        modules += [(f"{p}.self_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        modules += [(f"{p}.mlp", "other")]
-        modules += [(f"{p}.mlp.{n}", "linear") for n in ("gate_proj", "up_proj", "down_proj")]
-        modules += [(f"{p}.mlp.act_fn", "other"), (f"{p}.input_layernorm", "other"),
-                    (f"{p}.post_attention_layernorm", "other")]
+        modules += llama.decoder_layer_modules(f"{TEXT_STACK}.{i}")
     modules += [("model.language_model.norm", "other"), ("model.language_model.rotary_emb", "other"),
                 ("lm_head", "linear")]
     return modules
