@@ -10,6 +10,15 @@ and transposed (dy @ deq(W), the backward's dX), one JSON line each:
               (packed + absmax) + output, each once
   *_frac      floor / time (1.0 = at the floor)
 
+With `--lora R` every op also carries a rank-R LoRA term (x @ deq(W)^T + xa @ b^T; dy @ deq(W) + gb @ a),
+and the line gets `lora_r` and two more timings:
+
+  kernel_ms          the fused kernel with `lora=` (the LoRA product as one more step in its accumulator)
+  xla_ms / dense_ms  XLA's dequantize-then-matmul / the dense matmul, plus the LoRA product, added in fp32
+  kernel_nolora_ms   the same kernel without the LoRA term (kernel_ms - this = what the LoRA step costs)
+  kernel_unfused_ms  that kernel, then the LoRA product and add in XLA as kernels/lora_op.py does them today
+                     (a bf16 [M, out] LoRA product and an add: the passes the fusion removes)
+
 Times: each jitted call runs one op on each of `--sets` distinct input sets (at least 200 MB of them, so
 repeated runs do not find warm data in the 50 MB L2, and XLA cannot merge the calls); per-op time = call
 time / sets, median over `--reps` calls after warm-up, timed with CUPTI (device time of the kernels) where
@@ -84,17 +93,26 @@ def dense_rate(n: int = 8192, reps: int = 10) -> float:
     return 2 * n ** 3 / _time_call(f, (a, b), reps)
 
 
-def _make_sets(m, n, k, sets, transposed, seed=0):
+def _make_sets(m, n, k, sets, transposed, seed=0, lora_r=None):
+    """Per set: activation, NF4 weight, its dense bf16 copy, and the LoRA pair (left [m, r], right [n, r] or
+    [r, k]; None without --lora)."""
     key = jax.random.key(seed)
-    xs, ws, dense = [], [], []
+    xs, ws, dense, loras = [], [], [], []
     for i in range(sets):
         kw, kx = jax.random.split(jax.random.fold_in(key, i))
+        kl, kr = jax.random.split(jax.random.fold_in(key, sets + i))
         w_bf16 = (jax.random.normal(kw, (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16)
         w = NF4Weight.quantize(w_bf16)
         ws.append(w)
         dense.append(w.dequantize(jnp.bfloat16))
         xs.append(jax.random.normal(kx, (m, n if transposed else k), jnp.bfloat16))
-    return xs, ws, dense
+        if lora_r is None:
+            loras.append(None)
+        else:
+            right_shape = (lora_r, k) if transposed else (n, lora_r)
+            loras.append((jax.random.normal(kl, (m, lora_r), jnp.bfloat16),
+                          (jax.random.normal(kr, right_shape, jnp.float32) * 0.02).astype(jnp.bfloat16)))
+    return xs, ws, dense, loras
 
 
 VARIANTS = {
@@ -128,25 +146,42 @@ def _example_dense_pallas(xs, dense, transposed):
     return jax.jit(lambda xs, bs: [hm.matmul(x, b, None, cfg) for x, b in zip(xs, bs)]), (xs, bs)
 
 
-def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impls, variants=()):
-    if sets is None:  # enough distinct inputs that they cannot stay in the 50 MB L2 between runs
-        set_bytes = m * (n if transposed else k) * 2 + n * k // 2 + m * (k if transposed else n) * 2
-        sets = int(min(32, max(4, -(-200_000_000 // set_bytes))))
-    xs, ws, dense = _make_sets(m, n, k, sets, transposed)
-    op = nm.nf4_matmul_t if transposed else nm.nf4_matmul
+def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impls, variants=(), lora_r=None):
     out_cols = k if transposed else n
     kc = n if transposed else k
+    lora_bytes = 0 if lora_r is None else (m + out_cols) * lora_r * 2
+    if sets is None:  # enough distinct inputs that they cannot stay in the 50 MB L2 between runs
+        set_bytes = m * kc * 2 + n * k // 2 + m * out_cols * 2 + lora_bytes
+        sets = int(min(32, max(4, -(-200_000_000 // set_bytes))))
+    xs, ws, dense, loras = _make_sets(m, n, k, sets, transposed, lora_r=lora_r)
+    op = nm.nf4_matmul_t if transposed else nm.nf4_matmul
+    lora_eq = "mr,rk->mk" if transposed else "mr,nr->mn"
 
     def multi(impl):
+        """A jitted function of (xs, ws or dense, loras) running one op per set."""
         if impl == "dense":
             eq = "mn,nk->mk" if transposed else "mk,nk->mn"
-            one = lambda x, d: jnp.einsum(eq, x, d, preferred_element_type=jnp.float32).astype(jnp.bfloat16)  # noqa: E731
-            return jax.jit(lambda xs, ds: [one(x, d) for x, d in zip(xs, ds)])
-        return jax.jit(lambda xs, ws: [op(x, w, impl=impl, config=config) for x, w in zip(xs, ws)])
+
+            def one(x, d, lr):
+                y = jnp.einsum(eq, x, d, preferred_element_type=jnp.float32)
+                if lr is not None:
+                    y = y + jnp.einsum(lora_eq, *lr, preferred_element_type=jnp.float32)
+                return y.astype(jnp.bfloat16)
+        elif impl == "pallas_nolora":
+            def one(x, w, lr):
+                return op(x, w, impl="pallas", config=config)
+        elif impl == "pallas_unfused":  # as kernels/lora_op.py: a bf16 LoRA product, then the add
+            def one(x, w, lr):
+                return op(x, w, impl="pallas", config=config) + jnp.einsum(lora_eq, *lr,
+                                                                           preferred_element_type=jnp.bfloat16)
+        else:
+            def one(x, w, lr):
+                return op(x, w, lora=lr, impl=impl, config=config)
+        return jax.jit(lambda xs, ws, lrs: [one(x, w, lr) for x, w, lr in zip(xs, ws, lrs)])
 
     res = {}
     for impl in impls:
-        args = (xs, dense) if impl == "dense" else (xs, ws)
+        args = (xs, dense, loras) if impl == "dense" else (xs, ws, loras)
         try:
             if impl == "dense_pallas":
                 fn, args = _example_dense_pallas(xs, dense, transposed)
@@ -154,8 +189,8 @@ def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impl
                 continue
             res[impl] = _time_call(multi(impl), args, reps) / sets
             if impl == "pallas":
-                one = jax.jit(lambda x, w: op(x, w, impl="pallas", config=config))
-                res["kernels"] = _kernel_names(one, (xs[0], ws[0]))
+                one = jax.jit(lambda x, w, lr: op(x, w, lora=lr, impl="pallas", config=config))
+                res["kernels"] = _kernel_names(one, (xs[0], ws[0], loras[0]))
         except Exception as e:  # report, keep going with the other impls
             res[impl] = None
             res[impl + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -165,19 +200,21 @@ def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impl
         if not nm.supported(m, n, k, transposed=transposed, config=vcfg):
             continue
         try:
-            fn = jax.jit(lambda xs, ws, vcfg=vcfg: [op(x, w, impl="pallas", config=vcfg) for x, w in zip(xs, ws)])
-            var_ms[name] = round(_time_call(fn, (xs, ws), reps) / sets * 1e3, 4)
+            fn = jax.jit(lambda xs, ws, lrs, vcfg=vcfg: [op(x, w, lora=lr, impl="pallas", config=vcfg)
+                                                          for x, w, lr in zip(xs, ws, lrs)])
+            var_ms[name] = round(_time_call(fn, (xs, ws, loras), reps) / sets * 1e3, 4)
         except Exception as e:  # noqa: BLE001
             var_ms[name] = f"{type(e).__name__}: {str(e)[:200]}"
     # correctness of what was timed, on the first set
     if res.get("pallas") is not None:
-        ref = nm.nf4_matmul_t_reference(xs[0], ws[0]) if transposed else nm.nf4_matmul_reference(xs[0], ws[0])
-        got = op(xs[0], ws[0], impl="pallas", config=config)
+        reference = nm.nf4_matmul_t_reference if transposed else nm.nf4_matmul_reference
+        ref = reference(xs[0], ws[0], lora=loras[0])
+        got = op(xs[0], ws[0], lora=loras[0], impl="pallas", config=config)
         d = np.asarray(got, np.float64) - np.asarray(ref, np.float64)
         res["kernel_rel_l2"] = float(np.linalg.norm(d) / np.linalg.norm(np.asarray(ref, np.float64)))
 
-    flops = 2 * m * n * k
-    nbytes = m * kc * 2 + ws[0].nbytes + m * out_cols * 2
+    flops = 2 * m * n * k + (0 if lora_r is None else 2 * m * lora_r * out_cols)
+    nbytes = m * kc * 2 + ws[0].nbytes + m * out_cols * 2 + lora_bytes
     t_flops, t_bytes = flops / PEAK_FLOPS, nbytes / copy_bw
     floor = max(t_flops, t_bytes)
     line = {
@@ -189,6 +226,15 @@ def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impl
         "gflop": round(flops / 1e9, 3), "mbytes": round(nbytes / 1e6, 2), "sets": sets, "reps": reps,
         "timer": TIMER["kind"],
     }
+    if lora_r is not None:
+        line["lora_r"] = lora_r
+        for impl, key in (("pallas_nolora", "kernel_nolora_ms"), ("pallas_unfused", "kernel_unfused_ms")):
+            if impl in res:
+                line[key] = None if res[impl] is None else round(res[impl] * 1e3, 4)
+        if res.get("pallas") and res.get("pallas_nolora"):
+            line["lora_step_ms"] = round((res["pallas"] - res["pallas_nolora"]) * 1e3, 4)
+        if res.get("pallas") and res.get("pallas_unfused"):
+            line["fused_speedup_vs_unfused"] = round(res["pallas_unfused"] / res["pallas"], 3)
     if "dense_pallas" in res:
         line["dense_pallas_ms"] = None if res["dense_pallas"] is None else round(res["dense_pallas"] * 1e3, 4)
     if var_ms:
@@ -201,7 +247,8 @@ def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impl
             line[f"{key}_tflops"] = round(flops / res[impl] / 1e12, 1)
     if res.get("pallas") and res.get("xla"):
         line["kernel_speedup_vs_xla"] = round(res["xla"] / res["pallas"], 3)
-    for key in ("kernel_rel_l2", "pallas_error", "xla_error", "dense_error", "dense_pallas_error"):
+    for key in ("kernel_rel_l2", "pallas_error", "xla_error", "dense_error", "dense_pallas_error",
+                "pallas_nolora_error", "pallas_unfused_error"):
         if key in res:
             line[key] = res[key]
     return line
@@ -212,8 +259,11 @@ def main(argv=None):
     ap.add_argument("--m", type=int, default=4096)
     ap.add_argument("--models", nargs="+", default=list(SHAPES))
     ap.add_argument("--ops", nargs="+", default=["fwd", "t"], choices=["fwd", "t"])
-    ap.add_argument("--impls", nargs="+", default=["pallas", "xla", "dense"],
-                    choices=["pallas", "xla", "dense", "dense_pallas"])
+    ap.add_argument("--impls", nargs="+", default=None,
+                    choices=["pallas", "xla", "dense", "dense_pallas", "pallas_nolora", "pallas_unfused"],
+                    help="default: pallas xla dense (+ pallas_nolora pallas_unfused with --lora)")
+    ap.add_argument("--lora", type=int, default=None, metavar="R",
+                    help="add a rank-R LoRA term to every op (R <= 64 for the kernel)")
     ap.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                     help="other kernel configurations to time as well (variants_ms)")
     ap.add_argument("--shared-dequant", type=int, default=int(nm.DEFAULT_CONFIG.shared_dequant))
@@ -225,6 +275,9 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="N,K: a single shape")
     ap.add_argument("--command", default=None, help="the command line to record")
     args = ap.parse_args(argv)
+    impls = args.impls or (["pallas", "xla", "dense"] + ([] if args.lora is None else ["pallas_nolora", "pallas_unfused"]))
+    if args.lora is None and {"pallas_nolora", "pallas_unfused"} & set(impls):
+        ap.error("--impls pallas_nolora / pallas_unfused need --lora R")
 
     config = nm.TileConfig(stages=args.stages, grid_minor=args.grid_minor, grid_tile_width=args.grid_tile_width,
                            shared_dequant=bool(args.shared_dequant))
@@ -237,6 +290,8 @@ def main(argv=None):
                                                           "grid_tile_width": config.grid_tile_width,
                                                           "shared_dequant": config.shared_dequant},
     }
+    if args.lora is not None:
+        meta["lora_r"] = args.lora
     print(json.dumps({"bench": "nf4_matmul_ceilings", **meta, "dense_8192_tflops": round(dense_rate() / 1e12, 1)}),
           flush=True)
     rows = []
@@ -247,7 +302,8 @@ def main(argv=None):
         for n, k in shapes:
             for op in args.ops:
                 line = bench_shape(model, args.m, n, k, op == "t", sets=args.sets, reps=args.reps,
-                                   copy_bw=copy_bw, config=config, impls=args.impls, variants=args.variants)
+                                   copy_bw=copy_bw, config=config, impls=impls, variants=args.variants,
+                                   lora_r=args.lora)
                 line.update(meta)
                 print(json.dumps(line), flush=True)
                 rows.append(line)
@@ -259,6 +315,14 @@ def main(argv=None):
         print(f"| {r['model']} | {r['op']} | {r['M']} | {r['N']} | {r['K']} | {r['kernel_ms']} | "
               f"{r.get('kernel_frac')} | {r['xla_ms']} | {r.get('xla_frac')} | {r['dense_ms']} | "
               f"{r.get('kernel_speedup_vs_xla')} | {var} | {r.get('dense_pallas_ms')} |", file=sys.stderr)
+    if args.lora is not None:
+        print("\n| model | op | N | K | R | fused kernel ms | kernel, no LoRA ms | kernel + XLA LoRA ms | "
+              "fused/unfused speedup | XLA deq+matmul+LoRA ms |", file=sys.stderr)
+        print("|---|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
+        for r in rows:
+            print(f"| {r['model']} | {r['op']} | {r['N']} | {r['K']} | {r['lora_r']} | {r['kernel_ms']} | "
+                  f"{r.get('kernel_nolora_ms')} | {r.get('kernel_unfused_ms')} | {r.get('fused_speedup_vs_unfused')} "
+                  f"| {r['xla_ms']} |", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
     nf4_matmul(x_mk, w)    = x @ deq(W)^T  -> [M, N]   the forward of a Linear whose W is [out=N, in=K]
     nf4_matmul_t(dy_mn, w) = dy @ deq(W)   -> [M, K]   the backward's dX
 
+    with the LoRA branch in the same fp32 accumulator (R = rank, xa already scaled by the caller):
+    nf4_matmul(x_mk, w, lora=(xa_mr, b_nr))    = x @ deq(W)^T + xa @ b^T
+    nf4_matmul_t(dy_mn, w, lora=(gb_mr, a_rk)) = dy @ deq(W) + gb @ a
+
 `w` is a `fastlora_jax.quant.NF4Weight` in bitsandbytes' layout: `packed` is the row-major W, two codes a
 byte, the FIRST element in the HIGH nibble (so it reshapes to [N, K/2]); blocks of 64 along the flattened
 order, so with K % 64 == 0 the scales form [N, K/64]. deq(W) = bf16(float32(NF4[code] * scale)), rounded
@@ -22,6 +26,18 @@ How the kernel works (one CTA = 2 compute warpgroups + 1 TMA warpgroup, persiste
 * Forward: the weight tile is [128 rows of N, 64 of K] and is wgmma's B operand transposed (K-major).
   Transposed op: the tile is [64 rows of N (the contraction), 128 of K] and is B as stored (N-major).
   Same packed bytes, same dequantization code, the other contraction.
+* LoRA (`lora=`): after the last NF4 step each output tile takes one more contraction step of 64 whose
+  operands are dense bf16 tiles, so the LoRA product adds no [M, N] pass of its own (and no rounding: both
+  products meet in fp32). The wrapper zero-pads R to 64 (R <= 64; R is 8..64 in practice), so the step has
+  exactly the shape and 128-byte swizzle of a K step: the left tile (xa or gb, [rows, 64]) is the A operand,
+  the right tile is B exactly as a W tile would be (b [128 of N, 64], K-major; a [64, 128 of K], as stored).
+  SMEM is full (~226 of 227 KiB), so nothing new is allocated: each warpgroup TMA-loads its 128 rows of the
+  left tile into its own [128, 64] epilogue buffer at the start of the tile (hidden behind the main loop;
+  the epilogue only needs that buffer after the last wgmma), and the right tile after the main loop into
+  the dequantized-W buffer that a next step would have used (step numbering counts the LoRA step, so the
+  buffer-reuse argument is unchanged; shared layout: warpgroup 0 loads it, the other arrives on its barrier
+  once past its own main loop, which is the barrier that step would have had). Its load latency (one 16 KiB
+  tile, mostly from L2) is exposed once per output tile.
 * Dequantization in registers (`_dequant_unit`): each thread takes 32 consecutive codes of one row (one
   16-byte shared load) and their block's scale. It builds the row's 16-entry table bf16(NF4[i] * scale)
   (16 multiplies, 8 `cvt.rn.bf16x2.f32`) and splits it into low and high bytes (8 `prmt`). A code is then
@@ -61,14 +77,14 @@ from jax import lax
 from fastlora_jax.quant import NF4_CODE, NF4Weight
 
 __all__ = [
-    "nf4_matmul",
-    "nf4_matmul_t",
-    "nf4_matmul_reference",
-    "nf4_matmul_t_reference",
-    "kernel_scales",
-    "supported",
-    "TileConfig",
     "IMPLS",
+    "TileConfig",
+    "kernel_scales",
+    "nf4_matmul",
+    "nf4_matmul_reference",
+    "nf4_matmul_t",
+    "nf4_matmul_t_reference",
+    "supported",
 ]
 
 IMPLS = ("auto", "pallas", "xla", "interpret")
@@ -90,20 +106,56 @@ def _as_2d_weight(w: NF4Weight) -> tuple[int, int]:
     return n, k
 
 
-def nf4_matmul_reference(x_mk: jax.Array, w: NF4Weight) -> jax.Array:
-    """x @ deq(W)^T with deq in bf16 (as `kernels.reference.dense_weight(w, bf16)`), fp32 accumulation."""
-    _as_2d_weight(w)
-    w_nk = w.dequantize(jnp.bfloat16)
-    return jnp.einsum("...k,nk->...n", x_mk.astype(jnp.bfloat16), w_nk,
-                      preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+def _check_lora(lora, *, op: str, lead: tuple, other: tuple[str, int], transposed: bool):
+    """(left [..., R], right) of a `lora=` pair after checking them; R = the LoRA rank.
+
+    Forward: (xa_mr [..., R], b_nr [N, R]); transposed: (gb_mr [..., R], a_rk [R, K]). `other` names the
+    right operand's non-rank dimension and its size, for the messages."""
+    names = ("gb_mr", "a_rk") if transposed else ("xa_mr", "b_nr")
+    if not isinstance(lora, (tuple, list)) or len(lora) != 2:
+        raise ValueError(f"{op}: lora must be None or a pair ({names[0]}, {names[1]}), got {type(lora).__name__}"
+                         + (f" of length {len(lora)}" if isinstance(lora, (tuple, list)) else ""))
+    left, right = map(jnp.asarray, lora)
+    for name, v in zip(names, (left, right)):
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            raise ValueError(f"{op}: lora {name} has dtype {v.dtype}; a floating dtype is accepted "
+                             "(it is rounded to bfloat16, as the kernel's tensor cores read it)")
+    if left.ndim < 1 or tuple(left.shape[:-1]) != tuple(lead) or left.shape[-1] < 1:
+        raise ValueError(f"{op}: lora {names[0]}.shape={tuple(left.shape)}; expected {(*lead, 'R')} "
+                         f"(the activation's leading dims {tuple(lead)}, then the rank R >= 1)")
+    r = left.shape[-1]
+    dim, size = other
+    want = (r, size) if transposed else (size, r)
+    if tuple(right.shape) != want:
+        want_s = f"[R={r}, {dim}={size}]" if transposed else f"[{dim}={size}, R={r}]"
+        raise ValueError(f"{op}: lora {names[1]}.shape={tuple(right.shape)}; expected {want_s} "
+                         f"(R from {names[0]}.shape[-1])")
+    return left, right
 
 
-def nf4_matmul_t_reference(dy_mn: jax.Array, w: NF4Weight) -> jax.Array:
-    """dy @ deq(W) with deq in bf16, fp32 accumulation."""
-    _as_2d_weight(w)
+def nf4_matmul_reference(x_mk: jax.Array, w: NF4Weight, *, lora=None) -> jax.Array:
+    """x @ deq(W)^T (+ xa @ b^T) with deq in bf16 (as `kernels.reference.dense_weight(w, bf16)`), operands in
+    bf16, both products summed in fp32 and rounded once: the kernel's math."""
+    n, _ = _as_2d_weight(w)
     w_nk = w.dequantize(jnp.bfloat16)
-    return jnp.einsum("...n,nk->...k", dy_mn.astype(jnp.bfloat16), w_nk,
-                      preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    acc = jnp.einsum("...k,nk->...n", x_mk.astype(jnp.bfloat16), w_nk, preferred_element_type=jnp.float32)
+    if lora is not None:
+        xa_mr, b_nr = _check_lora(lora, op="nf4_matmul", lead=x_mk.shape[:-1], other=("N", n), transposed=False)
+        acc = acc + jnp.einsum("...r,nr->...n", xa_mr.astype(jnp.bfloat16), b_nr.astype(jnp.bfloat16),
+                               preferred_element_type=jnp.float32)
+    return acc.astype(jnp.bfloat16)
+
+
+def nf4_matmul_t_reference(dy_mn: jax.Array, w: NF4Weight, *, lora=None) -> jax.Array:
+    """dy @ deq(W) (+ gb @ a) with deq in bf16, fp32 accumulation of both products, one rounding."""
+    _, k = _as_2d_weight(w)
+    w_nk = w.dequantize(jnp.bfloat16)
+    acc = jnp.einsum("...n,nk->...k", dy_mn.astype(jnp.bfloat16), w_nk, preferred_element_type=jnp.float32)
+    if lora is not None:
+        gb_mr, a_rk = _check_lora(lora, op="nf4_matmul_t", lead=dy_mn.shape[:-1], other=("K", k), transposed=True)
+        acc = acc + jnp.einsum("...r,rk->...k", gb_mr.astype(jnp.bfloat16), a_rk.astype(jnp.bfloat16),
+                               preferred_element_type=jnp.float32)
+    return acc.astype(jnp.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +167,7 @@ NUM_COMPUTE_WGS = 2
 K_STEP = 64     # contraction per pipeline step (one 128-byte swizzle row of bf16, one NF4 block)
 BLOCK = 64      # NF4 blocksize the kernel supports
 EPI = 64        # epilogue sub-tile (64 x 64 bf16 through SMEM, then TMA)
+MAX_LORA_RANK = K_STEP  # the LoRA term is one extra contraction step, its rank zero-padded to K_STEP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,8 +581,12 @@ def _dequant_step(g: _Geom, p_ref, s_ref, w_ref, wg, interpret: bool):
         _dequant_into_smem_mgpu(g, p_ref, s_ref, w_ref)
 
 
-def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, interpret: bool):
-    """out = a @ deq(W)^T (transposed=False; a [M, K]) or a @ deq(W) (transposed=True; a [M, N])."""
+def _fused_call(a, packed, scales_t, lora_l=None, lora_r=None, *, transposed: bool, cfg: TileConfig,
+                interpret: bool):
+    """out = a @ deq(W)^T (transposed=False; a [M, K]) or a @ deq(W) (transposed=True; a [M, N]).
+
+    With the LoRA operands (bf16, rank zero-padded to K_STEP): + lora_l [M, 64] @ lora_r [N, 64]^T
+    (forward) or + lora_l [M, 64] @ lora_r [64, K] (transposed), one more wgmma into the same accumulator."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -541,6 +598,10 @@ def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, inter
     out_cols = k if transposed else n
     m_iters, n_iters, k_iters = m // g.cta_m, out_cols // g.cta_out, kc // K_STEP
     assert m_iters * g.cta_m == m and n_iters * g.cta_out == out_cols and k_iters * K_STEP == kc, g
+    lora = lora_l is not None
+    if lora:
+        want_r = (K_STEP, k) if transposed else (n, K_STEP)
+        assert lora_l.shape == (m, K_STEP) and lora_r.shape == want_r, (lora_l.shape, lora_r.shape, want_r)
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     def make_pipeline(body, compute_context):
@@ -557,15 +618,24 @@ def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, inter
             compute_context=compute_context)
 
     w_shape = (g.dq_buffers, g.w_rows, g.w_cols) if g.shared else (NUM_COMPUTE_WGS, g.dq_buffers, g.w_rows, g.w_cols)
-    scoped = dict(
-        w_smem=plgpu.SMEM(w_shape, jnp.bfloat16, transforms=swizzled),
-        out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, 2, EPI, EPI), jnp.bfloat16, transforms=swizzled),
-    )
+    # out_smem: per warpgroup two EPI x EPI epilogue slots, i.e. one [128, 64] tile, which also holds the
+    # warpgroup's LoRA left tile during the main loop (SMEM is full: 4 stages of 32 KiB activation tiles,
+    # 3 x 16 KiB W tiles and this 32 KiB already take ~226 of the 227 KiB)
+    scoped = {
+        "w_smem": plgpu.SMEM(w_shape, jnp.bfloat16, transforms=swizzled),
+        "out_smem": plgpu.SMEM((NUM_COMPUTE_WGS, 2 * EPI, EPI), jnp.bfloat16, transforms=swizzled),
+    }
     if g.shared:
         scoped["dq_ready"] = plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=g.dq_buffers)
+    if lora:
+        scoped["l_ready"] = plgpu.Barrier(num_arrivals=1, num_barriers=NUM_COMPUTE_WGS)
+        # shared: warpgroup 0 loads the one right tile, the other only arrives; split: each loads its own
+        scoped["r_ready"] = (plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS) if g.shared
+                             else plgpu.Barrier(num_arrivals=1, num_barriers=NUM_COMPUTE_WGS))
 
-    def kernel(a_gmem, p_gmem, s_gmem, out_gmem):
-        ignore = lambda *_, **__: None  # noqa: E731 - the allocations do not depend on the body
+    def kernel(a_gmem, p_gmem, s_gmem, *rest):
+        l_gmem, r_gmem, out_gmem = rest if lora else (None, None, *rest)
+        ignore = lambda *_, **__: None  # the allocations do not depend on the body
 
         @functools.partial(
             pl.run_scoped,
@@ -573,7 +643,7 @@ def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, inter
             **scoped,
             collective_axes="wg",
         )
-        def _scope(pipeline_allocs, w_smem, out_smem, dq_ready=None):
+        def _scope(pipeline_allocs, w_smem, out_smem, dq_ready=None, l_ready=None, r_ready=None):
             wg = lax.axis_index("wg")
             acc_rows, acc_cols = (WG_ROWS, g.cta_out) if g.shared else (g.cta_m, g.cta_out // NUM_COMPUTE_WGS)
 
@@ -588,23 +658,67 @@ def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, inter
                 out_tile = out_tile.at[pl.ds(wg * acc_rows, acc_rows)] if g.shared else \
                     out_tile.at[:, pl.ds(wg * acc_cols, acc_cols)]
                 # dequantized tiles are numbered across output tiles, so the buffer-reuse argument in
-                # _body holds at tile boundaries too
-                step0 = info.local_index * k_iters
+                # _body holds at tile boundaries too; the LoRA step is step k_iters of the tile
+                step0 = info.local_index * (k_iters + 1 if lora else k_iters)
+
+                def lora_load_left():
+                    """The warpgroup's rows of the LoRA left operand -> out_smem[wg], while the main loop runs."""
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last epilogue's stores read it
+                    rows = pl.ds(mi * g.cta_m + (wg * WG_ROWS if g.shared else 0), WG_ROWS)
+                    plgpu.copy_gmem_to_smem(l_gmem.at[rows, :], out_smem.at[wg], l_ready.at[wg])
+
+                def lora_step(acc_ref):
+                    """One more contraction step of 64: the LoRA tiles, dense bf16, into the same accumulator.
+
+                    The right tile goes by TMA into the W buffer of step j = step0 + k_iters, free by the
+                    argument in _body: this warpgroup has passed step j-1. Shared: warpgroup 0 loads the
+                    tile, the other arrives on the same barrier after its own main loop (so after its
+                    wgmma_wait(1) retired step j-2); both wait, so the next tile's step j+1 reuses buffer
+                    (j-2) % 3 safely, as if this were a dequantizing step with its barrier."""
+                    buf = lax.rem(step0 + k_iters, g.dq_buffers)
+                    o0 = ni * g.cta_out
+                    if g.shared:
+                        r_tile = w_smem.at[buf]
+                        src = r_gmem.at[:, o_sl] if transposed else r_gmem.at[o_sl, :]
+
+                        @pl.when(wg == 0)
+                        def _load():
+                            plgpu.copy_gmem_to_smem(src, r_tile, r_ready)
+
+                        @pl.when(wg != 0)
+                        def _done():
+                            plgpu.barrier_arrive(r_ready)
+
+                        r_bar = r_ready
+                    else:
+                        r_tile = w_smem.at[wg, buf]
+                        cols = pl.ds(o0 + wg * acc_cols, acc_cols)
+                        src = r_gmem.at[:, cols] if transposed else r_gmem.at[cols, :]
+                        plgpu.copy_gmem_to_smem(src, r_tile, r_ready.at[wg])
+                        r_bar = r_ready.at[wg]
+                    plgpu.barrier_wait(l_ready.at[wg])
+                    plgpu.barrier_wait(r_bar)
+                    plgpu.wgmma(acc_ref, out_smem.at[wg], r_tile if transposed else r_tile.T)
 
                 def compute_context(run_pipeline):
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((acc_rows, acc_cols), jnp.float32))
                     def _acc_scope(acc_ref):
+                        if lora:
+                            lora_load_left()
                         run_pipeline(acc_ref)
-                        acc = acc_ref[...].astype(jnp.bfloat16)
+                        if lora:
+                            lora_step(acc_ref)
+                        acc = acc_ref[...].astype(jnp.bfloat16)   # waits for every wgmma
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         for ei in range(acc_rows // EPI):
                             for ej in range(acc_cols // EPI):
                                 slot = (ei * (acc_cols // EPI) + ej) % 2
                                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                                out_smem[wg, slot] = acc[ei * EPI:(ei + 1) * EPI, ej * EPI:(ej + 1) * EPI]
+                                out_slot = out_smem.at[wg, pl.ds(slot * EPI, EPI)]
+                                out_slot[...] = acc[ei * EPI:(ei + 1) * EPI, ej * EPI:(ej + 1) * EPI]
                                 plgpu.commit_smem()
                                 plgpu.copy_smem_to_gmem(
-                                    out_smem.at[wg, slot],
+                                    out_slot,
                                     out_tile.at[ei * EPI:(ei + 1) * EPI, ej * EPI:(ej + 1) * EPI])
 
                 def _body(idxs, a_smem, p_smem, s_smem, acc_ref):
@@ -641,7 +755,7 @@ def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, inter
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel.__name__ = kernel.__qualname__ = f"nf4_matmul_{'t' if transposed else 'fwd'}"
+    kernel.__name__ = kernel.__qualname__ = f"nf4_matmul_{'t' if transposed else 'fwd'}{'_lora' if lora else ''}"
     num_tiles = m_iters * n_iters
     num_sms = _num_sms() if not interpret else min(num_tiles, 4)
     kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
@@ -654,7 +768,7 @@ def _fused_call(a, packed, scales_t, *, transposed: bool, cfg: TileConfig, inter
         thread_name="wg",
         **kwargs,
     )
-    return f(a, packed, scales_t)
+    return f(a, packed, scales_t, lora_l, lora_r) if lora else f(a, packed, scales_t)
 
 
 def _num_sms() -> int:
@@ -740,7 +854,7 @@ def _dequantize_tiles_call(packed, scales_t, *, transposed: bool, shared: bool, 
 
 
 def _resolve_impl(impl: str, *, m: int, n: int, k: int, transposed: bool, w: NF4Weight, dtype,
-                  config: TileConfig | None = None) -> str:
+                  config: TileConfig | None = None, rank: int | None = None) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     g = _Geom(transposed, (config or DEFAULT_CONFIG).shared_dequant)
@@ -753,6 +867,8 @@ def _resolve_impl(impl: str, *, m: int, n: int, k: int, transposed: bool, w: NF4
         need = (f"M % {g.cta_m}, K % {g.cta_out}, N % {K_STEP}" if transposed
                 else f"M % {g.cta_m}, N % {g.cta_out}, K % {K_STEP}")
         why_not = f"shape M={m}, N={n}, K={k} (the kernel needs {need} == 0)"
+    elif rank is not None and rank > MAX_LORA_RANK:
+        why_not = f"LoRA rank R={rank} (the kernel's LoRA step takes R <= {MAX_LORA_RANK})"
     if impl == "auto":
         return "pallas" if why_not is None and jax.default_backend() == "gpu" else "xla"
     if impl in ("pallas", "interpret") and why_not is not None:
@@ -760,9 +876,20 @@ def _resolve_impl(impl: str, *, m: int, n: int, k: int, transposed: bool, w: NF4
     return impl
 
 
-def nf4_matmul(x_mk: jax.Array, w: NF4Weight, *, impl: str = "auto", config: TileConfig | None = None) -> jax.Array:
+def _pad_rank(v: jax.Array, axis: int) -> jax.Array:
+    """bf16, the rank axis zero-padded to K_STEP: the LoRA step is then exactly a K step (zeros add nothing)."""
+    v = v.astype(jnp.bfloat16)
+    pad = [(0, 0)] * v.ndim
+    pad[axis] = (0, K_STEP - v.shape[axis])
+    return jnp.pad(v, pad)
+
+
+def nf4_matmul(x_mk: jax.Array, w: NF4Weight, *, lora=None, impl: str = "auto",
+               config: TileConfig | None = None) -> jax.Array:
     """x @ deq(W)^T for W an NF4Weight of shape [N, K] (torch Linear [out, in]); x [..., K] -> [..., N] bf16.
 
+    lora=(xa_mr, b_nr) adds xa @ b^T (xa [..., R] already scaled, b [N, R]) inside the same fp32 accumulator:
+    the kernel runs it as one more contraction step, so the LoRA product costs no [M, N] pass of its own.
     impl: "auto" (the fused Pallas kernel on a GPU when the shape is supported, else "xla"), "pallas",
     "xla" (dequantize then matmul, `nf4_matmul_reference`) or "interpret" (the kernel in Pallas' GPU
     interpret mode, for CPU tests). fp32 accumulation, bf16 result."""
@@ -771,28 +898,38 @@ def nf4_matmul(x_mk: jax.Array, w: NF4Weight, *, impl: str = "auto", config: Til
         raise ValueError(f"x_mk.shape={tuple(x_mk.shape)} does not end in K={k} (w is [{n}, {k}])")
     lead = x_mk.shape[:-1]
     m = math.prod(lead)
-    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=False, w=w, dtype=x_mk.dtype, config=config)
+    if lora is not None:
+        lora = _check_lora(lora, op="nf4_matmul", lead=lead, other=("N", n), transposed=False)
+    rank = None if lora is None else lora[0].shape[-1]
+    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=False, w=w, dtype=x_mk.dtype, config=config, rank=rank)
     if impl == "xla":
-        return nf4_matmul_reference(x_mk, w)
-    out = _fused_call(x_mk.reshape(m, k), w.packed.reshape(n, k // 2), kernel_scales(w), transposed=False,
-                      cfg=config or DEFAULT_CONFIG, interpret=impl == "interpret")
+        return nf4_matmul_reference(x_mk, w, lora=lora)
+    lora_ops = () if lora is None else (_pad_rank(lora[0].reshape(m, rank), 1), _pad_rank(lora[1], 1))
+    out = _fused_call(x_mk.reshape(m, k), w.packed.reshape(n, k // 2), kernel_scales(w), *lora_ops,
+                      transposed=False, cfg=config or DEFAULT_CONFIG, interpret=impl == "interpret")
     return out.reshape(*lead, n)
 
 
-def nf4_matmul_t(dy_mn: jax.Array, w: NF4Weight, *, impl: str = "auto", config: TileConfig | None = None) -> jax.Array:
+def nf4_matmul_t(dy_mn: jax.Array, w: NF4Weight, *, lora=None, impl: str = "auto",
+                 config: TileConfig | None = None) -> jax.Array:
     """dy @ deq(W) for W an NF4Weight of shape [N, K]; dy [..., N] -> [..., K] bf16 (a Linear's dX).
 
+    lora=(gb_mr, a_rk) adds gb @ a (gb [..., R], a [R, K]) in the same accumulator, as in `nf4_matmul`.
     Same `impl` choices as `nf4_matmul`; the kernel reads the same packed bytes for the other contraction."""
     n, k = _as_2d_weight(w)
     if dy_mn.shape[-1] != n:
         raise ValueError(f"dy_mn.shape={tuple(dy_mn.shape)} does not end in N={n} (w is [{n}, {k}])")
     lead = dy_mn.shape[:-1]
     m = math.prod(lead)
-    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=True, w=w, dtype=dy_mn.dtype, config=config)
+    if lora is not None:
+        lora = _check_lora(lora, op="nf4_matmul_t", lead=lead, other=("K", k), transposed=True)
+    rank = None if lora is None else lora[0].shape[-1]
+    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=True, w=w, dtype=dy_mn.dtype, config=config, rank=rank)
     if impl == "xla":
-        return nf4_matmul_t_reference(dy_mn, w)
-    out = _fused_call(dy_mn.reshape(m, n), w.packed.reshape(n, k // 2), kernel_scales(w), transposed=True,
-                      cfg=config or DEFAULT_CONFIG, interpret=impl == "interpret")
+        return nf4_matmul_t_reference(dy_mn, w, lora=lora)
+    lora_ops = () if lora is None else (_pad_rank(lora[0].reshape(m, rank), 1), _pad_rank(lora[1], 0))
+    out = _fused_call(dy_mn.reshape(m, n), w.packed.reshape(n, k // 2), kernel_scales(w), *lora_ops,
+                      transposed=True, cfg=config or DEFAULT_CONFIG, interpret=impl == "interpret")
     return out.reshape(*lead, k)
 
 
