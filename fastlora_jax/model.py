@@ -17,6 +17,7 @@ import numpy as np
 from fastlora_jax import rope
 from fastlora_jax.convert.hf_checkpoint import numpy_dtype
 from fastlora_jax.families import checkpoint_tensors, stack_depths
+from fastlora_jax.kernels.lora_op import fold_lora_into_base
 from fastlora_jax.lora import combine, count_parameters, get_node, split_module
 from fastlora_jax.quant import NF4Weight
 
@@ -106,6 +107,7 @@ class CausalLM:
         gigabytes of weights into the compiled program as constants."""
         from fastlora_jax import training
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
+        fold = getattr(self, "use_gradient_checkpointing", False) is False  # lora_op.fold_lora_into_base
         chunk = chunk_tokens or training.default_chunk_tokens(
             self.cfg.vocab_size, memory_lean=getattr(self, "use_gradient_checkpointing", False) is not False)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
@@ -114,10 +116,11 @@ class CausalLM:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
             inv_freq, scaling = rope.rope_inv_freq(self.config, seq_len=input_ids.shape[1])
             cos, sin = rope.rope_cos_sin(jnp.asarray(inv_freq), position_ids, scaling, jnp.float32)
-            return training.loss_sum_and_count(
-                self, base_params, lora_params, self.lora_meta if lora_params is not None else None,
-                input_ids, labels, cos, sin, attention_mask, dropout_key, compute_dtype=self.dtype,
-                dropout_rate=dropout_rate if dropout_key is not None else 0.0, remat=remat, chunk_tokens=chunk)
+            with fold_lora_into_base(fold):
+                return training.loss_sum_and_count(
+                    self, base_params, lora_params, self.lora_meta if lora_params is not None else None,
+                    input_ids, labels, cos, sin, attention_mask, dropout_key, compute_dtype=self.dtype,
+                    dropout_rate=dropout_rate if dropout_key is not None else 0.0, remat=remat, chunk_tokens=chunk)
 
         return loss_sum
 
@@ -371,6 +374,7 @@ class VisionCausalLM(CausalLM):
         from fastlora_jax import training
         family, cfg = self.family, self.cfg
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
+        fold = getattr(self, "use_gradient_checkpointing", False) is False  # lora_op.fold_lora_into_base
         chunk = chunk_tokens or training.default_chunk_tokens(
             cfg.vocab_size, memory_lean=getattr(self, "use_gradient_checkpointing", False) is not False)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
@@ -385,8 +389,9 @@ class VisionCausalLM(CausalLM):
             meta = self.lora_meta if lora_params is not None else None
             params = combine(base_params, lora_params, meta)
             rate = dropout_rate if dropout_key is not None else 0.0
-            hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
-                                          dropout_key, rate, remat=remat, vision=vision)
+            with fold_lora_into_base(fold):
+                hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
+                                              dropout_key, rate, remat=remat, vision=vision)
             return training.output_layer_loss(family, cfg, params, lora_params, hidden, labels, dropout_key, rate,
                                               chunk)
 

@@ -280,6 +280,12 @@ def _from_torch(x):
     return x.detach().cpu().numpy() if hasattr(x, "detach") else x
 
 
+# XLA options of the compiled step. Dynamic-slice fusion lets a cuBLAS gemm read a layer's slice of a
+# stacked array and write its output straight into the scan's stacked residuals, without a copy each way
+# (Llama-8B, False mode: 301.6 -> 297.2 ms per step, H100). Ignored off the GPU.
+XLA_STEP_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True}
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation):
     """`step(lora_params, opt_state, batch, dropout_key) -> (lora_params, opt_state, metrics)`, jitted once per shape.
 
@@ -334,8 +340,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
             (grads, loss_total, count), _ = jax.lax.scan(micro, init, (batch, keys))
         return update(lora_params, opt_state, grads, loss_total, count)
 
-    jitted = jax.jit(step, donate_argnums=(1, 2))
-    jitted_grads = jax.jit(grads_of)
+    jitted = jax.jit(step, donate_argnums=(1, 2), compiler_options=XLA_STEP_OPTIONS)
+    jitted_grads = jax.jit(grads_of, compiler_options=XLA_STEP_OPTIONS)
     jitted_add = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new), donate_argnums=0)
     jitted_update = jax.jit(update, donate_argnums=(0, 1))
 

@@ -125,3 +125,60 @@ def test_grouped_lora_linears_match_separate_ones(rng, nf4):
     assert rel_l2(got[0], want[0]) < 1e-5
     for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         assert rel_l2(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("outs_ranks", [[(160, 8)], [(96, 8), (32, 4), (64, 16)], [(192, 16), (192, 16)]])
+def test_lora_folded_into_nf4_matmul_matches_reference(rng, outs_ranks):
+    """NF4 linears whose outputs are at least as wide as the input run with B folded into the base matmul's
+    extra contraction columns (lora_op._folded_core): values and all gradients as PEFT's math, in fp32."""
+    mods = [_module(rng, True, bias=i == 0, out=out, r=r) for i, (out, r) in enumerate(outs_ranks)]
+    assert lora_op.folds_into_base(128, mods)
+    x = jnp.asarray(rng.standard_normal((2, 9, 128)), jnp.float32)
+    probes = [jnp.asarray(rng.standard_normal((2, 9, out)), jnp.float32) for out, _ in outs_ranks]
+
+    def loss(op, x, lora):
+        ms = [dict(m, lora_A=a, lora_B=b) for m, (a, b) in zip(mods, lora)]
+        return sum(jnp.sum(jnp.tanh(y) * p) for y, p in zip(op(x, ms), probes))
+
+    def folded(x, ms):
+        return lora_op.lora_linear_group(x, ms) if len(ms) > 1 else [lora_op.lora_linear(x, ms[0])]
+
+    def ref(x, ms):
+        return [reference.lora_linear(x, m) for m in ms]
+
+    lora = [(m["lora_A"], m["lora_B"]) for m in mods]
+    got = jax.value_and_grad(lambda x, lora: loss(folded, x, lora), argnums=(0, 1))(x, lora)
+    want = jax.value_and_grad(lambda x, lora: loss(ref, x, lora), argnums=(0, 1))(x, lora)
+    assert rel_l2(got[0], want[0]) < 1e-4  # fp32; the folded gemm sums in another order
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert rel_l2(g, w) < 1e-4
+
+
+@pytest.mark.parametrize("ranks", [(16, 16, 16), (5, 3, 8)])  # odd ranks: the 32-bit words get a zero column
+def test_lora_folded_bf16_close_to_fp32_reference(rng, ranks):
+    mods = [_module(rng, True, False, out=out, inp=256, r=r) for out, r in zip((256, 64, 64), ranks)]
+    x = jnp.asarray(rng.standard_normal((4, 64, 256)), jnp.float32)
+    probes = [jnp.asarray(rng.standard_normal((4, 64, m["lora_B"].shape[0])), jnp.float32) for m in mods]
+
+    def loss(op, dtype, x, lora):
+        ms = [dict(m, lora_A=a.astype(dtype), lora_B=b.astype(dtype)) for m, (a, b) in zip(mods, lora)]
+        return sum(jnp.sum(y.astype(jnp.float32) * p) for y, p in zip(op(x.astype(dtype), ms), probes))
+
+    lora = [(m["lora_A"], m["lora_B"]) for m in mods]
+    got = jax.value_and_grad(lambda x, l: loss(lora_op.lora_linear_group, jnp.bfloat16, x, l), argnums=(0, 1))(x, lora)
+    want = jax.value_and_grad(lambda x, l: loss(lambda x, ms: [reference.lora_linear(x, m) for m in ms],
+                                                jnp.float32, x, l), argnums=(0, 1))(x, lora)
+    assert lora_op.folds_into_base(256, mods)
+    ms16 = [dict(m, lora_A=m["lora_A"].astype(jnp.bfloat16), lora_B=m["lora_B"].astype(jnp.bfloat16)) for m in mods]
+    for y, m in zip(lora_op.lora_linear_group(x.astype(jnp.bfloat16), ms16), mods):
+        assert rel_l2(y.astype(jnp.float32), reference.lora_linear(x, m)) < 1e-2
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert rel_l2(g.astype(jnp.float32), w) < 2e-2
+
+
+def test_lora_fold_rule():
+    """Folding needs an NF4 base (a 16-bit one would be copied) and outputs at least as wide as the input."""
+    rng = np.random.default_rng(1)
+    assert not lora_op.folds_into_base(128, [_module(rng, True, False, out=96)])  # down_proj-like
+    assert not lora_op.folds_into_base(128, [_module(rng, False, False, out=160)])  # 16-bit base
+    assert lora_op.folds_into_base(128, [_module(rng, True, False, out=96), _module(rng, True, False, out=32)])
