@@ -17,7 +17,7 @@ import numpy as np
 from fastlora_jax import rope
 from fastlora_jax.convert.hf_checkpoint import numpy_dtype
 from fastlora_jax.families import checkpoint_tensors, stack_depths
-from fastlora_jax.kernels.lora_op import fold_lora_into_base
+from fastlora_jax.kernels.lora_op import memory_lean_tracing
 from fastlora_jax.lora import combine, count_parameters, get_node, split_module
 from fastlora_jax.quant import NF4Weight
 
@@ -107,16 +107,15 @@ class CausalLM:
         gigabytes of weights into the compiled program as constants."""
         from fastlora_jax import training
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
-        fold = getattr(self, "use_gradient_checkpointing", False) is False  # lora_op.fold_lora_into_base
-        chunk = chunk_tokens or training.default_chunk_tokens(
-            self.cfg.vocab_size, memory_lean=getattr(self, "use_gradient_checkpointing", False) is not False)
+        lean = getattr(self, "use_gradient_checkpointing", False) is not False
+        chunk = chunk_tokens or training.default_chunk_tokens(self.cfg.vocab_size, memory_lean=lean)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
 
         def loss_sum(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None):
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
             inv_freq, scaling = rope.rope_inv_freq(self.config, seq_len=input_ids.shape[1])
             cos, sin = rope.rope_cos_sin(jnp.asarray(inv_freq), position_ids, scaling, jnp.float32)
-            with fold_lora_into_base(fold):
+            with memory_lean_tracing(lean):
                 return training.loss_sum_and_count(
                     self, base_params, lora_params, self.lora_meta if lora_params is not None else None,
                     input_ids, labels, cos, sin, attention_mask, dropout_key, compute_dtype=self.dtype,
@@ -374,9 +373,8 @@ class VisionCausalLM(CausalLM):
         from fastlora_jax import training
         family, cfg = self.family, self.cfg
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
-        fold = getattr(self, "use_gradient_checkpointing", False) is False  # lora_op.fold_lora_into_base
-        chunk = chunk_tokens or training.default_chunk_tokens(
-            cfg.vocab_size, memory_lean=getattr(self, "use_gradient_checkpointing", False) is not False)
+        lean = getattr(self, "use_gradient_checkpointing", False) is not False
+        chunk = chunk_tokens or training.default_chunk_tokens(cfg.vocab_size, memory_lean=lean)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         compute_dtype = self.dtype
 
@@ -389,7 +387,7 @@ class VisionCausalLM(CausalLM):
             meta = self.lora_meta if lora_params is not None else None
             params = combine(base_params, lora_params, meta)
             rate = dropout_rate if dropout_key is not None else 0.0
-            with fold_lora_into_base(fold):
+            with memory_lean_tracing(lean):
                 hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
                                               dropout_key, rate, remat=remat, vision=vision)
             return training.output_layer_loss(family, cfg, params, lora_params, hidden, labels, dropout_key, rate,

@@ -220,8 +220,12 @@ def supported(m: int, n: int, k: int, *, transposed: bool = False, config: TileC
     if min(m, n, k) <= 0 or m % g.cta_m or k % K_STEP:
         return False
     if transposed:
-        return n % K_STEP == 0 and k % g.cta_out == 0
-    return n % g.cta_out == 0
+        ok, steps, tiles = n % K_STEP == 0 and k % g.cta_out == 0, n // K_STEP, (m // g.cta_m) * (k // g.cta_out)
+    else:
+        ok, steps, tiles = n % g.cta_out == 0, k // K_STEP, (m // g.cta_m) * (n // g.cta_out)
+    # One contraction step with more output tiles than CTAs: the loading warpgroup (delay_release=1) can run
+    # ahead of the compute warpgroups into the next tile (found in interpret mode) -- not supported.
+    return ok and (steps > 1 or tiles <= _num_sms())
 
 
 def kernel_scales(w: NF4Weight) -> jax.Array:

@@ -24,9 +24,11 @@ from fastlora_jax.training import (
 @pytest.mark.parametrize("shape", [(96, 128), (40, 192), (33, 64)])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_one_pass_dequantize_is_bit_exact(rng, shape, double_quant, dtype):
+@pytest.mark.parametrize("lean", [False, True])  # the table lookup as an indexed load, or as a select tree
+def test_one_pass_dequantize_is_bit_exact(rng, shape, double_quant, dtype, lean):
     w = NF4Weight.quantize(jnp.asarray(rng.standard_normal(shape) * 0.05, jnp.float32), double_quant=double_quant)
-    fast = np.asarray(lora_op.dense_base_weight(w, dtype)).view(np.uint8)
+    with lora_op.memory_lean_tracing(lean):
+        fast = np.asarray(jax.jit(lora_op.dense_base_weight, static_argnums=1)(w, dtype)).view(np.uint8)
     ref = np.asarray(w.dequantize(dtype)).view(np.uint8)
     assert np.array_equal(fast, ref)
 
@@ -177,8 +179,11 @@ def test_lora_folded_bf16_close_to_fp32_reference(rng, ranks):
 
 
 def test_lora_fold_rule():
-    """Folding needs an NF4 base (a 16-bit one would be copied) and outputs at least as wide as the input."""
+    """Folding needs an NF4 base (a 16-bit one would be copied), outputs at least as wide as the input, and
+    is off in the memory-lean checkpointing modes."""
     rng = np.random.default_rng(1)
+    with lora_op.memory_lean_tracing():
+        assert not lora_op.folds_into_base(128, [_module(rng, True, False, out=160)])
     assert not lora_op.folds_into_base(128, [_module(rng, True, False, out=96)])  # down_proj-like
     assert not lora_op.folds_into_base(128, [_module(rng, False, False, out=160)])  # 16-bit base
     assert lora_op.folds_into_base(128, [_module(rng, True, False, out=96), _module(rng, True, False, out=32)])
