@@ -138,14 +138,16 @@ def _zeros_like_tree(tree):
     return jax.tree.map(zero, tree)
 
 
-@jax.custom_vjp
-def _lora_linear_core(x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
-    """`x_lora_ti` is None when there is no dropout (the LoRA branch reads x itself: one residual, not two)."""
-    y, _ = _core_fwd(x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lora_linear_core(lean, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
+    """`x_lora_ti` is None when there is no dropout (the LoRA branch reads x itself: one residual, not two).
+    `lean` is `memory_lean_tracing`'s state when the forward was traced: JAX traces the backward rule later,
+    outside the `with` block, so the rule sets it again."""
+    y, _ = _core_fwd(lean, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling)
     return y
 
 
-def _core_fwd(x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
+def _core_fwd(lean, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
     # Everything in x's dtype (as PEFT computes it): XLA then fuses the add of the LoRA term into a
     # neighbour (the consumer's kernel, or the gemm as its accumulator) instead of an fp32 pass of its own.
     x_in = x_ti if x_lora_ti is None else x_lora_ti
@@ -156,7 +158,12 @@ def _core_fwd(x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
     return y, (x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling, xa_tr)
 
 
-def _core_bwd(residuals, g_to):
+def _core_bwd(lean, residuals, g_to):
+    with memory_lean_tracing(lean):
+        return _core_bwd_traced(residuals, g_to)
+
+
+def _core_bwd_traced(residuals, g_to):
     x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling, xa_tr = residuals
     x_in = x_ti if x_lora_ti is None else x_lora_ti
     s = scaling.astype(jnp.float32)
@@ -192,7 +199,7 @@ def lora_linear(x_bsi: jax.Array, module: dict, dropout_key=None, dropout_rate: 
     a_ri = module["lora_A"].astype(x_ti.dtype)
     b_or = module["lora_B"].astype(x_ti.dtype)
     scaling = jnp.asarray(module["scaling"])
-    y_to = _lora_linear_core(x_ti, x_lora_ti, module["weight"], a_ri, b_or, scaling)
+    y_to = _lora_linear_core(_MEMORY_LEAN.get(), x_ti, x_lora_ti, module["weight"], a_ri, b_or, scaling)
     if module.get("bias") is not None:
         y_to = y_to + module["bias"].astype(y_to.dtype)
     return y_to.reshape(*lead, y_to.shape[-1])
@@ -214,7 +221,7 @@ def lora_linear_group(x_bsi: jax.Array, modules: list[dict]) -> list[jax.Array]:
     dtype = x_ti.dtype
     a_cat = jnp.concatenate([m["lora_A"].astype(dtype) for m in modules], axis=0)
     ranks = tuple(int(m["lora_A"].shape[0]) for m in modules)
-    core = _folded_core if folds_into_base(x_ti.shape[-1], modules) else _group_core
+    core = _folded_core if folds_into_base(x_ti.shape[-1], modules) else partial(_group_core, _MEMORY_LEAN.get())
     ys = core(ranks, x_ti, tuple(m["weight"] for m in modules), a_cat,
               tuple(m["lora_B"].astype(dtype) for m in modules),
               tuple(jnp.asarray(m["scaling"]) for m in modules))
@@ -231,12 +238,13 @@ def _split_ranks(xa_tR, ranks):
     return [xa_tR[:, offsets[i]:offsets[i + 1]] for i in range(len(ranks))]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _group_core(ranks, x_ti, weights, a_cat, bs, scalings):
-    return _group_fwd(ranks, x_ti, weights, a_cat, bs, scalings)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _group_core(lean, ranks, x_ti, weights, a_cat, bs, scalings):
+    """`lean`: as `_lora_linear_core`'s."""
+    return _group_fwd(lean, ranks, x_ti, weights, a_cat, bs, scalings)[0]
 
 
-def _group_fwd(ranks, x_ti, weights, a_cat, bs, scalings):
+def _group_fwd(lean, ranks, x_ti, weights, a_cat, bs, scalings):
     xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32).astype(x_ti.dtype)
     ys = []
     for w, b, s, xa in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks)):
@@ -245,7 +253,12 @@ def _group_fwd(ranks, x_ti, weights, a_cat, bs, scalings):
     return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR)
 
 
-def _group_bwd(ranks, residuals, gs):
+def _group_bwd(lean, ranks, residuals, gs):
+    with memory_lean_tracing(lean):
+        return _group_bwd_traced(ranks, residuals, gs)
+
+
+def _group_bwd_traced(ranks, residuals, gs):
     x_ti, weights, a_cat, bs, scalings, xa_tR = residuals
     gbs, dbs, dx = [], [], None
     for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):
