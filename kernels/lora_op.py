@@ -14,6 +14,10 @@ Gradients (g = dy, s = scaling, xa = x_lora @ Aᵀ, gb = g @ B):
 The base weight and the scaling are frozen: their cotangents are zeros (dropped, never computed).
 
 DoRA goes through the reference (`reference.lora_linear`), which autodiff handles.
+
+With an NF4 base and use_gradient_checkpointing=False the LoRA branch is folded into the base matmul as R
+extra contraction columns (`_folded_core`, below); the memory-lean modes trace under `memory_lean_tracing`,
+which keeps it a separate branch. FASTLORA_LORA_FOLD=0 turns folding off (for A/B timing).
 """
 
 from __future__ import annotations
