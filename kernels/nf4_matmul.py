@@ -61,6 +61,11 @@ pipeline is not the limit, the dequantization sitting between wgmma issues is. N
 dequantizing warpgroup feeding the tile ring (warp specialization), or the dequantized W as wgmma's
 register A operand (out^T = W x^T), which also drops its SMEM round trip. The 'split' layout
 (`TileConfig(shared_dequant=False)`) measured equal in the forward and 10-20% slower transposed.
+
+Known open question: the last contraction step's activation slot is never released, so the next output
+tile's prologue may refill it by TMA while the last wgmma could still read it. The HBM load is slower than
+one wgmma, so no test has seen it; nothing guarantees it either. (One-step contractions with more tiles than
+CTAs, where the loader can run a whole tile ahead, are refused by `supported`.)
 """
 
 from __future__ import annotations
