@@ -902,21 +902,7 @@ def nf4_matmul(x_mk: jax.Array, w: NF4Weight, *, lora=None, impl: str = "auto",
     impl: "auto" (the fused Pallas kernel on a GPU when the shape is supported, else "xla"), "pallas",
     "xla" (dequantize then matmul, `nf4_matmul_reference`) or "interpret" (the kernel in Pallas' GPU
     interpret mode, for CPU tests). fp32 accumulation, bf16 result."""
-    n, k = _as_2d_weight(w)
-    if x_mk.shape[-1] != k:
-        raise ValueError(f"x_mk.shape={tuple(x_mk.shape)} does not end in K={k} (w is [{n}, {k}])")
-    lead = x_mk.shape[:-1]
-    m = math.prod(lead)
-    if lora is not None:
-        lora = _check_lora(lora, op="nf4_matmul", lead=lead, other=("N", n), transposed=False)
-    rank = None if lora is None else lora[0].shape[-1]
-    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=False, w=w, dtype=x_mk.dtype, config=config, rank=rank)
-    if impl == "xla":
-        return nf4_matmul_reference(x_mk, w, lora=lora)
-    lora_ops = () if lora is None else (_pad_rank(lora[0].reshape(m, rank), 1), _pad_rank(lora[1], 1))
-    out = _fused_call(x_mk.reshape(m, k), w.packed.reshape(n, k // 2), kernel_scales(w), *lora_ops,
-                      transposed=False, cfg=config or DEFAULT_CONFIG, interpret=impl == "interpret")
-    return out.reshape(*lead, n)
+    return _nf4_op(x_mk, w, lora, impl, config, transposed=False)
 
 
 def nf4_matmul_t(dy_mn: jax.Array, w: NF4Weight, *, lora=None, impl: str = "auto",
@@ -925,21 +911,33 @@ def nf4_matmul_t(dy_mn: jax.Array, w: NF4Weight, *, lora=None, impl: str = "auto
 
     lora=(gb_mr, a_rk) adds gb @ a (gb [..., R], a [R, K]) in the same accumulator, as in `nf4_matmul`.
     Same `impl` choices as `nf4_matmul`; the kernel reads the same packed bytes for the other contraction."""
+    return _nf4_op(dy_mn, w, lora, impl, config, transposed=True)
+
+
+def _nf4_op(a: jax.Array, w: NF4Weight, lora, impl: str, config: TileConfig | None, *, transposed: bool):
+    """Both public ops: `a` contracts with W's N (transposed) or K (forward) axis."""
     n, k = _as_2d_weight(w)
-    if dy_mn.shape[-1] != n:
-        raise ValueError(f"dy_mn.shape={tuple(dy_mn.shape)} does not end in N={n} (w is [{n}, {k}])")
-    lead = dy_mn.shape[:-1]
+    name, (contracted, contracted_dim), other = (
+        ("dy_mn", ("N", n), ("K", k)) if transposed else ("x_mk", ("K", k), ("N", n)))
+    if a.shape[-1] != contracted_dim:
+        raise ValueError(f"{name}.shape={tuple(a.shape)} does not end in {contracted}={contracted_dim} "
+                         f"(w is [{n}, {k}])")
+    lead = a.shape[:-1]
     m = math.prod(lead)
     if lora is not None:
-        lora = _check_lora(lora, op="nf4_matmul_t", lead=lead, other=("K", k), transposed=True)
+        lora = _check_lora(lora, op="nf4_matmul_t" if transposed else "nf4_matmul", lead=lead, other=other,
+                           transposed=transposed)
     rank = None if lora is None else lora[0].shape[-1]
-    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=True, w=w, dtype=dy_mn.dtype, config=config, rank=rank)
+    impl = _resolve_impl(impl, m=m, n=n, k=k, transposed=transposed, w=w, dtype=a.dtype, config=config, rank=rank)
     if impl == "xla":
-        return nf4_matmul_t_reference(dy_mn, w, lora=lora)
-    lora_ops = () if lora is None else (_pad_rank(lora[0].reshape(m, rank), 1), _pad_rank(lora[1], 0))
-    out = _fused_call(dy_mn.reshape(m, n), w.packed.reshape(n, k // 2), kernel_scales(w), *lora_ops,
-                      transposed=True, cfg=config or DEFAULT_CONFIG, interpret=impl == "interpret")
-    return out.reshape(*lead, k)
+        reference = nf4_matmul_t_reference if transposed else nf4_matmul_reference
+        return reference(a, w, lora=lora)
+    # the right LoRA operand pads its rank axis: b [N, R] on axis 1, a [R, K] on axis 0
+    lora_ops = () if lora is None else (_pad_rank(lora[0].reshape(m, rank), 1),
+                                        _pad_rank(lora[1], 0 if transposed else 1))
+    out = _fused_call(a.reshape(m, contracted_dim), w.packed.reshape(n, k // 2), kernel_scales(w), *lora_ops,
+                      transposed=transposed, cfg=config or DEFAULT_CONFIG, interpret=impl == "interpret")
+    return out.reshape(*lead, other[1])
 
 
 def dequantize_tiles(w: NF4Weight, *, transposed: bool = False, impl: str = "pallas",
