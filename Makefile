@@ -5,7 +5,9 @@
 PYTHON ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo $$p && break; done)
 VENV := .venv
-PIP := $(VENV)/bin/python -m pip
+# setuptools reports an editable install of a package-dir mapping (kernels/ -> fastlora_jax.kernels) as a
+# UserWarning ("Editable installation ... be careful with folders"); it is information, not a problem.
+PIP := PYTHONWARNINGS=ignore::UserWarning $(VENV)/bin/python -m pip
 PYTEST_ARGS ?=
 
 .PHONY: demo test setup setup-test clean

@@ -41,16 +41,34 @@ def demo(args) -> int:
                                         learning_rate=1e-2, warmup_steps=5, logging_steps=10, save_steps=20,
                                         assistant_only_loss=True, seed=3407))
     result = trainer.train()
-    first, last = trainer.history[0].get("loss"), result.training_loss
-    print(f"trained {result.global_step} steps: loss {first:.3f} (first log) -> {last:.3f} (mean)")
+    logged = [h["loss"] for h in trainer.history if "loss" in h]
+    first, last = logged[0], logged[-1]
+    print(f"trained {result.global_step} steps: loss {first:.3f} (first log) -> {last:.3f} (last log)")
     FastLanguageModel.for_inference(model)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            tokenize=False, add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     out = model.generate([ids], max_new_tokens=16, temperature=0.0)
     print(f"generated: {tokenizer.decode(out[0][len(ids):], skip_special_tokens=True)!r}")
-    print(f"PEFT adapter saved in {args.output_dir}/ (adapter_config.json, adapter_model.safetensors)")
+    adapter = Path(args.output_dir).resolve()
+    print(_demo_summary(adapter, model_dir.resolve(), result.global_step, first, last))
     return 0
+
+
+def _demo_summary(adapter: Path, model_dir: Path, steps: int, first_loss: float, last_loss: float) -> str:
+    """What the demo did and what to do next, in a few lines (the end of `make demo`)."""
+    return "\n".join([
+        "",
+        "== demo done ==",
+        f"- a LoRA adapter (PEFT's files) trained for {steps} steps is in {adapter}",
+        f"- the training loss went from {first_loss:.3f} (first logged step) to {last_loss:.3f} (last);"
+        " a random tiny model learns the bundled chats' format, not facts",
+        "- load it in PyTorch: from peft import PeftModel; from transformers import AutoModelForCausalLM",
+        f"    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(model_dir)!r}), {str(adapter)!r})",
+        "- a real model: fastlora-jax train --model meta-llama/Llama-3.2-1B-Instruct --data my_chats.jsonl"
+        " --output-dir outputs   (a local directory or a hub id in the huggingface_hub cache)",
+        "- in Python: the README's 'Fine-tune in Python'; the notebook notebooks/qlora_quickstart.ipynb",
+    ])
 
 
 DEFAULT_MODEL_DIR = "runs/tiny-llama"

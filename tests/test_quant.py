@@ -426,7 +426,8 @@ def test_from_bnb_errors():
 
 @needs_bnb
 def test_from_bnb_rejects_real_fp4():
-    q, st = F.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="fp4")
+    q, st = F.quantize_4bit(torch.randn(64, 64, generator=torch.Generator().manual_seed(0)), blocksize=64,
+                            quant_type="fp4")
     with pytest.raises(ValueError, match=r"quant_state\.bitsandbytes__fp4"):
         NF4Weight.from_bnb({"": q, **st.as_dict(packed=True)})
 
