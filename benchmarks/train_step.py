@@ -25,8 +25,8 @@ from config_process import run_config  # noqa: E402
 
 def flops_per_token(cfg, seq: int) -> float:
     """ANCHORS.md: 4 * N_matmul + 3 * (2 * seq * hidden * layers), lm_head included in N_matmul."""
-    from fastlora_jax import llama
-    per_layer = sum(s[0] * s[1] for s, kind in llama.layer_tensors(cfg).values() if kind == "linear")
+    from fastlora_jax.models import decoder, llama
+    per_layer = sum(s[0] * s[1] for s, kind in decoder.layer_tensors(cfg).values() if kind == "linear")
     n_matmul = per_layer * cfg.num_layers + cfg.vocab_size * cfg.hidden_size
     return 4 * n_matmul + 3 * (2 * seq * cfg.hidden_size * cfg.num_layers)
 
@@ -40,13 +40,14 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     from shapes import SHAPES
     from transformers import LlamaConfig
 
-    from fastlora_jax import FastLanguageModel, llama
+    from fastlora_jax import FastLanguageModel
+    from fastlora_jax.models import llama
     from fastlora_jax.model import CausalLM
     from fastlora_jax.training import make_optimizer, make_train_step
 
     hf_config = LlamaConfig(**SHAPES[shape])
     hf_config.architectures = ["LlamaForCausalLM"]
-    cfg = llama.Config.from_hf(hf_config)
+    cfg = llama.config(hf_config)
     dtype = jnp.bfloat16
     base = random_base_params(llama, cfg, dtype, load_in_4bit)
     model = CausalLM(hf_config, llama, cfg, base, dtype, name_or_path=shape, max_seq_length=seq)

@@ -92,10 +92,10 @@ def random_base(shape: str, load_in_4bit: bool):
     from fastlora_jax.convert.load import random_base_params
     from transformers import Qwen2_5_VLConfig
 
-    from fastlora_jax import qwen2_vl
+    from fastlora_jax.models import qwen2_vl
     hf_config = Qwen2_5_VLConfig(**(tiny_shape() if shape == "tiny" else SHAPES[shape]))
     hf_config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    cfg = qwen2_vl.Config.from_hf(hf_config)
+    cfg = qwen2_vl.config(hf_config)
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     return hf_config, cfg, dtype, random_base_params(qwen2_vl, cfg, dtype, load_in_4bit)
 
@@ -104,7 +104,8 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     import jax
     import numpy as np
 
-    from fastlora_jax import FastVisionModel, qwen2_vl
+    from fastlora_jax import FastVisionModel
+    from fastlora_jax.models import qwen2_vl
     from fastlora_jax.model import VisionCausalLM
     from fastlora_jax.training import make_optimizer, make_train_step
 

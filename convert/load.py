@@ -24,7 +24,7 @@ import numpy as np
 
 from fastlora_jax.convert.hf_checkpoint import (CheckpointError, find_checkpoint_files, iter_tensors,
                                                 tensor_shapes)
-from fastlora_jax.families import stored_names
+from fastlora_jax.models.registry import stored_names
 from fastlora_jax.quant import NF4Weight
 
 BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
@@ -187,7 +187,7 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
 
 
 def _renamed_hint(family: ModuleType, name: str) -> str:
-    from fastlora_jax.families import checkpoint_name
+    from fastlora_jax.models.registry import checkpoint_name
     stored = checkpoint_name(family, name)
     return f" (transformers saves it as {stored!r})" if stored != name else ""
 

@@ -204,7 +204,7 @@ def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 102
     """A plain HF checkpoint (config.json without quantization_config, safetensors shards, tokenizer), with
     tensor names as transformers' save_pretrained writes them (`families.checkpoint_name`)."""
     from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors
-    from fastlora_jax.families import checkpoint_name, stored_names
+    from fastlora_jax.models.registry import checkpoint_name, stored_names
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import numpy as np
 
 from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors, read_config_dict
 from fastlora_jax.convert.load import abstract_base_params, load_base_params
-from fastlora_jax.families import family_for, stored_names
+from fastlora_jax.models.registry import family_for, stored_names
 from fastlora_jax.lora import build_lora
 from fastlora_jax.lora_config import LoraSpec, layer_index_of, vision_target_modules
 from fastlora_jax.model import CausalLM, VisionCausalLM
@@ -98,7 +98,9 @@ def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_a
 
     Argument names and defaults are Unsloth's; targeting, scaling, init, counting and files are PEFT
     0.21's (a list of names matches whole dotted suffixes, a string is a full-match regex,
-    "all-linear" is every linear but lm_head). Returns a new model object sharing the base pytree.
+    "all-linear" is every linear but lm_head). The default `target_modules` is the family's
+    (`DEFAULT_TARGET_MODULES`: the seven projections; Phi-3's fused qkv_proj, o_proj, gate_up_proj,
+    down_proj). Returns a new model object sharing the base pytree.
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"model must be what FastLanguageModel.from_pretrained returned; got {type(model).__name__}")
@@ -106,6 +108,8 @@ def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_a
     if unknown:
         raise TypeError(f"get_peft_model() got unexpected keyword arguments {sorted(unknown)}; "
                         f"accepted extras: {sorted(PEFT_KWARGS)}")
+    if target_modules is DEFAULT_TARGETS:  # not given: the family's default (Unsloth's per architecture)
+        target_modules = list(getattr(model.family, "DEFAULT_TARGET_MODULES", DEFAULT_TARGETS))
     if use_gradient_checkpointing not in GRADIENT_CHECKPOINTING or isinstance(use_gradient_checkpointing, int) \
             and not isinstance(use_gradient_checkpointing, bool):
         raise ValueError(f"use_gradient_checkpointing={use_gradient_checkpointing!r} is not accepted; "
@@ -191,7 +195,7 @@ class FastLanguageModel:
         """A model whose base pytree is abstract (`jax.ShapeDtypeStruct` leaves, no weights): enough for
         `get_peft_model` and parameter counts of a large model on any machine."""
         family = family_for(hf_config, where="hf_config")
-        cfg = family.Config.from_hf(hf_config)
+        cfg = family.config(hf_config)
         compute_dtype = resolve_dtype(dtype)
         params = abstract_base_params(family, cfg, compute_dtype, load_in_4bit)
         return model_class(family)(hf_config, family, cfg, params, compute_dtype,
@@ -226,7 +230,7 @@ class FastLanguageModel:
         from transformers import AutoConfig
         family = family_for(_ArchitectureView(config_dict), where=str(directory / "config.json"))
         hf_config = AutoConfig.from_pretrained(directory)
-        cfg = family.Config.from_hf(hf_config)
+        cfg = family.config(hf_config)
         params, info = load_base_params(directory, family, cfg, config_dict, compute_dtype,
                                         load_in_4bit=load_in_4bit, double_quant=double_quant)
         model = model_class(family)(hf_config, family, cfg, params, compute_dtype, name_or_path=str(model_name),

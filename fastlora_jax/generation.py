@@ -21,12 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax import rope
 from fastlora_jax.lora import combine
 from fastlora_jax.model import as_batch
 
 CACHE_MULTIPLE = 64
-DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")  # inv_freq depends on the longest position seen
 
 
 @dataclass
@@ -87,7 +85,7 @@ def _finish(next_b, finished_b, eos_ids, pad_id):
 
 # ------------------------------------------------------------------------------------------- jitted steps
 
-STATIC = ("family", "cfg", "compute_dtype")
+STATIC = ("family", "cfg", "compute_dtype", "options")
 
 
 def _cos_sin(family, cfg, inv_freq, rope_scale, positions):
@@ -97,17 +95,17 @@ def _cos_sin(family, cfg, inv_freq, rope_scale, positions):
         if positions.ndim == 2:
             positions = jnp.broadcast_to(positions, (3,) + positions.shape)
         return family.mrope_cos_sin(cfg, positions)
-    return rope.rope_cos_sin(inv_freq, positions, rope_scale, jnp.float32)
+    return family.rope_cos_sin(inv_freq, positions, rope_scale)
 
 
 def _prefill(base, lora, meta, cache, ids_bs, positions_bs, mask_bL, inv_freq, rope_scale, key, sampling, eos_ids,
-             pad_id, vision=None, *, family, cfg, compute_dtype):
+             pad_id, vision=None, *, family, cfg, compute_dtype, options):
     """The whole prompt in one call; `vision` (a vision family's image inputs, `prepare_inputs`') enters here."""
     params = combine(base, lora, meta)
     cos, sin = _cos_sin(family, cfg, inv_freq, rope_scale, positions_bs)
     images = {} if vision is None else {"vision": vision}
     logits, cache = family.forward_cached(cfg, params, ids_bs, cos, sin, cache, 0, mask_bL, compute_dtype,
-                                          last_only=True, **images)
+                                          last_only=True, options=options, **images)
     logits_bv = logits[:, -1].astype(jnp.float32)
     next_b = _choose(logits_bv, jax.random.fold_in(key, 0), *sampling)
     next_b, finished_b = _finish(next_b, jnp.zeros(next_b.shape, bool), eos_ids, pad_id)
@@ -115,7 +113,7 @@ def _prefill(base, lora, meta, cache, ids_bs, positions_bs, mask_bL, inv_freq, r
 
 
 def _decode(base, lora, meta, cache, mask_bL, token_b, last_position_b, prompt_len, step, finished_b, inv_freq,
-            rope_scale, key, sampling, eos_ids, pad_id, *, family, cfg, compute_dtype):
+            rope_scale, key, sampling, eos_ids, pad_id, *, family, cfg, compute_dtype, options):
     """Step `step` (1, 2, ...): feed the token chosen at step - 1, at slot prompt_len + step - 1 and position
     (the prompt's last position) + step, and choose the next one."""
     params = combine(base, lora, meta)
@@ -126,7 +124,7 @@ def _decode(base, lora, meta, cache, mask_bL, token_b, last_position_b, prompt_l
                                            (jnp.zeros((), jnp.int32), index))
     cos, sin = _cos_sin(family, cfg, inv_freq, rope_scale, position_b[:, None])
     logits, cache = family.forward_cached(cfg, params, token_b[:, None], cos, sin, cache, index, mask_bL,
-                                          compute_dtype)
+                                          compute_dtype, options=options)
     logits_bv = logits[:, -1].astype(jnp.float32)
     next_b = _choose(logits_bv, jax.random.fold_in(key, step), *sampling)
     next_b, finished_b = _finish(next_b, finished_b, eos_ids, pad_id)
@@ -161,9 +159,9 @@ def _config_token(config, name: str):
     return value
 
 
-def _rope_tables(config, seq_len: int):
-    inv_freq, scaling = rope.rope_inv_freq(config, seq_len=seq_len)
-    return jnp.asarray(inv_freq), jnp.float32(scaling)
+def _rope_tables(model, seq_len: int):
+    inv_freq, scaling = model.family.rope_tables(model.config, model.cfg, seq_len)
+    return jnp.asarray(inv_freq), jnp.asarray(scaling, jnp.float32)
 
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool | None = None,
@@ -233,7 +231,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
 
     greedy = temperature == 0 or do_sample is False or (
         do_sample is None and temperature == 1.0 and top_k == 0 and top_p >= 1.0)
-    statics = dict(family=model.family, cfg=model.cfg, compute_dtype=model.dtype)
+    statics = dict(family=model.family, cfg=model.cfg, compute_dtype=model.dtype, options=model.kernel_options)
     # (do_sample, temperature, top_k, top_p) are traced: no recompilation when they change
     sampling = (jnp.bool_(not greedy), jnp.float32(temperature if temperature > 0 else 1.0), jnp.int32(top_k),
                 jnp.float32(top_p))
@@ -262,8 +260,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     if vision_family:  # the family's multimodal rope (mrope_cos_sin): no tables to pass
         dynamic_rope, inv_freq, rope_scale = False, jnp.zeros((1,), jnp.float32), jnp.float32(1.0)
     else:
-        dynamic_rope = rope.rope_parameters(config)["rope_type"] in DYNAMIC_ROPE_TYPES
-        inv_freq, rope_scale = _rope_tables(config, int(positions.max()) + 1)
+        dynamic_rope = model.family.rope_is_dynamic(config, model.cfg)
+        inv_freq, rope_scale = _rope_tables(model, int(positions.max()) + 1)
 
     prefill, decode = jitted_steps()
     token, kv, finished, logits = prefill(
@@ -275,7 +273,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     mask_full = jnp.asarray(mask_full)
     for step in range(1, max_new_tokens):
         if dynamic_rope:  # HF recomputes inv_freq from this step's longest position, as rotary_cos_sin does
-            inv_freq, rope_scale = _rope_tables(config, int(positions[:, -1].max()) + step + 1)
+            inv_freq, rope_scale = _rope_tables(model, int(positions[:, -1].max()) + step + 1)
         token, kv, mask_full, next_finished, logits = decode(
             model.base_params, lora, meta, kv, mask_full, token, last_position, prompt_len_a, jnp.int32(step),
             finished, inv_freq, rope_scale, key, sampling, eos_a, pad_a, **statics)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.families import checkpoint_tensors, stack_depths
+from fastlora_jax.models.registry import checkpoint_tensors, stack_depths
 from fastlora_jax.lora_config import LoraSpec, TargetInfo, resolve_modules_to_save, resolve_targets
 from fastlora_jax.quant import NF4Weight
 

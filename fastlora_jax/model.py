@@ -1,24 +1,25 @@
 """`CausalLM`: what `FastLanguageModel.from_pretrained` returns.
 
-It carries the HF config, the family (a module of plain functions), the family's frozen `Config`, and the
-frozen base pytree. Calling it runs the jitted forward pass and returns an object with `.logits`, like the
+It carries the HF config, the family (a module of plain functions, fastlora_jax/models/), the family's frozen
+config (a `DecoderConfig` for the text families), the frozen base pytree and the `KernelOptions` its traced
+programs use. Calling it runs the jitted forward pass and returns an object with `.logits`, like the
 HF model. LoRA (get_peft_model) adds a separate trainable pytree next to the base; the two never mix.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax import rope
 from fastlora_jax.convert.hf_checkpoint import numpy_dtype
-from fastlora_jax.families import checkpoint_tensors, stack_depths
-from fastlora_jax.kernels.lora_op import memory_lean_tracing
+from fastlora_jax.kernels.options import DEFAULT as DEFAULT_OPTIONS
+from fastlora_jax.kernels.options import KernelOptions
 from fastlora_jax.lora import combine, count_parameters, get_node, split_module
+from fastlora_jax.models.registry import checkpoint_tensors, stack_depths
 from fastlora_jax.quant import NF4Weight
 
 
@@ -30,7 +31,8 @@ class CausalLMOutput:
 
 class CausalLM:
     def __init__(self, hf_config, family: ModuleType, cfg, base_params: dict, dtype, name_or_path: str,
-                 weights_source: str = "16bit", max_seq_length: int = 2048, model_dir=None):
+                 weights_source: str = "16bit", max_seq_length: int = 2048, model_dir=None,
+                 kernel_options: KernelOptions = DEFAULT_OPTIONS):
         self.config = hf_config
         self.family = family
         self.cfg = cfg
@@ -40,6 +42,9 @@ class CausalLM:
         self.weights_source = weights_source  # "16bit" or "bnb-4bit": what a merged export starts from
         self.max_seq_length = max_seq_length
         self.model_dir = model_dir  # where the base checkpoint was read (a merged export re-reads it)
+        # The kernel choices of every traced program (forward, loss, generation); the loss adds the
+        # checkpointing mode's memory_lean. Benchmarks set it from their flags.
+        self.kernel_options = kernel_options
         # LoRA (get_peft_model): the trainable tree, its static arrays and its resolved PEFT layout.
         self.lora_params: dict | None = None
         self.lora_meta: dict | None = None
@@ -52,19 +57,18 @@ class CausalLM:
         family, cfg = self.family, self.cfg
 
         def forward(base, lora, meta, input_ids, cos, sin, attention_mask, dropout_key, *, compute_dtype,
-                    dropout_rate):
+                    dropout_rate, options):
             params = combine(base, lora, meta)
             return family.forward(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
-                                  dropout_key, dropout_rate)
+                                  dropout_key, dropout_rate, options=options)
 
-        return jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate"))
+        return jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate", "options"))
 
     # ------------------------------------------------------------------ rope
     def rotary_cos_sin(self, position_ids_bs) -> tuple[jax.Array, jax.Array]:
-        """cos/sin `[batch, seq, rotary_dim]` in fp32; the rope variant may depend on the longest position."""
-        seq_len = int(np.max(np.asarray(position_ids_bs))) + 1
-        inv_freq, scaling = rope.rope_inv_freq(self.config, seq_len=seq_len)
-        return rope.rope_cos_sin(jnp.asarray(inv_freq), jnp.asarray(position_ids_bs), scaling, jnp.float32)
+        """cos/sin `[batch, seq, rotary_dim]` in fp32 (`[types, batch, seq, rotary_dim]` for a family with a
+        table per layer type); the rope variant may depend on the longest position."""
+        return self.family.rotary_cos_sin(self.config, self.cfg, position_ids_bs)
 
     @staticmethod
     def default_position_ids(input_ids_bs) -> np.ndarray:
@@ -90,7 +94,8 @@ class CausalLM:
         return self._forward(self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
                              jnp.asarray(input_ids), cos, sin,
                              None if attention_mask is None else jnp.asarray(attention_mask), dropout_key,
-                             compute_dtype=self.dtype, dropout_rate=dropout_rate if dropout_key is not None else 0.0)
+                             compute_dtype=self.dtype, dropout_rate=dropout_rate if dropout_key is not None else 0.0,
+                             options=self.kernel_options)
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -110,16 +115,18 @@ class CausalLM:
         lean = getattr(self, "use_gradient_checkpointing", False) is not False
         chunk = chunk_tokens or training.default_chunk_tokens(self.cfg.vocab_size, memory_lean=lean)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
+        options = replace(self.kernel_options, memory_lean=lean)
+        family, cfg = self.family, self.cfg
 
         def loss_sum(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None):
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-            inv_freq, scaling = rope.rope_inv_freq(self.config, seq_len=input_ids.shape[1])
-            cos, sin = rope.rope_cos_sin(jnp.asarray(inv_freq), position_ids, scaling, jnp.float32)
-            with memory_lean_tracing(lean):
-                return training.loss_sum_and_count(
-                    self, base_params, lora_params, self.lora_meta if lora_params is not None else None,
-                    input_ids, labels, cos, sin, attention_mask, dropout_key, compute_dtype=self.dtype,
-                    dropout_rate=dropout_rate if dropout_key is not None else 0.0, remat=remat, chunk_tokens=chunk)
+            inv_freq, scaling = family.rope_tables(self.config, cfg, input_ids.shape[1])
+            cos, sin = family.rope_cos_sin(inv_freq, position_ids, scaling)
+            return training.loss_sum_and_count(
+                self, base_params, lora_params, self.lora_meta if lora_params is not None else None,
+                input_ids, labels, cos, sin, attention_mask, dropout_key, compute_dtype=self.dtype,
+                dropout_rate=dropout_rate if dropout_key is not None else 0.0, remat=remat, chunk_tokens=chunk,
+                options=options)
 
         return loss_sum
 
@@ -272,13 +279,13 @@ class VisionCausalLM(CausalLM):
         family, cfg = self.family, self.cfg
 
         def forward(base, lora, meta, input_ids, position_ids, attention_mask, vision, dropout_key, *,
-                    compute_dtype, dropout_rate):
+                    compute_dtype, dropout_rate, options):
             params = combine(base, lora, meta)
             cos, sin = family.mrope_cos_sin(cfg, position_ids)
             return family.forward(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype, dropout_key,
-                                  dropout_rate, vision=vision)
+                                  dropout_rate, vision=vision, options=options)
 
-        return jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate"))
+        return jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate", "options"))
 
     # ------------------------------------------------------------------ inputs
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -349,7 +356,8 @@ class VisionCausalLM(CausalLM):
         return self._forward(self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
                              jnp.asarray(batch["input_ids"]), jnp.asarray(batch["position_ids"]),
                              None if mask is None else jnp.asarray(mask), batch["vision"], dropout_key,
-                             compute_dtype=self.dtype, dropout_rate=dropout_rate if dropout_key is not None else 0.0)
+                             compute_dtype=self.dtype, dropout_rate=dropout_rate if dropout_key is not None else 0.0,
+                             options=self.kernel_options)
 
     def rotary_cos_sin(self, position_ids) -> tuple[jax.Array, jax.Array]:
         """cos/sin `[batch, seq, head_dim]` in fp32 of `[3, batch, seq]` multimodal (or `[batch, seq]`) positions."""
@@ -377,6 +385,7 @@ class VisionCausalLM(CausalLM):
         chunk = chunk_tokens or training.default_chunk_tokens(cfg.vocab_size, memory_lean=lean)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         compute_dtype = self.dtype
+        options = replace(self.kernel_options, memory_lean=lean)
 
         def loss_sum(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None,
                      position_ids=None, vision=None):
@@ -387,11 +396,10 @@ class VisionCausalLM(CausalLM):
             meta = self.lora_meta if lora_params is not None else None
             params = combine(base_params, lora_params, meta)
             rate = dropout_rate if dropout_key is not None else 0.0
-            with memory_lean_tracing(lean):
-                hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
-                                              dropout_key, rate, remat=remat, vision=vision)
+            hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype,
+                                          dropout_key, rate, remat=remat, vision=vision, options=options)
             return training.output_layer_loss(family, cfg, params, lora_params, hidden, labels, dropout_key, rate,
-                                              chunk)
+                                              chunk, options)
 
         return loss_sum
 

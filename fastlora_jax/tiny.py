@@ -55,9 +55,9 @@ def write_tiny_tokenizer(directory, vocab_size: int = 512):
 
 def llama_tensor_specs(config) -> list[tuple[str, tuple[int, ...], str]]:
     """(HF name, shape, kind) of every tensor a checkpoint of this transformers LlamaConfig holds, in order."""
-    from fastlora_jax import llama
-    from fastlora_jax.families import checkpoint_tensors
-    return checkpoint_tensors(llama, llama.Config.from_hf(config))
+    from fastlora_jax.models import llama
+    from fastlora_jax.models.registry import checkpoint_tensors
+    return checkpoint_tensors(llama, llama.config(config))
 
 
 def random_llama_state(config, seed: int = 0, std: float = 0.02, dtype=np.float32) -> dict[str, np.ndarray]:

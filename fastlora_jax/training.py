@@ -15,11 +15,16 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from fastlora_jax import kernels
+from fastlora_jax.kernels.options import DEFAULT as DEFAULT_OPTIONS
+from fastlora_jax.kernels.options import KernelOptions
 
 IGNORE_INDEX = -100
 _warned_no_host = False
@@ -28,7 +33,7 @@ _warned_no_host = False
 def remat_policy(mode):
     """`use_gradient_checkpointing` -> what `hidden_states(remat=...)` takes (None: no checkpointing)."""
     global _warned_no_host
-    from fastlora_jax.llama import LAYER_INPUT
+    from fastlora_jax.models.decoder import LAYER_INPUT
     if mode is False:
         return save_matmul_outputs_policy()
     if mode is True:
@@ -57,7 +62,7 @@ def save_matmul_outputs_policy():
     """
     from jax.ad_checkpoint import checkpoint_name
 
-    from fastlora_jax.llama import (
+    from fastlora_jax.models.decoder import (
         SAVED_ATTENTION_INPUTS,
         SAVED_MID_RESIDUAL,
         SAVED_MLP_INPUTS,
@@ -122,7 +127,8 @@ def chunked_cross_entropy(hidden_nd: jax.Array, targets_n: jax.Array, logits_fn,
     return total, count
 
 
-def fused_head_cross_entropy(hidden_nd: jax.Array, weight_vd: jax.Array, targets_n: jax.Array, chunk_tokens: int):
+def fused_head_cross_entropy(hidden_nd: jax.Array, weight_vd: jax.Array, targets_n: jax.Array, chunk_tokens: int,
+                             softcap: float | None = None):
     """`chunked_cross_entropy` for a frozen, plain output layer (`logits = h @ Wᵀ`), with the gradient
     w.r.t. the hidden states computed during the forward pass.
 
@@ -130,30 +136,38 @@ def fused_head_cross_entropy(hidden_nd: jax.Array, weight_vd: jax.Array, targets
     from them and keeps only `dh = dlogits @ W` ([tokens, hidden], small); the backward pass scales it.
     The checkpointed version makes every chunk's logits twice (the output layer is 5-15% of a step's
     FLOPs). W gets no gradient, so this applies only when the head is not trained (no LoRA on lm_head,
-    not in modules_to_save, and not tied to a trained embedding).
+    not in modules_to_save, and not tied to a trained embedding). `softcap` is Gemma 2's final-logit cap,
+    `cap * tanh(logits / cap)` in the hidden dtype as HF computes it; its derivative `1 - tanh²` enters dlogits.
     """
     n, d = hidden_nd.shape
     chunk = min(chunk_tokens, n)
     pad = (-n) % chunk
     h_pad = jnp.pad(hidden_nd, ((0, pad), (0, 0)))
     t_pad = jnp.pad(targets_n, (0, pad), constant_values=IGNORE_INDEX)
-    loss, count, _ = _fused_ce(h_pad.reshape(-1, chunk, d), weight_vd, t_pad.reshape(-1, chunk))
+    loss, count, _ = _fused_ce(softcap, h_pad.reshape(-1, chunk, d), weight_vd, t_pad.reshape(-1, chunk))
     return loss, count
 
 
-def _fused_ce_chunks(h_kcd, weight_vd, t_kc):
+def _fused_ce_chunks(softcap, h_kcd, weight_vd, t_kc):
     w = weight_vd.astype(h_kcd.dtype)
 
     def body(carry, xs):
         h_cd, t_c = xs
-        logits = jnp.einsum("cd,vd->cv", h_cd, w, preferred_element_type=h_cd.dtype).astype(jnp.float32)
+        raw = jnp.einsum("cd,vd->cv", h_cd, w, preferred_element_type=h_cd.dtype)
+        if softcap is not None:
+            tanh = jnp.tanh(raw / jnp.asarray(softcap, raw.dtype))
+            raw = tanh * jnp.asarray(softcap, raw.dtype)
+        logits = raw.astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         valid = t_c != IGNORE_INDEX
         safe_t = jnp.where(valid, t_c, 0)
         target_logit = jnp.take_along_axis(logits, safe_t[:, None], axis=-1)[:, 0]
         probs = jnp.exp(logits - lse[:, None])
         onehot = jnp.arange(logits.shape[-1], dtype=safe_t.dtype)[None, :] == safe_t[:, None]
-        dlogits = jnp.where(valid[:, None], probs - onehot, 0.0).astype(h_cd.dtype)
+        dlogits = jnp.where(valid[:, None], probs - onehot, 0.0)
+        if softcap is not None:  # d(cap * tanh(z / cap)) / dz
+            dlogits = dlogits * (1.0 - jnp.square(tanh.astype(jnp.float32)))
+        dlogits = dlogits.astype(h_cd.dtype)
         dh_cd = jnp.einsum("cv,vd->cd", dlogits, w, preferred_element_type=h_cd.dtype)
         loss = jnp.sum(jnp.where(valid, lse - target_logit, 0.0))
         return (carry[0] + loss, carry[1] + jnp.sum(valid)), dh_cd
@@ -163,17 +177,17 @@ def _fused_ce_chunks(h_kcd, weight_vd, t_kc):
     return loss, count, dh_kcd
 
 
-@jax.custom_vjp
-def _fused_ce(h_kcd, weight_vd, t_kc):
-    return _fused_ce_chunks(h_kcd, weight_vd, t_kc)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_ce(softcap, h_kcd, weight_vd, t_kc):
+    return _fused_ce_chunks(softcap, h_kcd, weight_vd, t_kc)
 
 
-def _fused_ce_fwd(h_kcd, weight_vd, t_kc):
-    loss, count, dh_kcd = _fused_ce_chunks(h_kcd, weight_vd, t_kc)
+def _fused_ce_fwd(softcap, h_kcd, weight_vd, t_kc):
+    loss, count, dh_kcd = _fused_ce_chunks(softcap, h_kcd, weight_vd, t_kc)
     return (loss, count, dh_kcd), (dh_kcd, weight_vd, t_kc)
 
 
-def _fused_ce_bwd(residuals, cotangents):
+def _fused_ce_bwd(softcap, residuals, cotangents):
     dh_kcd, weight_vd, t_kc = residuals
     g_loss = cotangents[0]
     dh = (dh_kcd.astype(jnp.float32) * g_loss).astype(dh_kcd.dtype)
@@ -204,28 +218,36 @@ def default_chunk_tokens(vocab_size: int, memory_lean: bool = True) -> int:
 
 
 def loss_sum_and_count(model, base, lora, meta, input_ids, labels, cos, sin, attention_mask, dropout_key, *,
-                       compute_dtype, dropout_rate, remat, chunk_tokens):
+                       compute_dtype, dropout_rate, remat, chunk_tokens, options: KernelOptions = DEFAULT_OPTIONS):
     """The traced core of compute_loss: (sum of token losses, counted tokens)."""
     from fastlora_jax.lora import combine
     family, cfg = model.family, model.cfg
     params = combine(base, lora, meta)
     hidden = family.hidden_states(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype, dropout_key,
-                                  dropout_rate, remat=remat)
-    return output_layer_loss(family, cfg, params, lora, hidden, labels, dropout_key, dropout_rate, chunk_tokens)
+                                  dropout_rate, remat=remat, options=options)
+    return output_layer_loss(family, cfg, params, lora, hidden, labels, dropout_key, dropout_rate, chunk_tokens,
+                             options)
 
 
-def output_layer_loss(family, cfg, params, lora, hidden_bsd, labels_bs, dropout_key, dropout_rate, chunk_tokens):
+def output_layer_loss(family, cfg, params, lora, hidden_bsd, labels_bs, dropout_key, dropout_rate, chunk_tokens,
+                      options: KernelOptions = DEFAULT_OPTIONS):
     """(loss sum, counted tokens) of the output layer over the final hidden states: the fused version when
-    the head is frozen and plain, the checkpointed chunks otherwise (LoRA or a trained copy on the head)."""
+    the head is frozen and plain, the checkpointed chunks otherwise (LoRA or a trained copy on the head).
+    A final-logit soft-cap (`cfg.final_logit_softcap`, Gemma 2) applies in both."""
+    from fastlora_jax.models.decoder import linear_module
     head = family.lm_head_module(cfg, params)
+    softcap = getattr(cfg, "final_logit_softcap", None)
     targets = shift_labels(labels_bs)
     b, s, d = hidden_bsd.shape
     if head_is_frozen(family, cfg, lora) and set(head) == {"weight"} and not hasattr(head["weight"], "dequantize"):
         return fused_head_cross_entropy(hidden_bsd.reshape(b * s, d), head["weight"], targets.reshape(b * s),
-                                        chunk_tokens)
+                                        chunk_tokens, softcap)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
-    return chunked_cross_entropy(hidden_bsd.reshape(b * s, d), targets.reshape(b * s),
-                                 lambda h: family._linear(h, head, head_key, dropout_rate), chunk_tokens)
+
+    def logits_fn(h):
+        return kernels.softcap(linear_module(h, head, head_key, dropout_rate, options), softcap)
+
+    return chunked_cross_entropy(hidden_bsd.reshape(b * s, d), targets.reshape(b * s), logits_fn, chunk_tokens)
 
 
 # ------------------------------------------------------------------------------------------ optimizer

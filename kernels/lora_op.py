@@ -16,15 +16,14 @@ The base weight and the scaling are frozen: their cotangents are zeros (dropped,
 DoRA goes through the reference (`reference.lora_linear`), which autodiff handles.
 
 With an NF4 base and use_gradient_checkpointing=False the LoRA branch is folded into the base matmul as R
-extra contraction columns (`_folded_core`, below); the memory-lean modes trace under `memory_lean_tracing`,
-which keeps it a separate branch. FASTLORA_LORA_FOLD=0 turns folding off (for A/B timing).
+extra contraction columns (`_folded_core`, below); the memory-lean modes (`KernelOptions.memory_lean`) keep
+it a separate branch. `KernelOptions(lora_fold=False)` turns folding off (for A/B timing). The options are a
+static argument of every op here and a non-differentiable argument of the custom VJPs, so that a backward
+rule makes the choices of its forward.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import os
 from functools import partial
 
 import jax
@@ -33,12 +32,11 @@ import numpy as np
 from jax import lax
 
 from fastlora_jax.kernels import reference
+from fastlora_jax.kernels.options import DEFAULT, KernelOptions
 from fastlora_jax.quant import NF4Weight
 
-_MEMORY_LEAN = contextvars.ContextVar("memory_lean_tracing", default=False)  # see memory_lean_tracing
 
-
-def dense_base_weight(weight_oi, dtype) -> jax.Array:
+def dense_base_weight(weight_oi, dtype, options: KernelOptions = DEFAULT) -> jax.Array:
     """The base weight `[out, in]` in `dtype`; NF4 dequantized in ONE pass (bytes in, `dtype` out).
 
     Same values as `NF4Weight.dequantize` (`quant_map[code] * scale` in fp32, rounded once), written so
@@ -50,7 +48,7 @@ def dense_base_weight(weight_oi, dtype) -> jax.Array:
         return weight_oi.astype(dtype)
     if not _one_pass_dequantizes(weight_oi):
         return weight_oi.dequantize(dtype)
-    pair = _dequantized_pairs(weight_oi, dtype)  # [out, in / 2, 2]
+    pair = _dequantized_pairs(weight_oi, dtype, options.memory_lean)  # [out, in / 2, 2]
     return pair.reshape(weight_oi.weight_shape)
 
 
@@ -59,38 +57,38 @@ def _one_pass_dequantizes(weight) -> bool:
     return not weight.stack_shape and len(shape) == 2 and weight.blocksize == 64 and shape[1] % 64 == 0
 
 
-def _dequantized_pairs(weight_oi: NF4Weight, dtype) -> jax.Array:
+def _dequantized_pairs(weight_oi: NF4Weight, dtype, lean: bool) -> jax.Array:
     """`[out, in / 2, 2]`: each byte's two dequantized values; for 16-bit dtypes a bitcast of one 32-bit
     word per pair (`_dequantized_words`), so that XLA keeps the whole dequantize one elementwise kernel."""
     if jnp.dtype(dtype).itemsize == 2:
-        return lax.bitcast_convert_type(_dequantized_words(weight_oi, dtype), dtype)
-    first, second = _dequantized_halves(weight_oi, dtype)
+        return lax.bitcast_convert_type(_dequantized_words(weight_oi, dtype, lean), dtype)
+    first, second = _dequantized_halves(weight_oi, dtype, lean)
     return jnp.stack([first, second], axis=-1).reshape(weight_oi.weight_shape[0], -1, 2)
 
 
-def _dequantized_halves(weight_oi: NF4Weight, dtype):
+def _dequantized_halves(weight_oi: NF4Weight, dtype, lean: bool):
     out_dim, in_dim = weight_oi.weight_shape
     scale_ob = weight_oi.absmax_f32().reshape(out_dim, in_dim // 64)
     packed_obj = weight_oi.packed.reshape(out_dim, in_dim // 64, 32)
     table = jnp.asarray(weight_oi.quant_map, jnp.float32)
     scale = scale_ob[:, :, None]
-    first = (_lookup16(table, packed_obj >> 4) * scale).astype(dtype)  # the high nibble comes first
-    second = (_lookup16(table, packed_obj & 0xF) * scale).astype(dtype)
+    first = (_lookup16(table, packed_obj >> 4, lean) * scale).astype(dtype)  # the high nibble comes first
+    second = (_lookup16(table, packed_obj & 0xF, lean) * scale).astype(dtype)
     return first.reshape(out_dim, in_dim // 2), second.reshape(out_dim, in_dim // 2)
 
 
-def _dequantized_words(weight_oi: NF4Weight, dtype) -> jax.Array:
+def _dequantized_words(weight_oi: NF4Weight, dtype, lean: bool) -> jax.Array:
     """`[out, in / 2]` uint32: a byte's two 16-bit values packed low-first (little-endian GPUs and CPUs)."""
-    first, second = _dequantized_halves(weight_oi, dtype)
+    first, second = _dequantized_halves(weight_oi, dtype, lean)
     return (lax.bitcast_convert_type(first, jnp.uint16).astype(jnp.uint32)
             | (lax.bitcast_convert_type(second, jnp.uint16).astype(jnp.uint32) << 16))
 
 
-def _lookup16(table_16, code):
+def _lookup16(table_16, code, lean: bool):
     """`table[code]` for 4-bit codes: an indexed load of the 16-entry table, fused into the dequantize kernel
-    (Llama-8B 2 x 2048 False: 291.7 -> 283.1 ms per step against a 4-level select tree, H100). Under
-    `memory_lean_tracing` the select tree instead: the indexed load raised the memory-lean peak by 9 MB."""
-    if not _MEMORY_LEAN.get():
+    (Llama-8B 2 x 2048 False: 291.7 -> 283.1 ms per step against a 4-level select tree, H100). Memory-lean
+    (`lean`): the select tree instead: the indexed load raised the memory-lean peak by 9 MB."""
+    if not lean:
         return table_16.at[code.astype(jnp.int32)].get(mode="promise_in_bounds")
     level = [table_16[i] for i in range(16)]
     for bit in range(4):
@@ -99,31 +97,28 @@ def _lookup16(table_16, code):
     return level[0]
 
 
-def base_matmul(x_ti: jax.Array, weight_oi) -> jax.Array:
+def base_matmul(x_ti: jax.Array, weight_oi, options: KernelOptions = DEFAULT) -> jax.Array:
     """`x @ deq(W)ᵀ` in x's dtype (fp32 accumulation): the fused NF4 kernel where chosen and supported, else XLA."""
-    if _use_nf4_kernel(x_ti, weight_oi, transposed=False):
+    if _use_nf4_kernel(x_ti, weight_oi, options, transposed=False):
         from fastlora_jax.kernels import nf4_matmul
         return nf4_matmul.nf4_matmul(x_ti, weight_oi, impl="pallas")
-    w_oi = dense_base_weight(weight_oi, x_ti.dtype)
+    w_oi = dense_base_weight(weight_oi, x_ti.dtype, options)
     return jnp.einsum("ti,oi->to", x_ti, w_oi, preferred_element_type=x_ti.dtype)
 
 
-def base_matmul_t(g_to: jax.Array, weight_oi) -> jax.Array:
+def base_matmul_t(g_to: jax.Array, weight_oi, options: KernelOptions = DEFAULT) -> jax.Array:
     """`g @ deq(W)` (the backward's dx through the base weight)."""
-    if _use_nf4_kernel(g_to, weight_oi, transposed=True):
+    if _use_nf4_kernel(g_to, weight_oi, options, transposed=True):
         from fastlora_jax.kernels import nf4_matmul
         return nf4_matmul.nf4_matmul_t(g_to, weight_oi, impl="pallas")
-    w_oi = dense_base_weight(weight_oi, g_to.dtype)
+    w_oi = dense_base_weight(weight_oi, g_to.dtype, options)
     return jnp.einsum("to,oi->ti", g_to, w_oi, preferred_element_type=g_to.dtype)
 
 
-NF4_MATMUL = os.environ.get("FASTLORA_NF4_MATMUL", "xla")  # "xla" (default: measured as fast) or "pallas"
-
-
-def _use_nf4_kernel(a_tx, weight, *, transposed: bool) -> bool:
-    """FASTLORA_NF4_MATMUL=pallas selects the fused Pallas kernel (kernels/nf4_matmul.py) on a GPU, for
+def _use_nf4_kernel(a_tx, weight, options: KernelOptions, *, transposed: bool) -> bool:
+    """`KernelOptions(nf4_matmul="pallas")` selects the fused Pallas kernel (kernels/nf4_matmul.py) on a GPU, for
     bf16 activations and shapes it supports; XLA's one-pass dequantize + cuBLAS otherwise."""
-    if NF4_MATMUL != "pallas" or not isinstance(weight, NF4Weight) or jax.default_backend() != "gpu":
+    if options.nf4_matmul != "pallas" or not isinstance(weight, NF4Weight) or jax.default_backend() != "gpu":
         return False
     if a_tx.dtype != jnp.bfloat16 or weight.stack_shape or len(weight.weight_shape) != 2:
         return False
@@ -143,31 +138,25 @@ def _zeros_like_tree(tree):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lora_linear_core(lean, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
+def _lora_linear_core(options, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
     """`x_lora_ti` is None when there is no dropout (the LoRA branch reads x itself: one residual, not two).
-    `lean` is `memory_lean_tracing`'s state when the forward was traced: JAX traces the backward rule later,
-    outside the `with` block, so the rule sets it again."""
-    y, _ = _core_fwd(lean, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling)
+    `options` (KernelOptions) is static: the backward rule makes the forward's kernel choices."""
+    y, _ = _core_fwd(options, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling)
     return y
 
 
-def _core_fwd(lean, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
+def _core_fwd(options, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
     # Everything in x's dtype (as PEFT computes it): XLA then fuses the add of the LoRA term into a
     # neighbour (the consumer's kernel, or the gemm as its accumulator) instead of an fp32 pass of its own.
     x_in = x_ti if x_lora_ti is None else x_lora_ti
     xa_tr = jnp.einsum("ti,ri->tr", x_in, a_ri, preferred_element_type=jnp.float32).astype(x_ti.dtype)
     xa_scaled_tr = (xa_tr.astype(jnp.float32) * scaling.astype(jnp.float32)).astype(x_ti.dtype)
     lora_to = jnp.einsum("tr,or->to", xa_scaled_tr, b_or, preferred_element_type=x_ti.dtype)
-    y = base_matmul(x_ti, weight_oi) + lora_to
+    y = base_matmul(x_ti, weight_oi, options) + lora_to
     return y, (x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling, xa_tr)
 
 
-def _core_bwd(lean, residuals, g_to):
-    with memory_lean_tracing(lean):
-        return _core_bwd_traced(residuals, g_to)
-
-
-def _core_bwd_traced(residuals, g_to):
+def _core_bwd(options, residuals, g_to):
     x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling, xa_tr = residuals
     x_in = x_ti if x_lora_ti is None else x_lora_ti
     s = scaling.astype(jnp.float32)
@@ -177,14 +166,15 @@ def _core_bwd_traced(residuals, g_to):
     db = (jnp.einsum("to,tr->or", g_to, xa_tr, preferred_element_type=jnp.float32) * s).astype(b_or.dtype)
     rest = (_zeros_like_tree(weight_oi), da, db, jnp.zeros_like(scaling))  # W and scaling are frozen
     if x_lora_ti is None:
-        return (base_matmul_t(g_to, weight_oi) + dx_lora, None) + rest
-    return (base_matmul_t(g_to, weight_oi), dx_lora) + rest
+        return (base_matmul_t(g_to, weight_oi, options) + dx_lora, None) + rest
+    return (base_matmul_t(g_to, weight_oi, options), dx_lora) + rest
 
 
 _lora_linear_core.defvjp(_core_fwd, _core_bwd)
 
 
-def lora_linear(x_bsi: jax.Array, module: dict, dropout_key=None, dropout_rate: float = 0.0) -> jax.Array:
+def lora_linear(x_bsi: jax.Array, module: dict, dropout_key=None, dropout_rate: float = 0.0, *,
+                options: KernelOptions = DEFAULT) -> jax.Array:
     """A linear module with its LoRA branch (PEFT's `lora.Linear.forward`), with the memory-lean VJP above.
 
     Same contract as `reference.lora_linear`: `module` holds `weight` [out, in] (dense or NF4), optional
@@ -198,12 +188,12 @@ def lora_linear(x_bsi: jax.Array, module: dict, dropout_key=None, dropout_rate: 
     if dropout_key is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, x_ti.shape)
         x_lora_ti = jnp.where(keep, x_ti / (1.0 - dropout_rate), 0).astype(x_ti.dtype)
-    elif folds_into_base(x_ti.shape[-1], [module]):
-        return lora_linear_group(x_bsi, [module])[0]
+    elif folds_into_base(x_ti.shape[-1], [module], options):
+        return lora_linear_group(x_bsi, [module], options=options)[0]
     a_ri = module["lora_A"].astype(x_ti.dtype)
     b_or = module["lora_B"].astype(x_ti.dtype)
     scaling = jnp.asarray(module["scaling"])
-    y_to = _lora_linear_core(_MEMORY_LEAN.get(), x_ti, x_lora_ti, module["weight"], a_ri, b_or, scaling)
+    y_to = _lora_linear_core(options, x_ti, x_lora_ti, module["weight"], a_ri, b_or, scaling)
     if module.get("bias") is not None:
         y_to = y_to + module["bias"].astype(y_to.dtype)
     return y_to.reshape(*lead, y_to.shape[-1])
@@ -213,7 +203,7 @@ def lora_linear(x_bsi: jax.Array, module: dict, dropout_key=None, dropout_rate: 
 # Several LoRA linears that read the same input (q/k/v, gate/up): one pass over x for all their A's.
 
 
-def lora_linear_group(x_bsi: jax.Array, modules: list[dict]) -> list[jax.Array]:
+def lora_linear_group(x_bsi: jax.Array, modules: list[dict], *, options: KernelOptions = DEFAULT) -> list[jax.Array]:
     """`[lora_linear(x, m) for m in modules]` for modules that share their input, without dropout or DoRA.
 
     Why: the LoRA branch is memory-bound (rank 16 against thousands of features). Concatenating the A's
@@ -225,8 +215,8 @@ def lora_linear_group(x_bsi: jax.Array, modules: list[dict]) -> list[jax.Array]:
     dtype = x_ti.dtype
     a_cat = jnp.concatenate([m["lora_A"].astype(dtype) for m in modules], axis=0)
     ranks = tuple(int(m["lora_A"].shape[0]) for m in modules)
-    core = _folded_core if folds_into_base(x_ti.shape[-1], modules) else partial(_group_core, _MEMORY_LEAN.get())
-    ys = core(ranks, x_ti, tuple(m["weight"] for m in modules), a_cat,
+    core = _folded_core if folds_into_base(x_ti.shape[-1], modules, options) else _group_core
+    ys = core(options, ranks, x_ti, tuple(m["weight"] for m in modules), a_cat,
               tuple(m["lora_B"].astype(dtype) for m in modules),
               tuple(jnp.asarray(m["scaling"]) for m in modules))
     out = []
@@ -243,33 +233,28 @@ def _split_ranks(xa_tR, ranks):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _group_core(lean, ranks, x_ti, weights, a_cat, bs, scalings):
-    """`lean`: as `_lora_linear_core`'s."""
-    return _group_fwd(lean, ranks, x_ti, weights, a_cat, bs, scalings)[0]
+def _group_core(options, ranks, x_ti, weights, a_cat, bs, scalings):
+    """`options`: as `_lora_linear_core`'s."""
+    return _group_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings)[0]
 
 
-def _group_fwd(lean, ranks, x_ti, weights, a_cat, bs, scalings):
+def _group_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32).astype(x_ti.dtype)
     ys = []
     for w, b, s, xa in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks)):
         xa_scaled = (xa.astype(jnp.float32) * s.astype(jnp.float32)).astype(x_ti.dtype)
-        ys.append(base_matmul(x_ti, w) + jnp.einsum("tr,or->to", xa_scaled, b, preferred_element_type=x_ti.dtype))
+        ys.append(base_matmul(x_ti, w, options) + jnp.einsum("tr,or->to", xa_scaled, b, preferred_element_type=x_ti.dtype))
     return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR)
 
 
-def _group_bwd(lean, ranks, residuals, gs):
-    with memory_lean_tracing(lean):
-        return _group_bwd_traced(ranks, residuals, gs)
-
-
-def _group_bwd_traced(ranks, residuals, gs):
+def _group_bwd(options, ranks, residuals, gs):
     x_ti, weights, a_cat, bs, scalings, xa_tR = residuals
     gbs, dbs, dx = [], [], None
     for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):
         s32 = s.astype(jnp.float32)
         gbs.append((jnp.einsum("to,or->tr", g, b, preferred_element_type=jnp.float32) * s32).astype(g.dtype))
         dbs.append((jnp.einsum("to,tr->or", g, xa, preferred_element_type=jnp.float32) * s32).astype(b.dtype))
-        term = base_matmul_t(g, w)
+        term = base_matmul_t(g, w, options)
         dx = term if dx is None else dx + term
     gb_tR = jnp.concatenate(gbs, axis=1)
     dx = dx + jnp.einsum("tR,Ri->ti", gb_tR, a_cat, preferred_element_type=x_ti.dtype)
@@ -294,27 +279,15 @@ _group_core.defvjp(_group_fwd, _group_bwd)
 # The price is a copy of x with R more columns: worth it when the group's outputs are at least as wide
 # as its input (q/k/v, o, gate/up; not down_proj, whose input is 3.5x its output).
 
-LORA_FOLD = os.environ.get("FASTLORA_LORA_FOLD", "1") != "0"  # "0": the unfolded group (for A/B timing)
+def folds_into_base(in_dim: int, modules: list[dict], options: KernelOptions = DEFAULT) -> bool:
+    """Whether these LoRA linears (sharing one input of width `in_dim`) run folded into their base matmul.
 
-
-@contextlib.contextmanager
-def memory_lean_tracing(enabled: bool = True):
-    """Trace the code inside with the memory-lean choices of this module (the checkpointing modes "unsloth"
-    and True, whose bar is peak memory): no LoRA folding, whose folded weight and copy of x are extra
-    transients in each recomputed layer (Llama-8B 2 x 2048 "unsloth": 7.04 -> 7.10 GiB peak, 2% slower),
-    and the select-tree NF4 lookup (`_lookup16`)."""
-    token = _MEMORY_LEAN.set(enabled)
-    try:
-        yield
-    finally:
-        _MEMORY_LEAN.reset(token)
-
-
-def folds_into_base(in_dim: int, modules: list[dict]) -> bool:
-    """Whether these LoRA linears (sharing one input of width `in_dim`) run folded into their base matmul."""
-    if not LORA_FOLD or _MEMORY_LEAN.get() or not all(isinstance(m["weight"], NF4Weight) for m in modules):
+    Not in the memory-lean modes (`options.memory_lean`: the checkpointing modes "unsloth" and True, whose bar
+    is peak memory): the folded weight and the copy of x are extra transients in each recomputed layer
+    (Llama-8B 2 x 2048 "unsloth": 7.04 -> 7.10 GiB peak, 2% slower)."""
+    if not options.lora_fold or options.memory_lean or not all(isinstance(m["weight"], NF4Weight) for m in modules):
         return False  # a 16-bit base is read in place by the gemm: a folded copy would cost a weight pass
-    if NF4_MATMUL == "pallas" and jax.default_backend() == "gpu":
+    if options.nf4_matmul == "pallas" and jax.default_backend() == "gpu":
         return False  # the fused NF4 kernel reads the packed weight itself
     return sum(int(m["lora_B"].shape[0]) for m in modules) >= in_dim
 
@@ -325,7 +298,7 @@ def _scale_columns(t_tR, scalings, ranks, dtype):
     return (t_tR.astype(jnp.float32) * s_R).astype(dtype)
 
 
-def _folded_weight(weights, column_blocks, dtype):
+def _folded_weight(weights, column_blocks, dtype, lean: bool = False):
     """`[sum(out), in + c]`: the modules' dequantized W stacked by rows, each followed by its `[out, c]` block.
 
     For 16-bit dtypes the concatenation happens on the packed 32-bit words, before the one bitcast: XLA then
@@ -333,7 +306,7 @@ def _folded_weight(weights, column_blocks, dtype):
     arrays was a separate copy of every weight, ~15 ms per Llama-8B step).
     """
     if jnp.dtype(dtype).itemsize == 2 and all(_one_pass_dequantizes(w) for w in weights):
-        words = [jnp.concatenate([_dequantized_words(w, dtype), _as_words(c.astype(dtype))], axis=1)
+        words = [jnp.concatenate([_dequantized_words(w, dtype, lean), _as_words(c.astype(dtype))], axis=1)
                  for w, c in zip(weights, column_blocks)]
         folded = lax.bitcast_convert_type(jnp.concatenate(words, axis=0), dtype)
         return folded.reshape(folded.shape[0], -1)
@@ -361,12 +334,12 @@ def _b_blocks(bs, ranks):
     return [jnp.pad(b, ((0, 0), (int(offsets[i]), int(offsets[-1] - offsets[i + 1])))) for i, b in enumerate(bs)]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _folded_core(ranks, x_ti, weights, a_cat, bs, scalings):
-    return _folded_fwd(ranks, x_ti, weights, a_cat, bs, scalings)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _folded_core(options, ranks, x_ti, weights, a_cat, bs, scalings):
+    return _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings)[0]
 
 
-def _folded_fwd(ranks, x_ti, weights, a_cat, bs, scalings):
+def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     """One gemm for the whole group: `[x | s·xa] @ [[W_1 | B_1 0]; [W_2 | 0 B_2]; ...]ᵀ`."""
     dtype = x_ti.dtype
     xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32)
@@ -378,7 +351,7 @@ def _folded_fwd(ranks, x_ti, weights, a_cat, bs, scalings):
     return ys, (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
 
 
-def _folded_bwd(ranks, residuals, gs):
+def _folded_bwd(options, ranks, residuals, gs):
     """Per module `g_j @ [W_j | B_j]` gives the base dx term and `g_j @ B_j` in one gemm. (One gemm over the
     concatenated g would need a copy of all the g's: measured slower.)"""
     x_ti, weights, a_cat, bs, scalings, xa_tR = residuals

@@ -30,33 +30,77 @@ def linear(x_bsi: jax.Array, weight_oi, bias_o: jax.Array | None = None) -> jax.
     return y
 
 
-def rms_norm(x_bsd: jax.Array, weight_d: jax.Array, eps: float) -> jax.Array:
-    """Llama's RMSNorm: normalize in fp32, cast back to the input dtype, then scale by the weight."""
+def rms_norm(x_bsd: jax.Array, weight_d: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """RMSNorm with the arithmetic of the HF module it replaces.
+
+    `offset=0` is Llama's: normalize in fp32, cast back to the input dtype, then scale by the weight.
+    `offset=1` is Gemma's `(1 + w)`: the scale is applied in fp32 and the result cast once (Gemma's
+    weights are stored centred on 0).
+    """
     x32 = x_bsd.astype(jnp.float32)
     variance = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-    normed = (x32 * jax.lax.rsqrt(variance + eps)).astype(x_bsd.dtype)
-    return weight_d.astype(x_bsd.dtype) * normed
+    normed32 = x32 * jax.lax.rsqrt(variance + eps)
+    if offset:
+        return (normed32 * (offset + weight_d.astype(jnp.float32))).astype(x_bsd.dtype)
+    return weight_d.astype(x_bsd.dtype) * normed32.astype(x_bsd.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """`cap * tanh(x / cap)` in x's dtype (Gemma 2's attention-logit and final-logit soft-capping); None: x."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / jnp.asarray(cap, x.dtype)) * jnp.asarray(cap, x.dtype)
+
+
+def causal_allowed(query_pos_q: jax.Array, key_pos_k: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """`[q, k]` bool: query i sees key j iff j <= i and, with a window, i - j < sliding_window (transformers'
+    `sliding_window_overlay`). Positions here are sequence slots, as transformers' cache positions."""
+    diff = query_pos_q[:, None] - key_pos_k[None, :]
+    allowed = diff >= 0
+    if sliding_window is not None:
+        allowed = allowed & (diff < sliding_window)
+    return allowed
 
 
 def attention_reference(q_bshd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, attention_mask_bs: jax.Array | None,
-                        scale: float) -> jax.Array:
+                        scale: float, *, logit_softcap: float | None = None,
+                        sliding_window: int | None = None) -> jax.Array:
     """Causal grouped-query attention with an optional key padding mask (1 = attend).
 
     Softmax in fp32 and probabilities cast back to the query dtype before the value product, as
-    transformers' eager attention does. Returns `[batch, seq, q_heads, head_dim]`.
+    transformers' eager attention does. `logit_softcap` caps the scaled scores (`cap * tanh(s / cap)`, fp32)
+    before masking; `sliding_window` limits query i to keys j with i - j < sliding_window.
+    Returns `[batch, seq, q_heads, head_dim]`.
     """
     batch, seq, q_heads, head_dim = q_bshd.shape
     kv_heads = k_bskd.shape[2]
     groups = q_heads // kv_heads
     q_bskgd = q_bshd.reshape(batch, seq, kv_heads, groups, head_dim)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q_bskgd, k_bskd, preferred_element_type=jnp.float32) * scale
-    allowed_qs = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    allowed = allowed_qs[None, None, None]
+    scores = softcap(scores, logit_softcap)
+    slots = jnp.arange(seq, dtype=jnp.int32)
+    allowed = causal_allowed(slots, slots, sliding_window)[None, None, None]
     if attention_mask_bs is not None:
         allowed = allowed & attention_mask_bs.astype(bool)[:, None, None, None, :]
     scores = jnp.where(allowed, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_bshd.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bskd, preferred_element_type=q_bshd.dtype)
+    return out.reshape(batch, seq, q_heads, head_dim)
+
+
+def cached_attention_reference(q_bshd, k_bLkd, v_bLkd, allowed_bsL, scale: float, *,
+                               logit_softcap: float | None = None):
+    """Grouped-query attention of `seq` queries over `max_len` cached keys with an explicit mask (causality,
+    window and padding are already in `allowed_bsL [batch|1, seq, max_len]`), with `attention_reference`'s
+    arithmetic and cap (fp32 scores and softmax, probabilities cast to the query dtype)."""
+    batch, seq, q_heads, head_dim = q_bshd.shape
+    kv_heads = k_bLkd.shape[2]
+    q_bskgd = q_bshd.reshape(batch, seq, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q_bskgd, k_bLkd, preferred_element_type=jnp.float32) * scale
+    scores = softcap(scores, logit_softcap)
+    scores = jnp.where(allowed_bsL[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_bshd.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bLkd, preferred_element_type=q_bshd.dtype)
     return out.reshape(batch, seq, q_heads, head_dim)
 
 

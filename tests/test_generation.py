@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from fastlora_jax import FastLanguageModel, generation, llama
+from fastlora_jax import FastLanguageModel, generation
+from fastlora_jax.models import llama
 from fastlora_jax.tiny import write_tiny_llama
 
 NEW = 13  # prompt 7 + 13 = 20 tokens: the chunked-cache test reuses the full forward of that shape

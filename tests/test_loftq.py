@@ -18,7 +18,8 @@ from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tenso
 from peft.utils import loftq_utils
 from transformers import LlamaConfig
 
-from fastlora_jax import FastLanguageModel, NF4Weight, llama
+from fastlora_jax import FastLanguageModel, NF4Weight
+from fastlora_jax.models import llama
 from fastlora_jax.lora import build_lora, get_node, split_module
 from fastlora_jax.lora_config import LoraSpec
 from fastlora_jax.tiny import write_tiny_llama

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from conftest import rel_l2
 from fastlora_jax.convert.load import random_base_params
-from fastlora_jax.kernels import lora_op, reference
+from fastlora_jax.kernels import KernelOptions, lora_op, reference
 from transformers import LlamaConfig
 
-from fastlora_jax import FastLanguageModel, llama
+from fastlora_jax import FastLanguageModel
+from fastlora_jax.models import llama
 from fastlora_jax.model import CausalLM
 from fastlora_jax.quant import NF4Weight
 from fastlora_jax.training import (
@@ -27,8 +28,8 @@ from fastlora_jax.training import (
 @pytest.mark.parametrize("lean", [False, True])  # the table lookup as an indexed load, or as a select tree
 def test_one_pass_dequantize_is_bit_exact(rng, shape, double_quant, dtype, lean):
     w = NF4Weight.quantize(jnp.asarray(rng.standard_normal(shape) * 0.05, jnp.float32), double_quant=double_quant)
-    with lora_op.memory_lean_tracing(lean):
-        fast = np.asarray(jax.jit(lora_op.dense_base_weight, static_argnums=1)(w, dtype)).view(np.uint8)
+    options = KernelOptions(memory_lean=lean)
+    fast = np.asarray(jax.jit(lora_op.dense_base_weight, static_argnums=(1, 2))(w, dtype, options)).view(np.uint8)
     ref = np.asarray(w.dequantize(dtype)).view(np.uint8)
     assert np.array_equal(fast, ref)
 
@@ -186,8 +187,7 @@ def test_lora_fold_rule():
     """Folding needs an NF4 base (a 16-bit one would be copied), outputs at least as wide as the input, and
     is off in the memory-lean checkpointing modes."""
     rng = np.random.default_rng(1)
-    with lora_op.memory_lean_tracing():
-        assert not lora_op.folds_into_base(128, [_module(rng, True, False, out=160)])
+    assert not lora_op.folds_into_base(128, [_module(rng, True, False, out=160)], KernelOptions(memory_lean=True))
     assert not lora_op.folds_into_base(128, [_module(rng, True, False, out=96)])  # down_proj-like
     assert not lora_op.folds_into_base(128, [_module(rng, False, False, out=160)])  # 16-bit base
     assert lora_op.folds_into_base(128, [_module(rng, True, False, out=96), _module(rng, True, False, out=32)])

@@ -32,8 +32,8 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from conftest import rel_l2  # noqa: E402
 from fastlora_jax import FastVisionModel, VisionCausalLM  # noqa: E402
-from fastlora_jax import qwen2_vl  # noqa: E402
-from fastlora_jax.families import checkpoint_name, checkpoint_tensors  # noqa: E402
+from fastlora_jax.models import qwen2_vl  # noqa: E402
+from fastlora_jax.models.registry import checkpoint_name, checkpoint_tensors  # noqa: E402
 from fastlora_jax.quant import NF4Weight  # noqa: E402
 from fastlora_jax.tiny import write_tiny_qwen2_vl  # noqa: E402
 
@@ -474,7 +474,7 @@ def test_checkpoint_with_module_names_loads_too(tiny, tmp_path):
 
 
 def qwen2_vl_module_name(stored: str) -> str:
-    from fastlora_jax.families import module_tensor_name
+    from fastlora_jax.models.registry import module_tensor_name
     return module_tensor_name(qwen2_vl, stored)
 
 

@@ -4,7 +4,7 @@ config fields (`VisionConfig.variant`).
 Module names are transformers 5.17's (`model.visual.blocks.N.attn.qkv`, `model.language_model.layers.N.
 self_attn.q_proj`, `lm_head`), so PEFT keys and targeting come from one table. Two stacks of layers, each
 stacked on a leading axis and run under `jax.lax.scan`: the vision blocks `model.visual.blocks` and the
-Qwen2 decoder layers `model.language_model.layers` (Llama's layer with q/k/v biases; llama.py runs them).
+Qwen2 decoder layers `model.language_model.layers` (Qwen2's layer: the shared decoder, decoder.py, runs them).
 Checkpoints keep the older layout that save_pretrained still writes (`visual.*`, `model.layers.*`,
 `model.embed_tokens`, `model.norm`): `CHECKPOINT_RENAMES` / `LOAD_RENAMES` map between the two.
 
@@ -34,7 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from fastlora_jax import kernels, llama, rope
+from fastlora_jax import kernels, rope
+from fastlora_jax.kernels.options import DEFAULT as DEFAULT_OPTIONS
+from fastlora_jax.kernels.options import KernelOptions
+from fastlora_jax.models import decoder
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -46,7 +49,8 @@ TEXT_STACK = "model.language_model.layers"
 # module name -> tensor name as transformers 5.17's save_pretrained writes it, and back (loading accepts both).
 CHECKPOINT_RENAMES = ((r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "model."))
 LOAD_RENAMES = ((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model."))
-LAYER_INPUT = llama.LAYER_INPUT  # one name for checkpointing policies: vision blocks and decoder layers
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYER_INPUT = decoder.LAYER_INPUT  # one name for checkpointing policies: vision blocks and decoder layers
 VISION_EPS = 1e-6  # every vision norm (blocks and merger) is built with eps=1e-6
 ACTIVATIONS = {**kernels.ACTIVATIONS, "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
 
@@ -87,7 +91,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class Config:
-    text: llama.Config
+    text: decoder.DecoderConfig
     vision: VisionConfig
     mrope_section: tuple[int, ...]  # rotary frequency pairs driven by the temporal, height, width positions
     rope_theta: float
@@ -130,12 +134,12 @@ class Config:
             raise ValueError(f"text_config.hidden_act={tc.hidden_act!r} is not supported; "
                              f"supported: {sorted(kernels.ACTIVATIONS)}")
         tie = bool(getattr(hf_config, "tie_word_embeddings", False))
-        text = llama.Config(
+        text = decoder.DecoderConfig(
             vocab_size=tc.vocab_size, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
             num_layers=tc.num_hidden_layers, num_heads=num_heads,
             num_kv_heads=getattr(tc, "num_key_value_heads", None) or num_heads, head_dim=head_dim,
             rms_norm_eps=float(tc.rms_norm_eps), tie_word_embeddings=tie, hidden_act=tc.hidden_act,
-            attention_bias=True)  # q/k/v only: o_proj has none (see `text_layer_tensors`)
+            qkv_bias=True)  # Qwen2's layer: q/k/v biases, none on o_proj
         vision_rope = dict(getattr(vc, "rope_parameters", None) or {})
         common = dict(variant=variant, depth=vc.depth, num_heads=vc.num_heads, hidden_act=vc.hidden_act,
                       in_channels=vc.in_channels, patch_size=int(vc.patch_size),
@@ -159,8 +163,12 @@ class Config:
                    tie_word_embeddings=tie)
 
 
+def config(hf_config) -> Config:
+    return Config.from_hf(hf_config)
+
+
 # ---------------------------------------------------------------------------------------------
-# The name table (kinds as llama.py's, plus "conv": the patch embedding, which bitsandbytes leaves alone,
+# The name table (kinds as decoder.py's, plus "conv": the patch embedding, which bitsandbytes leaves alone,
 # and "norm_bias": a LayerNorm bias, which PEFT's bias="all" trains like any bias).
 
 
@@ -255,7 +263,7 @@ def module_list(cfg: Config) -> list[tuple[str, str]]:
                 ("model.visual.merger.mlp.1", "other"), ("model.visual.merger.mlp.2", "linear"),
                 ("model.language_model", "other"), (EMBED_TOKENS, "embedding"), (TEXT_STACK, "other")]
     for i in range(cfg.text.num_layers):
-        modules += llama.decoder_layer_modules(f"{TEXT_STACK}.{i}")
+        modules += decoder.decoder_layer_modules(cfg.text, f"{TEXT_STACK}.{i}")
     modules += [("model.language_model.norm", "other"), ("model.language_model.rotary_emb", "other"),
                 ("lm_head", "linear")]
     return modules
@@ -417,8 +425,8 @@ def mrope_cos_sin(cfg: Config, position_ids_3bs, dtype=jnp.float32):
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
-_linear = llama._linear
-_keys = llama._keys
+_linear = decoder.linear_module
+_keys = decoder.keys_for
 
 
 def layer_norm(x_nd, weight_d, bias_d, eps: float):
@@ -467,31 +475,32 @@ def segment_attention(q_nhd, k_nhd, v_nhd, segment_n, scale: float):
     return jnp.einsum("hqk,khd->qhd", probs, v_nhd, preferred_element_type=q_nhd.dtype)
 
 
-def vision_block(v: VisionConfig, block: dict, x_nd, cos_nd, sin_nd, segment_n, key=None, dropout_rate: float = 0.0):
+def vision_block(v: VisionConfig, block: dict, x_nd, cos_nd, sin_nd, segment_n, key=None, dropout_rate: float = 0.0,
+                 options: KernelOptions = DEFAULT_OPTIONS):
     """One vision block: x + attn(norm1(x)), then + mlp(norm2(x))."""
     n = x_nd.shape[0]
     kqkv, kproj, k1, k2, k3 = _keys(key, 5)
-    lin = partial(_linear, dropout_rate=dropout_rate)
+    lin = partial(_linear, dropout_rate=dropout_rate, options=options)
     attn, mlp = block["attn"], block["mlp"]
     h = _vision_norm(v, block["norm1"], x_nd)
     qkv = lin(h, attn["qkv"], kqkv).reshape(n, 3, v.num_heads, v.head_dim)
     q, k = _rotate_vision(qkv[:, 0], cos_nd, sin_nd), _rotate_vision(qkv[:, 1], cos_nd, sin_nd)
-    q, k, values = (checkpoint_name(t, llama.SAVED_ATTENTION_INPUTS) for t in (q, k, qkv[:, 2]))
+    q, k, values = (checkpoint_name(t, decoder.SAVED_ATTENTION_INPUTS) for t in (q, k, qkv[:, 2]))
     o = segment_attention(q, k, values, segment_n, v.head_dim ** -0.5)
-    x_nd = checkpoint_name(x_nd + lin(o.reshape(n, v.hidden_size), attn["proj"], kproj), llama.SAVED_MID_RESIDUAL)
+    x_nd = checkpoint_name(x_nd + lin(o.reshape(n, v.hidden_size), attn["proj"], kproj), decoder.SAVED_MID_RESIDUAL)
     h = _vision_norm(v, block["norm2"], x_nd)
     act = ACTIVATIONS[v.hidden_act]
     if v.variant == "qwen2_vl":
-        out = lin(act(checkpoint_name(lin(h, mlp["fc1"], k1), llama.SAVED_MLP_INPUTS)), mlp["fc2"], k2)
+        out = lin(act(checkpoint_name(lin(h, mlp["fc1"], k1), decoder.SAVED_MLP_INPUTS)), mlp["fc2"], k2)
     else:
-        gate = checkpoint_name(lin(h, mlp["gate_proj"], k1), llama.SAVED_MLP_INPUTS)
-        up = checkpoint_name(lin(h, mlp["up_proj"], k2), llama.SAVED_MLP_INPUTS)
+        gate = checkpoint_name(lin(h, mlp["gate_proj"], k1), decoder.SAVED_MLP_INPUTS)
+        up = checkpoint_name(lin(h, mlp["up_proj"], k2), decoder.SAVED_MLP_INPUTS)
         out = lin(act(gate) * up, mlp["down_proj"], k3)
     return x_nd + out
 
 
 def vision_tower(cfg: Config, params: dict, vision: dict, compute_dtype=jnp.float32, dropout_key=None,
-                 dropout_rate: float = 0.0, remat=None):
+                 dropout_rate: float = 0.0, remat=None, options: KernelOptions = DEFAULT_OPTIONS):
     """Image features `[N / merge_unit, hidden]` in the processor's token order, from `vision` = `vision_inputs(...)`
     plus `pixel_values [N, C*T*P*P]`."""
     v = cfg.vision
@@ -510,7 +519,7 @@ def vision_tower(cfg: Config, params: dict, vision: dict, compute_dtype=jnp.floa
         block, is_full, key = xs
         x_nd = checkpoint_name(x_nd, LAYER_INPUT)
         segment = jnp.where(is_full, vision["full_segment"], vision["window_segment"])
-        return vision_block(v, block, x_nd, cos, sin, segment, key, dropout_rate), None
+        return vision_block(v, block, x_nd, cos, sin, segment, key, dropout_rate, options), None
 
     if remat is not None:
         step = jax.checkpoint(step, policy=remat, prevent_cse=False)
@@ -518,8 +527,8 @@ def vision_tower(cfg: Config, params: dict, vision: dict, compute_dtype=jnp.floa
     merger = visual["merger"]
     h = _vision_norm(v, merger["ln_q"], x).reshape(-1, v.merge_unit * v.hidden_size)
     k0, k2 = _keys(None if keys is None else keys[-1], 2)
-    h = _linear(h, merger["mlp"]["0"], k0, dropout_rate)
-    h = _linear(kernels.ACTIVATIONS["gelu"](h), merger["mlp"]["2"], k2, dropout_rate)
+    h = _linear(h, merger["mlp"]["0"], k0, dropout_rate, options)
+    h = _linear(kernels.ACTIVATIONS["gelu"](h), merger["mlp"]["2"], k2, dropout_rate, options)
     return h[vision["merge_reverse"]]
 
 
@@ -533,10 +542,10 @@ def scatter_image_embeds(x_bsd, image_mask_bs, image_nd):
 
 def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsd, sin_bsd, attention_mask_bs=None,
                   compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, remat=None, *,
-                  vision: dict | None = None):
+                  vision: dict | None = None, options: KernelOptions = DEFAULT_OPTIONS):
     """Final normed hidden states `[batch, seq, hidden]`, with image features in place of the image tokens.
 
-    Same signature as llama.hidden_states plus `vision` (None: text only); `cos_bsd`/`sin_bsd` come from
+    Same signature as decoder.hidden_states plus `vision` (None: text only); `cos_bsd`/`sin_bsd` come from
     `mrope_cos_sin` (for text only, Llama's rope of `arange(seq)` is the same thing).
     """
     lm = params["model"]["language_model"]
@@ -545,20 +554,11 @@ def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsd, sin_bsd, att
     if dropout_key is not None:
         vision_key, text_key = jax.random.split(dropout_key)
     if vision is not None:
-        image = vision_tower(cfg, params, vision, compute_dtype, vision_key, dropout_rate, remat)
+        image = vision_tower(cfg, params, vision, compute_dtype, vision_key, dropout_rate, remat, options)
         x = scatter_image_embeds(x, input_ids_bs == cfg.image_token_id, image)
     cos_bsd, sin_bsd = cos_bsd.astype(compute_dtype), sin_bsd.astype(compute_dtype)
-    layer_keys = None if text_key is None else jax.random.split(text_key, cfg.text.num_layers)
-
-    def step(x_bsd, layer_and_key):
-        layer, key = layer_and_key
-        x_bsd = checkpoint_name(x_bsd, LAYER_INPUT)
-        return llama.decoder_layer(cfg.text, layer, x_bsd, cos_bsd, sin_bsd, attention_mask_bs, key,
-                                   dropout_rate), None
-
-    if remat is not None:
-        step = jax.checkpoint(step, policy=remat, prevent_cse=False)
-    x, _ = jax.lax.scan(step, x, (lm["layers"], layer_keys))
+    x = decoder.run_layers(cfg.text, lm["layers"], x, cos_bsd, sin_bsd, attention_mask_bs, text_key, dropout_rate,
+                           remat, options)
     return kernels.rms_norm(x, lm["norm"]["weight"], cfg.text.rms_norm_eps)
 
 
@@ -571,54 +571,47 @@ def lm_head_module(cfg: Config, params: dict) -> dict:
 
 
 def forward(cfg: Config, params: dict, input_ids_bs, cos_bsd, sin_bsd, attention_mask_bs=None,
-            compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, *, vision: dict | None = None):
+            compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, *, vision: dict | None = None,
+            options: KernelOptions = DEFAULT_OPTIONS):
     """Logits `[batch, seq, vocab]` in the compute dtype, as the HF model's `.logits`."""
     h = hidden_states(cfg, params, input_ids_bs, cos_bsd, sin_bsd, attention_mask_bs, compute_dtype, dropout_key,
-                      dropout_rate, vision=vision)
+                      dropout_rate, vision=vision, options=options)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
-    return _linear(h, lm_head_module(cfg, params), head_key, dropout_rate)
+    return _linear(h, lm_head_module(cfg, params), head_key, dropout_rate, options)
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference with a KV cache (the language model's; images enter once, at prefill). As llama.py's: the cache
+# Inference with a KV cache (the language model's; images enter once, at prefill). As decoder.py's: the cache
 # is `{"k", "v"}` of shape [num_layers, batch, max_len, kv_heads, head_dim]. A generated token's multimodal
 # position is the same on all three axes, so decode steps may take Llama's rope of that position.
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    return llama.init_cache(cfg.text, batch, max_len, dtype)
+    return decoder.init_cache(cfg.text, batch, max_len, dtype)
 
 
 def hidden_states_cached(cfg: Config, params: dict, input_ids_bs, cos_bsd, sin_bsd, cache: dict, cache_index,
-                         attention_mask_b_maxlen=None, compute_dtype=jnp.float32, *, vision: dict | None = None):
-    """llama.hidden_states_cached for the language model, with image features in place of the image tokens
+                         attention_mask_b_maxlen=None, compute_dtype=jnp.float32, *, vision: dict | None = None,
+                         options: KernelOptions = DEFAULT_OPTIONS):
+    """decoder.hidden_states_cached for the language model, with image features in place of the image tokens
     (`vision`: prefill only). Returns `(hidden [batch, seq, hidden], new_cache)`."""
-    t = cfg.text
     lm = params["model"]["language_model"]
-    seq, max_len = input_ids_bs.shape[1], cache["k"].shape[2]
     x = kernels.embedding(input_ids_bs, lm["embed_tokens"], compute_dtype)
     if vision is not None:
         x = scatter_image_embeds(x, input_ids_bs == cfg.image_token_id,
-                                 vision_tower(cfg, params, vision, compute_dtype))
+                                 vision_tower(cfg, params, vision, compute_dtype, options=options))
     cos_bsd, sin_bsd = cos_bsd.astype(compute_dtype), sin_bsd.astype(compute_dtype)
-    cache_index = jnp.asarray(cache_index, jnp.int32)
-    allowed = llama.cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen)
-
-    def step(x_bsd, layer_and_cache):
-        layer, k_cache, v_cache = layer_and_cache
-        attend = llama.cache_writing_attention(k_cache, v_cache, cache_index, allowed, t.head_dim ** -0.5)
-        return llama.decoder_layer_with_attention(t, layer, x_bsd, cos_bsd, sin_bsd, attend)
-
-    x, (k, v) = jax.lax.scan(step, x, (lm["layers"], cache["k"], cache["v"]))
-    return kernels.rms_norm(x, lm["norm"]["weight"], t.rms_norm_eps), {"k": k, "v": v}
+    x, cache = decoder.run_layers_cached(cfg.text, lm["layers"], x, cos_bsd, sin_bsd, cache, cache_index,
+                                         attention_mask_b_maxlen, options)
+    return kernels.rms_norm(x, lm["norm"]["weight"], cfg.text.rms_norm_eps), cache
 
 
 def forward_cached(cfg: Config, params: dict, input_ids_bs, cos_bsd, sin_bsd, cache: dict, cache_index,
                    attention_mask_b_maxlen=None, compute_dtype=jnp.float32, last_only: bool = False, *,
-                   vision: dict | None = None):
-    """`(logits, new_cache)` of the tokens written at slots `cache_index ...` (llama.forward_cached's contract)."""
+                   vision: dict | None = None, options: KernelOptions = DEFAULT_OPTIONS):
+    """`(logits, new_cache)` of the tokens written at slots `cache_index ...` (decoder.forward_cached's contract)."""
     h, cache = hidden_states_cached(cfg, params, input_ids_bs, cos_bsd, sin_bsd, cache, cache_index,
-                                    attention_mask_b_maxlen, compute_dtype, vision=vision)
+                                    attention_mask_b_maxlen, compute_dtype, vision=vision, options=options)
     if last_only:
         h = h[:, -1:]
-    return _linear(h, lm_head_module(cfg, params)), cache
+    return _linear(h, lm_head_module(cfg, params), options=options), cache

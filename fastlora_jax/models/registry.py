@@ -1,14 +1,20 @@
-"""The HF-name table: which family file implements which Hugging Face architecture, and the generic
-helpers every family's name table feeds.
+"""The registry: which family module implements which Hugging Face architecture, and the generic helpers
+every family's name table feeds.
 
-Adding a family means one file (see llama.py for what it provides) and one line here. A family declares:
+Adding a Llama-like family means one file (a `config(hf) -> DecoderConfig` over the shared decoder; see
+mistral.py) and one entry in `FAMILY_MODULES`. A family module declares:
+- `ARCHITECTURES`, `MODEL_TYPES` (for a config.json without `architectures`), `config(hf_config)` and
+  `DEFAULT_TARGET_MODULES` (Unsloth's default `target_modules` for it);
 - `layer_stacks(cfg) -> {stack prefix: (depth, {relative tensor name: (shape, kind)})}`: each stack of
-  identical blocks (`model.layers` for Llama; `model.visual.blocks` and `model.language_model.layers` for
-  Qwen-VL) is stored stacked on a leading axis of size `depth` and runs under `jax.lax.scan`;
+  identical blocks (`model.layers` for the text families; `model.visual.blocks` and
+  `model.language_model.layers` for Qwen-VL) is stored stacked on a leading axis of size `depth` and runs
+  under `jax.lax.scan`;
 - `top_tensors(cfg)`: every other tensor, by full name; `module_list(cfg)`: torch's `named_modules()`;
 - `EMBED_TOKENS` (the input embedding module, which a tied `lm_head` shares) and `OUTPUT_LAYER`;
 - `CHECKPOINT_RENAMES` / `LOAD_RENAMES`: regex tables between module names (the pytree's, PEFT's) and the
-  tensor names transformers writes in checkpoints (they differ for Qwen-VL: `visual.*`, `model.layers.*`).
+  tensor names transformers writes in checkpoints (they differ for Qwen-VL: `visual.*`, `model.layers.*`);
+- the forward pass and the KV cache (`decoder.FAMILY_API` for the text families, which re-export the
+  decoder's; Qwen-VL has its own, and `VISION = True`).
 """
 
 from __future__ import annotations
@@ -16,9 +22,16 @@ from __future__ import annotations
 import re
 from types import ModuleType
 
-from fastlora_jax import llama, qwen2_vl
+from fastlora_jax.models import decoder, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen2_vl, qwen3
 
-FAMILIES: dict[str, ModuleType] = {arch: family for family in (llama, qwen2_vl) for arch in family.ARCHITECTURES}
+TEXT_FAMILIES = (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3)
+FAMILY_MODULES = TEXT_FAMILIES + (qwen2_vl,)
+FAMILIES: dict[str, ModuleType] = {arch: family for family in FAMILY_MODULES for arch in family.ARCHITECTURES}
+
+for _family in TEXT_FAMILIES:  # a text family is the shared decoder plus its config translation
+    _missing = [n for n in decoder.FAMILY_API + ("ARCHITECTURES", "MODEL_TYPES", "DEFAULT_TARGET_MODULES", "config")
+                if not hasattr(_family, n)]
+    assert not _missing, f"{_family.__name__} lacks {_missing}"
 
 
 def family_for(hf_config, where: str = "config.json") -> ModuleType:
@@ -29,7 +42,7 @@ def family_for(hf_config, where: str = "config.json") -> ModuleType:
         if arch in FAMILIES:
             return FAMILIES[arch]
     if not architectures:
-        for family in (llama, qwen2_vl):
+        for family in FAMILY_MODULES:
             if model_type in family.MODEL_TYPES:
                 return family
     raise ValueError(

@@ -1,0 +1,40 @@
+"""`KernelOptions`: the kernel choices of one traced program, passed as a static argument down to the ops.
+
+Frozen and hashable, so it is a `jax.jit` static argument and a `custom_vjp` non-differentiable one: the
+backward rules see the choices of their forward (a context variable would be read again when JAX traces
+the rule, outside the caller's `with` block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NF4_MATMULS = ("xla", "pallas")
+ATTENTIONS = ("auto", "xla", "cudnn")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """- `nf4_matmul`: "xla" (dequantize in one pass, then cuBLAS; measured as fast) or "pallas" (the fused
+      NF4 kernel, kernels/nf4_matmul.py, on a GPU for the bf16 shapes it supports);
+    - `lora_fold`: fold the LoRA branch into an NF4 base matmul as extra contraction columns (lora_op);
+    - `attention`: `kernels.attention`'s impl ("auto": cuDNN on a GPU where it applies, "xla": the reference);
+    - `memory_lean`: the choices of the checkpointing modes "unsloth" and True, whose bar is peak memory
+      (no LoRA folding, the select-tree NF4 lookup); `CausalLM` sets it from `use_gradient_checkpointing`.
+    """
+
+    nf4_matmul: str = "xla"
+    lora_fold: bool = True
+    attention: str = "auto"
+    memory_lean: bool = False
+
+    def __post_init__(self):
+        if self.nf4_matmul not in NF4_MATMULS:
+            raise ValueError(f"nf4_matmul={self.nf4_matmul!r} is not one of {NF4_MATMULS}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
+        if not isinstance(self.lora_fold, bool) or not isinstance(self.memory_lean, bool):
+            raise TypeError(f"lora_fold and memory_lean must be bools; got {self.lora_fold!r}, {self.memory_lean!r}")
+
+
+DEFAULT = KernelOptions()
