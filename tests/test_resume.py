@@ -148,7 +148,11 @@ CLI_TRAIN = ["train", "--max-steps", "30", "--save-steps", "5", "--batch-size", 
 
 
 def start_cli(model_dir, out: Path, log: Path, resume: bool) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "JAX_PLATFORMS": "cpu"}
+    # One compilation cache for all the runs of the test: each later process loads the train step instead
+    # of compiling it (the same executable, so the results stay bit-identical).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": str(log.parent / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     args = [sys.executable, "-m", "fastlora_jax.cli", *CLI_TRAIN, "--model", str(model_dir), "--output-dir", str(out)]
     return subprocess.Popen(args + (["--resume"] if resume else []), stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env=env)
