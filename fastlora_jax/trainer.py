@@ -48,6 +48,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -77,7 +78,8 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+    """A finite real number: NaN fails every comparison, so a range check alone would let it through."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -193,10 +195,10 @@ class TrainingArguments:
         if self.max_seq_length is not None and self.max_length is not None and self.max_seq_length != self.max_length:
             raise ValueError(f"max_seq_length={self.max_seq_length!r} and max_length={self.max_length!r} disagree; "
                              f"they are the same setting (Unsloth's and TRL's name): give one")
-        for name in ("packing", "assistant_only_loss", "disable_tqdm"):
+        for name in ("packing", "assistant_only_loss", "disable_tqdm", "fp16", "bf16", "remove_unused_columns"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
-        if self.completion_only_loss not in (None, True, False):
+        if self.completion_only_loss is not None and not isinstance(self.completion_only_loss, bool):
             bad("completion_only_loss", "must be None, True or False")
         if self.packing_strategy not in ("bfd", "wrapped"):
             bad("packing_strategy", "use 'bfd' or 'wrapped'")
@@ -533,6 +535,9 @@ class SFTTrainer:
         """(checkpoint manager directory, step) to resume from, or None to start fresh."""
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
+        if not isinstance(resume_from_checkpoint, (bool, str, os.PathLike)):
+            raise TypeError(f"resume_from_checkpoint={resume_from_checkpoint!r} is not accepted: use True (the last "
+                            f"checkpoint in output_dir), a checkpoint path, or None/False")
         if resume_from_checkpoint is True:
             root = self.checkpoint_dir
             step = _latest_step(root)

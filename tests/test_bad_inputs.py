@@ -315,3 +315,37 @@ def test_cli_errors_are_one_line_exit_2(model_dir, adapter, tmp_path):
     # a usage error is one line too
     rc, _, err = cli("train", "--lr", "fast")
     assert_one_line_error(rc, err, "--lr", "'fast'")
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(weight_decay=float("nan")), "weight_decay=nan is not accepted"),
+    (dict(adam_epsilon=float("nan")), "adam_epsilon=nan is not accepted"),
+    (dict(max_grad_norm=float("inf")), "max_grad_norm=inf is not accepted"),
+    (dict(warmup_steps=float("nan")), "warmup_steps=nan is not accepted"),
+    (dict(logging_steps=float("nan")), "logging_steps=nan is not accepted"),
+    (dict(max_steps=-1, num_train_epochs=float("nan")), "num_train_epochs=nan is not accepted"),
+    (dict(fp16="yes"), "fp16='yes' is not accepted: must be True or False"),
+    (dict(completion_only_loss=1), "completion_only_loss=1 is not accepted: must be None, True or False"),
+])
+def test_training_arguments_refuse_nan_and_non_bools(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SFTConfig(**kwargs)
+
+
+def test_trainer_inputs_and_data_files(base, tmp_path):
+    model, tokenizer = base
+    trainer = SFTTrainer(model=peft(model), processing_class=tokenizer, train_dataset=[{"text": "a b c"}],
+                         args=SFTConfig(output_dir=str(tmp_path), disable_tqdm=True, max_steps=1))
+    with pytest.raises(TypeError, match=r"resume_from_checkpoint=1 is not accepted: use True"):
+        trainer.train(resume_from_checkpoint=1)
+    broken = tmp_path / "data.json"
+    broken.write_text('[{"text": "a"},')
+    with pytest.raises(ValueError, match=rf"{broken}:1: not valid JSON"):
+        SFTTrainer(model=peft(model), processing_class=tokenizer, train_dataset=str(broken))
+    binary = tmp_path / "data.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=rf"{str(binary)!r} is not UTF-8 text"):
+        SFTTrainer(model=peft(model), processing_class=tokenizer, train_dataset=str(binary))
