@@ -111,15 +111,32 @@ def to_numpy(value) -> np.ndarray:
 
 
 CONFIG_DIGEST = "fastlora_adapter_config_sha256"
-# Fields people edit by hand (to move the base, or for inference): not part of what the weights must match.
-EDITABLE_FIELDS = ("base_model_name_or_path", "revision", "inference_mode")
+# The config fields that say what the tensors are (their shapes, scaling and placement). Others (where the base
+# lives, dropout, inference_mode, init) may be edited by hand without making the pair inconsistent.
+TENSOR_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+                 "use_rslora", "use_dora", "modules_to_save", "bias", "layers_to_transform", "layers_pattern",
+                 "peft_type", "task_type")
 
 
 def config_digest(config_dict: dict) -> str:
-    """What ties an adapter's weights file to its config: a digest of the config (editable fields left out)."""
+    """What ties an adapter's weights file to its config: a digest of the config's tensor fields."""
     import hashlib
-    kept = {k: v for k, v in config_dict.items() if k not in EDITABLE_FIELDS}
+    kept = {k: config_dict.get(k) for k in TENSOR_FIELDS}
+    if isinstance(kept["target_modules"], list):
+        kept["target_modules"] = sorted(kept["target_modules"])
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def deterministic_safetensors(blob: bytes) -> bytes:
+    """The same file with its `__metadata__` keys sorted: safetensors writes them in hash-map order, which
+    changes between calls, so two saves of the same adapter would differ in bytes."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the header is padded to 8 bytes, so the data offsets stay aligned
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
 def save_adapter(directory, layout: LoraLayout, lora_params: dict, config_dict: dict,
@@ -136,7 +153,8 @@ def save_adapter(directory, layout: LoraLayout, lora_params: dict, config_dict: 
     state.update(extra_tensors or {})
     metadata = {"format": "pt", CONFIG_DIGEST: config_digest(config_dict)}
     commit_files(directory, {
-        ADAPTER_WEIGHTS: lambda: save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata=metadata),
+        ADAPTER_WEIGHTS: lambda: deterministic_safetensors(
+            save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata=metadata)),
         ADAPTER_CONFIG: lambda: (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode()})
     return directory
 
@@ -178,7 +196,8 @@ def read_adapter(directory) -> tuple[dict, dict]:
     digest = metadata.get(CONFIG_DIGEST)
     if digest is not None and digest != config_digest(config):
         raise ValueError(f"{str(weights)!r} was written with a different {ADAPTER_CONFIG} than the one beside it "
-                         f"(a save interrupted between the two files, or an edited config); save the adapter again")
+                         f"(its r, lora_alpha, targets or another field that defines the tensors differ: a save "
+                         f"interrupted between the two files, or an edited config); save the adapter again")
     for name, value in tensors.items():
         check_finite(name, value, str(weights))
     return config, tensors
