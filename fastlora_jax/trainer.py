@@ -39,6 +39,12 @@ the data position, the seed and the log history; the batch of step `s` is a func
 `(data_seed, s)` (data.py: the epoch's permutation comes from `(data_seed, epoch)`), and its LoRA-dropout
 key is `fold_in(key(seed), s)`. A run killed at any point and resumed from its last checkpoint therefore
 ends with exactly the LoRA params of an uninterrupted run.
+
+A checkpoint is saved synchronously: it is complete when the step that saved it returns, so a kill at any
+moment after step N's save leaves N resumable. It also records the LoRA config, the base model's identity and
+the optimizer's settings; a resume whose LoRA config or base model differs is refused (naming both values:
+restored into another config the tensors would be cut to fit), and changed optimizer or data settings warn.
+A non-finite loss or gradient norm stops training before that step's params are saved.
 """
 
 from __future__ import annotations
