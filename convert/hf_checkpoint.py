@@ -132,17 +132,8 @@ def tensor_shapes(files: CheckpointFiles) -> dict[str, tuple[int, ...]]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from fastlora_jax.atomic import atomic_write_bytes as write
+    write(path, data)
 
 
 def atomic_save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict | None = None) -> None:

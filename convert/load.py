@@ -26,6 +26,7 @@ from fastlora_jax.convert.hf_checkpoint import (CheckpointError, find_checkpoint
                                                 tensor_shapes)
 from fastlora_jax.models.registry import stored_names
 from fastlora_jax.quant import NF4Weight
+from fastlora_jax.validate import check_bnb_quant_type, check_finite
 
 BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
@@ -95,6 +96,8 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
     header_shapes = {name: stored_shapes[stored] for name, stored in in_file.items()}
     file_of = {name: files.tensor_to_file[stored] for name, stored in in_file.items()}
     prequantized = is_bnb_4bit(config_dict)
+    if prequantized:
+        check_bnb_quant_type(config_dict, stored_shapes, str(files.directory / "config.json"))
     stacks = family.layer_stacks(cfg)
 
     # Everything the model needs, with its expected shape, before any data is read.
@@ -142,6 +145,7 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
     module_name = {in_file[name]: name for name in to_read}
     for stored_name, array in iter_tensors(files, [in_file[name] for name in to_read]):
         name = module_name[stored_name]
+        check_finite(stored_name, array, str(files.tensor_to_file[stored_name]))
         base = name
         suffix = ""
         for s in BNB_SUFFIXES:

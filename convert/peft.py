@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.convert.hf_checkpoint import atomic_save_safetensors, atomic_write_bytes, numpy_dtype, save_tensors
+from fastlora_jax.convert.hf_checkpoint import atomic_write_bytes, numpy_dtype, save_tensors
 from fastlora_jax.lora import LoraLayout, get_node, set_node, split_module
 
 PREFIX = "base_model.model."
@@ -110,32 +110,97 @@ def to_numpy(value) -> np.ndarray:
     return np.asarray(jax.device_get(value))
 
 
+CONFIG_DIGEST = "fastlora_adapter_config_sha256"
+# The config fields that say what the tensors are (their shapes, scaling and placement). Others (where the base
+# lives, dropout, inference_mode, init) may be edited by hand without making the pair inconsistent.
+TENSOR_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+                 "use_rslora", "use_dora", "modules_to_save", "bias", "layers_to_transform", "layers_pattern",
+                 "peft_type", "task_type")
+
+
+def config_digest(config_dict: dict) -> str:
+    """What ties an adapter's weights file to its config: a digest of the config's tensor fields."""
+    import hashlib
+    kept = {k: config_dict.get(k) for k in TENSOR_FIELDS}
+    if isinstance(kept["target_modules"], list):
+        kept["target_modules"] = sorted(kept["target_modules"])
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def deterministic_safetensors(blob: bytes) -> bytes:
+    """The same file with its `__metadata__` keys sorted: safetensors writes them in hash-map order, which
+    changes between calls, so two saves of the same adapter would differ in bytes."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the header is padded to 8 bytes, so the data offsets stay aligned
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
+
+
 def save_adapter(directory, layout: LoraLayout, lora_params: dict, config_dict: dict,
                  extra_tensors: dict | None = None) -> Path:
+    """PEFT's two files, committed together (`atomic.commit_files`): a failure while either is written leaves
+    the previous adapter whole. The weights' metadata carries a digest of the config, so a pair that a crash
+    between the two renames left mismatched is refused on read instead of loading wrong."""
+    from safetensors.numpy import save
+
+    from fastlora_jax.atomic import commit_files
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: to_numpy(v) for k, v in peft_state_dict(layout, lora_params).items()}
     state.update(extra_tensors or {})
-    atomic_save_safetensors(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    atomic_write_bytes(directory / ADAPTER_CONFIG, (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode())
+    metadata = {"format": "pt", CONFIG_DIGEST: config_digest(config_dict)}
+    commit_files(directory, {
+        ADAPTER_WEIGHTS: lambda: deterministic_safetensors(
+            save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata=metadata)),
+        ADAPTER_CONFIG: lambda: (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode()})
     return directory
 
 
-def read_adapter(directory) -> tuple[dict, dict]:
-    """(adapter_config dict, tensors) from a PEFT adapter directory."""
-    from safetensors.numpy import load_file
-
-    directory = Path(directory)
-    config_path = directory / ADAPTER_CONFIG
+def read_adapter_config(directory) -> dict:
+    """adapter_config.json as a dict; every failure names the file."""
+    config_path = Path(directory) / ADAPTER_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(config_path)!r} not found: not a PEFT adapter directory")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON ({err}); the adapter is corrupt or "
+                         f"half-written") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_path)!r} holds a JSON {type(config).__name__}, not an object")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_path}: peft_type={config.get('peft_type')!r}; only 'LORA' adapters are supported")
+    return config
+
+
+def read_adapter(directory) -> tuple[dict, dict]:
+    """(adapter_config dict, tensors) from a PEFT adapter directory; a corrupt, truncated, non-finite or
+    mismatched file is refused with its name."""
+    from safetensors import SafetensorError, safe_open
+
+    from fastlora_jax.validate import check_finite
+    directory = Path(directory)
+    config = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{str(weights)!r} not found (adapter_model.bin is not read: save with safetensors)")
-    return config, load_file(weights)
+    try:
+        with safe_open(weights, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read adapter weights {str(weights)!r} (truncated or corrupt?): {err}") from None
+    digest = metadata.get(CONFIG_DIGEST)
+    if digest is not None and digest != config_digest(config):
+        raise ValueError(f"{str(weights)!r} was written with a different {ADAPTER_CONFIG} than the one beside it "
+                         f"(its r, lora_alpha, targets or another field that defines the tensors differ: a save "
+                         f"interrupted between the two files, or an edited config); save the adapter again")
+    for name, value in tensors.items():
+        check_finite(name, value, str(weights))
+    return config, tensors
 
 
 # ------------------------------------------------------------------------------------------ merge
@@ -202,12 +267,17 @@ def unties_head(model) -> bool:
 
 def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 1024 ** 3) -> Path:
     """A plain HF checkpoint (config.json without quantization_config, safetensors shards, tokenizer), with
-    tensor names as transformers' save_pretrained writes them (`families.checkpoint_name`)."""
+    tensor names as transformers' save_pretrained writes them (`families.checkpoint_name`).
+
+    Written into a temporary sibling directory that is renamed into place when complete (a failure leaves the
+    previous export, or nothing); an existing non-empty directory is replaced only if it holds a previous
+    export or adapter."""
     from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors
     from fastlora_jax.models.registry import checkpoint_name, stored_names
 
+    from fastlora_jax.atomic import staged_directory
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     files = None
     if model.weights_source == "16bit" and getattr(model, "model_dir", None) is not None:
         files = find_checkpoint_files(model.model_dir)
@@ -224,13 +294,20 @@ def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 102
         return next(iter_tensors(files, [in_file[name]]))[1]
 
     renamed = ((checkpoint_name(model.family, name), value) for name, value in merged_tensors(model, base_source))
-    save_tensors(renamed, directory, max_shard_bytes)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     if unties_head(model):
         config["tie_word_embeddings"] = False
     config["dtype"] = model.dtype.name
-    atomic_write_bytes(directory / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    with staged_directory(directory, replace_if=_is_export, what="merged export directory") as tmp:
+        save_tensors(renamed, tmp, max_shard_bytes)
+        atomic_write_bytes(tmp / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return directory
+
+
+def _is_export(directory: Path) -> bool:
+    """A directory that holds a Hugging Face checkpoint or an adapter (what an export may replace)."""
+    names = ("config.json", "model.safetensors", "model.safetensors.index.json", ADAPTER_CONFIG)
+    return any((Path(directory) / n).is_file() for n in names)

@@ -18,6 +18,7 @@ from fastlora_jax.models.registry import family_for, stored_names
 from fastlora_jax.lora import build_lora
 from fastlora_jax.lora_config import LoraSpec, layer_index_of, vision_target_modules
 from fastlora_jax.model import CausalLM, VisionCausalLM
+from fastlora_jax.validate import check_bool, check_load_flags, check_optional_max_seq_length
 
 DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
                "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -92,7 +93,7 @@ IGNORED_UNSLOTH_KWARGS = {"temporary_location", "use_cache", "qat_scheme", "ensu
 
 def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_alpha=16, lora_dropout=0.0,
                    bias="none", layers_to_transform=None, layers_pattern=None,
-                   use_gradient_checkpointing="unsloth", random_state=3407, max_seq_length=2048,
+                   use_gradient_checkpointing="unsloth", random_state=3407, max_seq_length=None,
                    use_rslora=False, modules_to_save=None, init_lora_weights=True, loftq_config={}, **kwargs):
     """Add LoRA adapters as a separate trainable pytree (`model.lora_params`); the base stays frozen.
 
@@ -101,6 +102,7 @@ def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_a
     "all-linear" is every linear but lm_head). The default `target_modules` is the family's
     (`DEFAULT_TARGET_MODULES`: the seven projections; Phi-3's fused qkv_proj, o_proj, gate_up_proj,
     down_proj). Returns a new model object sharing the base pytree.
+    `max_seq_length=None` keeps the model's (from_pretrained's); a value replaces it.
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"model must be what FastLanguageModel.from_pretrained returned; got {type(model).__name__}")
@@ -116,8 +118,7 @@ def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_a
                          f"use 'unsloth', True or False")
     if isinstance(random_state, bool) or not isinstance(random_state, int):
         raise TypeError(f"random_state must be an int; got {random_state!r}")
-    if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
-        raise ValueError(f"max_seq_length must be a positive int; got {max_seq_length!r}")
+    max_seq_length = check_optional_max_seq_length(max_seq_length)
     spec = LoraSpec.create(
         r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, use_rslora=use_rslora,
@@ -149,7 +150,8 @@ def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_a
     peft_model.lora_params, peft_model.lora_meta, peft_model.lora_layout = lora_params, lora_meta, layout
     peft_model.use_gradient_checkpointing = use_gradient_checkpointing
     peft_model._loss = None
-    peft_model.max_seq_length = max_seq_length
+    if max_seq_length is not None:
+        peft_model.max_seq_length = max_seq_length
     return peft_model
 
 
@@ -194,6 +196,7 @@ class FastLanguageModel:
     def from_config(hf_config, dtype=None, load_in_4bit: bool = True, max_seq_length: int = 2048) -> CausalLM:
         """A model whose base pytree is abstract (`jax.ShapeDtypeStruct` leaves, no weights): enough for
         `get_peft_model` and parameter counts of a large model on any machine."""
+        check_bool("load_in_4bit", load_in_4bit)
         family = family_for(hf_config, where="hf_config")
         cfg = family.config(hf_config)
         compute_dtype = resolve_dtype(dtype)
@@ -215,6 +218,7 @@ class FastLanguageModel:
                                  "load_in_8bit", "full_finetuning", "local_files_only", "fast_inference"}
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments {sorted(unknown)}")
+        check_load_flags(load_in_4bit, double_quant, kwargs)
         if kwargs.get("load_in_8bit"):
             raise NotImplementedError("load_in_8bit=True is not supported; use load_in_4bit=True (NF4) or False")
         if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length <= 0:
@@ -267,7 +271,7 @@ def get_vision_peft_model(model: CausalLM, r=16, target_modules=None, lora_alpha
                           finetune_vision_layers=True, finetune_language_layers=True,
                           finetune_attention_modules=True, finetune_mlp_modules=True, layers_to_transform=None,
                           layers_pattern=None, use_gradient_checkpointing="unsloth", random_state=3407,
-                          max_seq_length=2048, use_rslora=False, modules_to_save=None, init_lora_weights=True,
+                          max_seq_length=None, use_rslora=False, modules_to_save=None, init_lora_weights=True,
                           loftq_config={}, **kwargs):
     """FastVisionModel.get_peft_model: `get_peft_model` with `target_modules` chosen by the finetune_* flags
     (`vision_targets`). Everything else (files, counts, merge, errors) is the text path's.
@@ -330,6 +334,7 @@ class FastVisionModel:
         processor, None when it has neither). `model(input_ids, attention_mask=None, pixel_values=None,
         image_grid_thw=None)` returns an object with `.logits`.
         """
+        check_load_flags(load_in_4bit, double_quant, kwargs)
         directory = resolve_model_dir(model_name, token=token, revision=revision, cache_dir=cache_dir)
         if (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file():
             return _load_with_adapter(directory, processor=True, max_seq_length=max_seq_length, dtype=dtype,

@@ -81,6 +81,12 @@ def _gradient_checkpointing(value: str):
     return mapping[value.lower()]
 
 
+class _SayWhereTrainingStarts:
+    def on_train_begin(self, trainer):
+        if trainer.resumed_from is not None:
+            print(f"resumed from {trainer.resumed_from[0]} (step {trainer.resumed_from[1]})", flush=True)
+
+
 def train(args) -> int:
     from fastlora_jax import FastLanguageModel
     from fastlora_jax.data import bundled_dataset_path
@@ -124,6 +130,7 @@ def train(args) -> int:
           f"{trainer.max_steps} steps of {config.train_batch_size} rows")
     resume = args.resume
     resume = True if resume == "last" else resume
+    trainer.callbacks.append(_SayWhereTrainingStarts())
     result = trainer.train(resume_from_checkpoint=resume)
     summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.metrics.items()}
     print(f"done: step {result.global_step}, training loss {result.training_loss:.4f}; {summary}")
@@ -149,8 +156,8 @@ def export(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastlora-jax", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fastlora-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("demo", help="the main job on the embedded tiny model")
     p.add_argument("--model-dir", default="runs/tiny-llama", help="where the tiny model is built (default: %(default)s)")
     p.add_argument("--output-dir", default="runs/demo-adapter", help="where the adapter goes (default: %(default)s)")
@@ -210,13 +217,31 @@ def main(argv=None) -> int:
                                                  "float32 elsewhere)")
     p.set_defaults(func=export)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return args.func(args)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad arguments or data: the message says which
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 -- every failure is one line and exit 2; the message names the cause
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message (and notes), prefixed by its type unless that is a plain
+    ValueError or FileNotFoundError, whose messages already say what was wrong with which argument or file."""
+    text = " ".join([str(err) or repr(err)] + list(getattr(err, "__notes__", [])))
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if type(err) in (ValueError, FileNotFoundError):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2, as argparse does)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 if __name__ == "__main__":

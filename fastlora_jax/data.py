@@ -108,9 +108,15 @@ def load_records(data, name: str = "dataset") -> list[dict]:
 def _read_json_records(path: Path, name: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{name}: {str(path)!r} is not a file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{name}: {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        records = json.loads(text)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     else:
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):

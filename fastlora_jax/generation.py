@@ -23,6 +23,7 @@ import numpy as np
 
 from fastlora_jax.lora import combine
 from fastlora_jax.model import as_batch
+from fastlora_jax.validate import check_generate_args, check_positions, check_prompt_not_empty
 
 CACHE_MULTIPLE = 64
 
@@ -184,18 +185,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
       them): the images enter at prefill; the prompt's positions are `model.prepare_inputs`' multimodal ones and
       new tokens continue from the prompt's largest position (transformers' `rope_deltas`).
     """
+    check_prompt_not_empty(input_ids)
     ids = as_batch(input_ids, "input_ids")
     batch, prompt_len = ids.shape
     if prompt_len == 0:
         raise ValueError("input_ids is empty: generate needs at least one prompt token per row")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int; got {max_new_tokens!r}")
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0; got {temperature!r}")
-    if top_p is None or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
-    if top_k is None or isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k must be a non-negative int; got {top_k!r}")
+    check_generate_args(max_new_tokens, do_sample, temperature, top_p, top_k, seed, return_dict)
+    check_positions(prompt_len, max_new_tokens, _config_token(model.config, "max_position_embeddings"))
 
     vocab = model.cfg.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:

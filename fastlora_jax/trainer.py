@@ -39,6 +39,12 @@ the data position, the seed and the log history; the batch of step `s` is a func
 `(data_seed, s)` (data.py: the epoch's permutation comes from `(data_seed, epoch)`), and its LoRA-dropout
 key is `fold_in(key(seed), s)`. A run killed at any point and resumed from its last checkpoint therefore
 ends with exactly the LoRA params of an uninterrupted run.
+
+A checkpoint is saved synchronously: it is complete when the step that saved it returns, so a kill at any
+moment after step N's save leaves N resumable. It also records the LoRA config, the base model's identity and
+the optimizer's settings; a resume whose LoRA config or base model differs is refused (naming both values:
+restored into another config the tensors would be cut to fit), and changed optimizer or data settings warn.
+A non-finite loss or gradient norm stops training before that step's params are saved.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -67,7 +74,8 @@ SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "c
 OPTIMIZERS = {"adamw", "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_jax", "adamw_8bit",
               "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit"}
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the LoRA config, the model's identity and the optimizer's settings are recorded
+READABLE_VERSIONS = (1, 2)
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -76,7 +84,8 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+    """A finite real number: NaN fails every comparison, so a range check alone would let it through."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -192,10 +201,10 @@ class TrainingArguments:
         if self.max_seq_length is not None and self.max_length is not None and self.max_seq_length != self.max_length:
             raise ValueError(f"max_seq_length={self.max_seq_length!r} and max_length={self.max_length!r} disagree; "
                              f"they are the same setting (Unsloth's and TRL's name): give one")
-        for name in ("packing", "assistant_only_loss", "disable_tqdm"):
+        for name in ("packing", "assistant_only_loss", "disable_tqdm", "fp16", "bf16", "remove_unused_columns"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
-        if self.completion_only_loss not in (None, True, False):
+        if self.completion_only_loss is not None and not isinstance(self.completion_only_loss, bool):
             bad("completion_only_loss", "must be None, True or False")
         if self.packing_strategy not in ("bfd", "wrapped"):
             bad("packing_strategy", "use 'bfd' or 'wrapped'")
@@ -518,9 +527,13 @@ class SFTTrainer:
     def _manager(self, directory: Path, save_steps: int | None):
         import orbax.checkpoint as ocp
         every = save_steps or 1
+        # Synchronous saves: a checkpoint is complete (renamed from its temporary directory) when the step that
+        # saved it returns. An async save is finalized only when the next one starts, so a kill in between
+        # lost every step since the previous save. A LoRA checkpoint is small; the wait is short.
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=self.args.save_total_limit, create=True,
             cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
+            enable_async_checkpointing=False,
             should_save_fn=lambda step, last_saved: step % every == 0)
         return ocp.CheckpointManager(directory, options=options)
 
@@ -528,6 +541,9 @@ class SFTTrainer:
         """(checkpoint manager directory, step) to resume from, or None to start fresh."""
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
+        if not isinstance(resume_from_checkpoint, (bool, str, os.PathLike)):
+            raise TypeError(f"resume_from_checkpoint={resume_from_checkpoint!r} is not accepted: use True (the last "
+                            f"checkpoint in output_dir), a checkpoint path, or None/False")
         if resume_from_checkpoint is True:
             root = self.checkpoint_dir
             step = _latest_step(root)
@@ -547,27 +563,77 @@ class SFTTrainer:
                          f"(expected output_dir, output_dir/{CHECKPOINT_DIR} or output_dir/{CHECKPOINT_DIR}/<step>)")
 
     def _restore(self, root: Path, step: int, template: dict) -> tuple[dict, dict]:
+        """The checkpoint's state and metadata. The metadata is read and checked first: a checkpoint of another
+        LoRA config or base model is refused by name before its tensors are read."""
         import orbax.checkpoint as ocp
+        where = root / str(step)
         manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-        except Exception as err:
-            raise ValueError(f"checkpoint {root / str(step)} does not fit this model and LoRA config "
-                             f"({type(err).__name__}: {str(err)[:300]})") from err
+            try:
+                meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+            except Exception as err:
+                raise ValueError(f"cannot read the metadata of checkpoint {where} "
+                                 f"({type(err).__name__}: {str(err)[:300]})") from err
+            if meta.get("version") not in READABLE_VERSIONS:
+                raise ValueError(f"checkpoint {where} has version {meta.get('version')!r}; "
+                                 f"this trainer reads versions {list(READABLE_VERSIONS)}")
+            self._check_resume_identity(meta, where)
+            try:
+                state = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(template)))["state"]
+            except Exception as err:
+                raise ValueError(f"checkpoint {where} does not fit this model and LoRA config "
+                                 f"({type(err).__name__}: {str(err)[:300]})") from err
         finally:
             manager.close()
-        meta = dict(restored["meta"])
-        if meta.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint {root / str(step)} has version {meta.get('version')!r}; "
-                             f"this trainer reads version {CHECKPOINT_VERSION}")
-        return restored["state"], meta
+        _check_same_shapes(state, template, where)
+        return state, meta
 
     def _key_data(self, step: int) -> list[int] | None:
         key = self.step_dropout_key(step)
         return None if key is None else np.asarray(jax.random.key_data(key)).ravel().tolist()
 
+    def lora_config_record(self) -> dict:
+        """The adapter's config as a checkpoint records it: PEFT's adapter_config without the fields that do
+        not change what is trained (where the base lives, the PEFT version, inference mode)."""
+        config = self.model.adapter_config()
+        return {k: v for k, v in sorted(config.items()) if k not in LORA_RECORD_SKIP}
+
+    def model_identity(self) -> dict:
+        """What the adapter is trained on: the base's architecture config (a digest), its path, dtype and format."""
+        config = self.model.config.to_dict()
+        arch = {k: v for k, v in config.items() if k not in MODEL_CONFIG_SKIP}
+        digest = hashlib.sha256(json.dumps(_jsonable(arch), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"name_or_path": str(self.model.name_or_path), "architectures": config.get("architectures"),
+                "config_sha256": digest, "dtype": self.model.dtype.name, "is_4bit": bool(self.model.is_4bit)}
+
+    def optimizer_record(self) -> dict:
+        return {"optim": self.args.optim, **self._optimizer_kwargs(self.max_steps)}
+
+    def _check_resume_identity(self, meta: dict, where: Path) -> None:
+        """Refuse a checkpoint of another adapter or another base model: restored into a different LoRA
+        config its tensors would be cut or padded to fit, and the adapter written at the end would not load."""
+        recorded = meta.get("lora_config")
+        if recorded is not None:
+            now = _jsonable(self.lora_config_record())
+            diff = _diff(recorded, now)
+            if diff:
+                raise ValueError(f"checkpoint {where} was trained with a different LoRA config: "
+                                 f"{_describe(diff)} (checkpoint vs this model); resume with the checkpoint's "
+                                 f"get_peft_model arguments, or train into a new output_dir")
+        model = meta.get("model")
+        if model is not None:
+            now = self.model_identity()
+            diff = _diff({k: model.get(k) for k in ("architectures", "config_sha256")},
+                         {k: now[k] for k in ("architectures", "config_sha256")})
+            if diff:
+                raise ValueError(f"checkpoint {where} was trained on another base model ({model.get('name_or_path')!r}, "
+                                 f"{_describe(diff)}) than this one ({now['name_or_path']!r}); load that model "
+                                 f"to resume, or train into a new output_dir")
+
     def _check_resume_meta(self, meta: dict, where: Path) -> None:
+        """Warn about settings that differ from the checkpoint's: training continues, but not as the
+        uninterrupted run would have."""
         expected = {"data_fingerprint": self.train_data.fingerprint, "rows_per_step": self.rows_per_step,
                     "micro_batch": self.args.per_device_train_batch_size, "data_seed": self.data_seed,
                     "seed": self.args.seed, "max_steps": self.max_steps}
@@ -575,9 +641,19 @@ class SFTTrainer:
         if meta.get("next_dropout_key") != self._key_data(step + 1):
             expected["next_dropout_key"] = self._key_data(step + 1)
         diff = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+        if meta.get("optimizer") is not None:
+            diff.update({f"optimizer.{k}": v for k, v in _diff(meta["optimizer"],
+                                                                _jsonable(self.optimizer_record())).items()})
+        if meta.get("model") is not None:
+            now = self.model_identity()
+            diff.update({f"model.{k}": (meta["model"].get(k), now[k]) for k in ("name_or_path", "dtype", "is_4bit")
+                         if meta["model"].get(k) != now[k]})
+        if meta.get("lora_config") is None:
+            warnings.warn(f"checkpoint {where} (version {meta.get('version')}) does not record its LoRA config; "
+                          f"only the tensor shapes were checked", stacklevel=3)
         if diff:
-            warnings.warn(f"resuming from {where} with different settings (checkpoint, now): {diff}; training "
-                          f"continues, but will not match an uninterrupted run exactly", stacklevel=3)
+            warnings.warn(f"resuming from {where} with different settings: {_describe(diff)} (checkpoint vs now); "
+                          f"training continues, but will not match an uninterrupted run exactly", stacklevel=3)
 
     # ---------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
@@ -599,6 +675,7 @@ class SFTTrainer:
         params = jax.tree.map(jnp.array, self.model.lora_params)
         opt_state = optimizer.init(params)
         start, loss_sum, history = 0, 0.0, []
+        self.resumed_from = None
         resume = self._resolve_resume(resume_from_checkpoint)
         if resume is not None:
             root, step = resume
@@ -607,6 +684,7 @@ class SFTTrainer:
             params = jax.tree.map(jnp.asarray, state["lora_params"])
             opt_state = jax.tree.map(jnp.asarray, state["opt_state"])
             start, loss_sum, history = int(meta["global_step"]), float(meta["loss_sum"]), list(meta["log_history"])
+            self.resumed_from = (root / str(step), start)
             if start > total:
                 raise ValueError(f"resume_from_checkpoint: the checkpoint {root / str(step)} is at step {start}, "
                                  f"past max_steps={total} of this run")
@@ -635,10 +713,13 @@ class SFTTrainer:
                 batch = data.step_batch(step - 1, micro, accum, self.data_seed)
                 n_tokens = _count_tokens(batch)
                 params, opt_state, metrics = step_fn(params, opt_state, batch, self.step_dropout_key(step))
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"the loss is {loss} at step {step}; lower learning_rate "
-                                             f"(now {args.learning_rate}) or check the data")
+                loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # before any save of these params
+                    last = manager.latest_step() if manager is not None else None
+                    kept = f"; the checkpoints up to step {last} in {self.checkpoint_dir} are kept" if last else ""
+                    raise FloatingPointError(f"training stopped at step {step}: the loss is {loss} and the gradient "
+                                             f"norm {grad_norm}; lower learning_rate (now {args.learning_rate}) or "
+                                             f"check the data{kept}")
                 loss_sum += loss
                 run_tokens += n_tokens
                 window["loss"] += loss
@@ -711,7 +792,9 @@ class SFTTrainer:
                 "data_fingerprint": self.train_data.fingerprint, "data_seed": self.data_seed,
                 "seed": self.args.seed, "rng": "dropout key of step s = fold_in(key(seed), s)",
                 "next_dropout_key": self._key_data(step + 1),
-                "loss_sum": loss_sum, "log_history": self.state.log_history}
+                "loss_sum": loss_sum, "log_history": self.state.log_history,
+                "lora_config": self.lora_config_record(), "model": self.model_identity(),
+                "optimizer": self.optimizer_record()}
         state = _host_copy({"lora_params": params, "opt_state": opt_state})
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(_jsonable(meta))), force=force)
@@ -888,6 +971,32 @@ def _latest_step(root: Path) -> int | None:
         return manager.latest_step()
     finally:
         manager.close()
+
+
+LORA_RECORD_SKIP = {"base_model_name_or_path", "revision", "inference_mode", "peft_version"}
+MODEL_CONFIG_SKIP = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
+                     "use_cache", "output_hidden_states", "output_attentions", "return_dict"}
+
+
+def _diff(recorded: dict, now: dict) -> dict:
+    """{key: (recorded, now)} for every key whose values differ."""
+    return {k: (recorded.get(k), now.get(k)) for k in sorted(set(recorded) | set(now))
+            if recorded.get(k) != now.get(k)}
+
+
+def _describe(diff: dict) -> str:
+    return ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
+
+
+def _check_same_shapes(restored, template, where: Path) -> None:
+    """orbax restores the shapes on disk whatever the template says: a checkpoint of another rank would be
+    taken as it is. Refuse any tensor whose shape differs from this model's."""
+    got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(restored)}
+    want = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(template)}
+    bad = [f"{k}: {got.get(k)} vs {want.get(k)}" for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+    if bad:
+        raise ValueError(f"checkpoint {where} does not fit this model's LoRA config ({len(bad)} tensors differ, "
+                         f"checkpoint vs this model: {'; '.join(bad[:4])})")
 
 
 def _jsonable(x):
