@@ -226,6 +226,267 @@ def _reference_op_bwd(scale, logit_softcap, sliding_window, block_k, res, do_bsh
 _reference_op.defvjp(_reference_op_fwd, _reference_op_bwd)
 
 
+# ----------------------------------------------------------------------------------------------
+# the Mosaic GPU forward kernel
+# ----------------------------------------------------------------------------------------------
+
+BLOCK_Q = 64               # query rows per compute warpgroup (wgmma's M is 64 per warpgroup)
+NUM_COMPUTE_WGS = 2        # the CTA covers 2 * BLOCK_Q query rows
+CTA_Q = BLOCK_Q * NUM_COMPUTE_WGS
+HEAD_DIMS = (64, 128, 256)
+# key block and pipeline depth per head_dim: K/V ring = 2 * STAGES * BLOCK_K * D * 2 bytes of SMEM
+_BLOCKS = {64: (128, 3), 128: (128, 2), 256: (64, 2)}
+MASK2 = MASK_VALUE * LOG2E  # the mask value in base-2 logit units (finite)
+
+
+def supported(q_bshd, k_bskd=None, v_bskd=None, attention_mask_bs=None, *, logit_softcap=None,
+              sliding_window=None) -> bool:
+    """Whether the Mosaic GPU kernel takes these inputs (else `flash_attention` runs the reference):
+    bf16 q/k/v, head_dim in HEAD_DIMS, seq a multiple of CTA_Q (128), kv heads dividing q heads."""
+    del logit_softcap, sliding_window, attention_mask_bs
+    if q_bshd.ndim != 4 or q_bshd.dtype != jnp.bfloat16:
+        return False
+    b, s, h, d = q_bshd.shape
+    if d not in HEAD_DIMS or s % CTA_Q or s == 0:
+        return False
+    for x in (k_bskd, v_bskd):
+        if x is not None and (x.dtype != jnp.bfloat16 or x.ndim != 4 or x.shape[0] != b or x.shape[1] != s
+                              or x.shape[3] != d or h % x.shape[2]):
+            return False
+    return True
+
+
+def _kv_range(q0, rows, seq, block_k, window):
+    """Key blocks [lo, hi) that a tile of query rows [q0, q0 + rows) can see (causal, window)."""
+    hi = lax.min(lax.div(q0 + jnp.int32(rows + block_k - 1), jnp.int32(block_k)), jnp.int32(seq // block_k))
+    if window is None:
+        return jnp.int32(0), hi
+    first_key = lax.max(q0 - jnp.int32(window - 1), jnp.int32(0))
+    return lax.div(first_key, jnp.int32(block_k)), hi
+
+
+def _fwd_kernel_call(q_bshd, k_bskd, v_bskd, bias_bs, *, scale, logit_softcap, sliding_window, interpret,
+                     block_k=None, stages=None):
+    """(out [B, S, H, D] bf16, lse2 [B, H, S] fp32 base-2 logsumexp; +inf for rows with no visible key)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    b, s, h, d = q_bshd.shape
+    hk = k_bskd.shape[2]
+    groups = h // hk
+    bk_default, stages_default = _BLOCKS[d]
+    bk = block_k or bk_default
+    stages = stages or stages_default
+    assert s % CTA_Q == 0 and s % bk == 0, (s, bk)
+    window = sliding_window
+    dtype = q_bshd.dtype
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    wgmma_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)   # one value per query row
+    col_layout = plgpu.Layout.WGMMA.reduce(0)   # one value per key
+
+    def kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, q_smem, k_smem, v_smem, bias_smem, lse_smem,
+               p_smem, q_ready, k_ready, v_ready, k_consumed, v_consumed):
+        hi_ = lax.axis_index("heads")
+        bi = lax.axis_index("batch")
+        q_cta = lax.axis_index("q_tiles") * CTA_Q
+        kv_head = lax.div(hi_, jnp.array(groups, hi_.dtype))
+        lo, hi = _kv_range(q_cta, CTA_Q, s, bk, window)
+        n_steps = hi - lo
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < NUM_COMPUTE_WGS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            r0 = q_cta + wg * BLOCK_Q                  # this warpgroup's first query row
+            my_q = q_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(r0, BLOCK_Q), hi_], my_q, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+
+            def kv_step(i, carry):
+                """Key block lo + i (i counts from 0, see _loop_from)."""
+                acc, m_i, l_i = carry
+                step = lo + i
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].T)
+                    return acc_ref[...]
+
+                sc = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, bk), jnp.float32))
+                key_bias = plgpu.load(bias_smem.at[slot], layout=col_layout)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                # base-2 logits: p = exp2(s2 - m) with s2 = capped logit * log2(e)
+                if logit_softcap is None:
+                    sc = sc * (scale * LOG2E)
+                else:
+                    sc = jnp.tanh(sc * (scale / logit_softcap)) * (logit_softcap * LOG2E)
+                sc = sc + lax.broadcast_in_dim(key_bias, sc.shape, [1])
+                # causal and window masks on every block (splitting the loop into masked and unmasked
+                # ranges hung Pallas' GPU interpreter, so it is not done: compiled code = tested code)
+                q_pos = r0 + plgpu.broadcasted_iota(jnp.int32, sc.shape, 0, layout=wgmma_layout)
+                k_pos = step * bk + plgpu.broadcasted_iota(jnp.int32, sc.shape, 1, layout=wgmma_layout)
+                ok = k_pos <= q_pos
+                if window is not None:
+                    ok = ok & (q_pos - k_pos < window)
+                sc = jnp.where(ok, sc, MASK2)
+                m_new = jnp.maximum(m_i, sc.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+                plgpu.barrier_wait(v_ready.at[slot])
+                if interpret:
+                    # the interpreter's wgmma reads A from SMEM only: P goes through SMEM there
+                    my_p = p_smem.at[wg]
+                    my_p[...] = p16
+                    plgpu.commit_smem()
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, my_p, v_smem.at[slot])
+                        return acc_ref[...]
+
+                    acc = acc + pl.run_scoped(pv, plgpu.ACC((BLOCK_Q, d), jnp.float32))
+                else:
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])   # P from registers
+
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, m_new, l_i
+
+            # Both warpgroups consume every block of the CTA's range [lo, hi), so the ring stays in step.
+            carry = (
+                plgpu.layout_cast(jnp.zeros((BLOCK_Q, d), jnp.float32), wgmma_layout),
+                plgpu.layout_cast(jnp.full((BLOCK_Q,), MASK2, jnp.float32), row_layout),
+                plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), row_layout),
+            )
+            acc, m_i, l_i = _loop_from(0, n_steps, kv_step, carry)
+
+            visible = m_i > 0.5 * MASK2                  # the row saw at least one allowed key
+            inv_l = jnp.where(visible, 1.0 / l_i, 0.0)
+            my_q[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
+            lse_smem.at[wg][...] = jnp.where(visible, m_i + jnp.log(l_i) * (1 / math.log(2)), jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(my_q, out_ref.at[bi, pl.ds(r0, BLOCK_Q), hi_])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi_, pl.ds(r0, BLOCK_Q)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == NUM_COMPUTE_WGS)
+        def _load():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(step, slot):
+                keys = pl.ds(step * bk, bk)
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, kv_head], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(bias_ref.at[bi, keys], bias_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+            for i in range(stages):
+                @pl.when(i < n_steps)
+                def _prologue():
+                    load(lo + i, i)
+
+            @pl.loop(stages, n_steps)
+            def _steady(i):
+                step = lo + i
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+                load(step, slot)
+
+            # observe the last releases too (nothing left to load), so every barrier phase is waited on
+            @pl.loop(lax.max(n_steps - stages, jnp.int32(0)), n_steps)
+            def _drain(i):
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+
+    scratch = [
+        plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_Q, d), dtype, transforms=swizzled),      # Q, then O
+        plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),                    # K ring
+        plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),                    # V ring
+        plgpu.SMEM((stages, bk), jnp.float32),                                      # key padding bias
+        plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_Q), jnp.float32),                        # lse
+        plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_Q, bk), dtype, transforms=swizzled) if interpret else None,
+        plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),                                # q_ready
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),                         # k_ready (K + bias)
+        plgpu.Barrier(num_barriers=stages),                                         # v_ready
+        plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),           # k_consumed
+        plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),           # v_consumed
+    ]
+    kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+    f = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((b, s, h, d), dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
+        scratch_types=scratch,
+        grid=(h, s // CTA_Q, b),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=NUM_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kwargs,
+    )
+    return f(q_bshd, k_bskd, v_bskd, bias_bs)
+
+
+def _loop_from(start, stop, body, carry):
+    """fori_loop over [start, stop) as a loop from 0 (Pallas' GPU interpreter hung on fori_loops whose lower
+    bound is traced; jax 0.11.2)."""
+    return lax.fori_loop(0, stop - start, lambda j, c: body(start + j, c), carry)
+
+
+def _key_bias(valid_bs):
+    """fp32 [B, S]: 0 for a real key, MASK2 for padding (added to base-2 logits in the kernel)."""
+    return jnp.where(valid_bs, 0.0, MASK2).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _kernel_op(q_bshd, k_bskd, v_bskd, valid_bs, scale, logit_softcap, sliding_window, interpret):
+    return _kernel_op_fwd(q_bshd, k_bskd, v_bskd, valid_bs, scale, logit_softcap, sliding_window, interpret)[0]
+
+
+def _kernel_op_fwd(q_bshd, k_bskd, v_bskd, valid_bs, scale, logit_softcap, sliding_window, interpret):
+    out, lse2 = _fwd_kernel_call(q_bshd, k_bskd, v_bskd, _key_bias(valid_bs), scale=scale,
+                                 logit_softcap=logit_softcap, sliding_window=sliding_window, interpret=interpret)
+    return out, (q_bshd, k_bskd, v_bskd, valid_bs, out, lse2)
+
+
+def _kernel_op_bwd(scale, logit_softcap, sliding_window, interpret, res, do_bshd):
+    del interpret
+    q_bshd, k_bskd, v_bskd, valid_bs, out, lse2 = res
+    b, s, h, _ = q_bshd.shape
+    hk = k_bskd.shape[2]
+    lse2_bkgs = lse2.reshape(b, hk, h // hk, s)
+    dq, dk, dv = _bwd_blockwise(q_bshd, k_bskd, v_bskd, valid_bs, out, ("lse2", lse2_bkgs), do_bshd, scale,
+                                logit_softcap, sliding_window, _pick_block(s, 512))
+    return dq, dk, dv, None
+
+
+_kernel_op.defvjp(_kernel_op_fwd, _kernel_op_bwd)
+
+
+def flash_attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, *, logit_softcap=None, sliding_window=None,
+                    interpret=False):
+    """Causal GQA attention with optional logit soft-cap and sliding window, key padding mask [batch, seq]
+    (1 = real token). The Mosaic GPU kernel on a GPU (or in interpret mode when `interpret`) for inputs
+    `supported` takes; `flash_attention_reference` otherwise. -> [batch, seq, q_heads, head_dim].
+
+    Rows with no visible key (padded queries) give 0 from the kernel, and no gradient."""
+    _check_args(q_bshd, k_bskd, v_bskd, attention_mask_bs, logit_softcap, sliding_window)
+    b, s = q_bshd.shape[:2]
+    cap = None if logit_softcap is None else float(logit_softcap)
+    window = None if sliding_window is None else int(sliding_window)
+    use_kernel = (interpret or jax.default_backend() == "gpu") and supported(q_bshd, k_bskd, v_bskd)
+    if not use_kernel:
+        return flash_attention_reference(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, logit_softcap=cap,
+                                         sliding_window=window)
+    return _kernel_op(q_bshd, k_bskd, v_bskd, _valid(attention_mask_bs, b, s), float(scale), cap, window,
+                      bool(interpret))
+
+
 def _valid(attention_mask_bs, b, s):
     if attention_mask_bs is None:
         return jnp.ones((b, s), bool)
