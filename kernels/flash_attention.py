@@ -40,9 +40,11 @@ How the forward kernel works (one CTA = 2 compute warpgroups + 1 TMA warpgroup, 
 * Masked logits become MASK_VALUE (finite), never -inf: exp2 of (-inf) - (-inf) is NaN, and a row whose
   visited keys are all masked must stay finite.
 
-Backward: the kernel's residuals (out, lse) feed the blockwise jnp backward (`_bwd_blockwise`), which
-recomputes each score tile once: dV += P^T dO, dS = P * (dP - delta) (times 1 - tanh^2 under the cap),
-dQ += dS K, dK += dS^T Q. It runs over all key blocks; a Mosaic GPU backward kernel is future work.
+Backward: the kernel's residuals (out, lse) feed a jnp backward (FlashAttention-2's, recomputing each score
+tile once: dV += P^T dO, dS = P * (dP - delta) (times 1 - tanh^2 under the cap), dQ += dS K, dK += dS^T Q).
+With a sliding window it is `_bwd_band`: query blocks of 512 against only the window's key slab, so the
+window saves time in the backward too (seq * (window + 511) score pairs, not seq^2); without one it is
+`_bwd_blockwise` over all key blocks. A Mosaic GPU backward kernel is future work.
 
 `supported` lists what the kernel takes (bf16, head_dim 64/128/256, seq a multiple of 128, same seq for
 q and k); `flash_attention` falls back to the reference otherwise.
@@ -188,6 +190,63 @@ def _bwd_blockwise(q_bshd, k_bskd, v_bskd, valid_bs, out_bshd, stats, do_bshd, s
     unblock = lambda x: x.swapaxes(0, 1).reshape(k_bskd.shape)
     return (dq.reshape(b, s, h, d).astype(dtype), unblock(dk_blocks).astype(k_bskd.dtype),
             unblock(dv_blocks).astype(v_bskd.dtype))
+
+
+def _bwd_band(q_bshd, k_bskd, v_bskd, valid_bs, out_bshd, lse2_bkgs, do_bshd, scale, logit_softcap,
+              sliding_window, block_q):
+    """(dq, dk, dv) for a sliding window, one query block at a time against only the keys it can see.
+
+    Query block [q0, q0 + block_q) sees keys [q0 - window + 1, q0 + block_q): a static slab of
+    L = window - 1 + block_q keys (clamped into [0, seq)), so the work is seq * L, not seq^2. dK and dV are
+    accumulated into fp32 [B, S, Hk, D] carries slab by slab. Stats: the kernel's base-2 lse (+inf for rows
+    without a visible key, which then get no gradient)."""
+    b, s, h, d = q_bshd.shape
+    hk = k_bskd.shape[2]
+    g = h // hk
+    dtype = q_bshd.dtype
+    nq = s // block_q
+    slab = min(s, sliding_window - 1 + block_q)
+    q_bskgd = q_bshd.reshape(b, s, hk, g, d)
+    do_bskgd = do_bshd.reshape(b, s, hk, g, d).astype(dtype)
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", out_bshd.reshape(b, s, hk, g, d).astype(jnp.float32),
+                       do_bskgd.astype(jnp.float32))
+    split_q = lambda x: x.reshape(b, nq, block_q, *x.shape[2:]).swapaxes(0, 1)      # [nq, B, bq, ...]
+    split_stat = lambda x: jnp.moveaxis(x.reshape(b, hk, g, nq, block_q), 3, 0)    # [nq, B, Hk, G, bq]
+
+    def step(carry, blk):
+        dk_acc, dv_acc = carry
+        qi, q_b, do_b, lse_b, delta_b = blk
+        q0 = qi * block_q
+        start = jnp.clip(q0 + block_q - slab, 0, s - slab)
+        k_b = lax.dynamic_slice_in_dim(k_bskd, start, slab, axis=1)
+        v_b = lax.dynamic_slice_in_dim(v_bskd, start, slab, axis=1)
+        valid_b = lax.dynamic_slice_in_dim(valid_bs, start, slab, axis=1)
+        q_pos = q0 + jnp.arange(block_q, dtype=jnp.int32)
+        k_pos = start + jnp.arange(slab, dtype=jnp.int32)
+        raw = jnp.einsum("bqkgd,bskd->bkgqs", q_b, k_b, preferred_element_type=jnp.float32) * scale
+        sc, t = _capped(raw, logit_softcap)
+        allowed = _allowed(q_pos, k_pos, valid_b, sliding_window)
+        sc = jnp.where(allowed, sc, MASK_VALUE)
+        p = jnp.exp2(sc * LOG2E - lse_b[..., None])
+        dv_b = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(dtype), do_b, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bqkgd,bskd->bkgqs", do_b, v_b, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_b[..., None])
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+        ds = jnp.where(allowed, ds, 0.0) * scale
+        ds16 = ds.astype(dtype) if dtype != jnp.float32 else ds
+        dq_b = jnp.einsum("bkgqs,bskd->bqkgd", ds16, k_b, preferred_element_type=jnp.float32)
+        dk_b = jnp.einsum("bkgqs,bqkgd->bskd", ds16, q_b, preferred_element_type=jnp.float32)
+        add = lambda acc, x: lax.dynamic_update_slice_in_dim(
+            acc, lax.dynamic_slice_in_dim(acc, start, slab, axis=1) + x, start, axis=1)
+        return (add(dk_acc, dk_b), add(dv_acc, dv_b)), dq_b
+
+    zeros = jnp.zeros(k_bskd.shape, jnp.float32)
+    blocks = (jnp.arange(nq, dtype=jnp.int32), split_q(q_bskgd), split_q(do_bskgd), split_stat(lse2_bkgs),
+              split_stat(delta))
+    (dk, dv), dq_blocks = lax.scan(step, (zeros, zeros), blocks)
+    dq = dq_blocks.swapaxes(0, 1).reshape(b, s, h, d)
+    return dq.astype(dtype), dk.astype(k_bskd.dtype), dv.astype(v_bskd.dtype)
 
 
 def _probs(sc, stats):
@@ -460,6 +519,10 @@ def _kernel_op_bwd(scale, logit_softcap, sliding_window, interpret, res, do_bshd
     b, s, h, _ = q_bshd.shape
     hk = k_bskd.shape[2]
     lse2_bkgs = lse2.reshape(b, hk, h // hk, s)
+    block_q = _pick_block(s, 512)
+    if sliding_window is not None and sliding_window - 1 + block_q < s:
+        return (*_bwd_band(q_bshd, k_bskd, v_bskd, valid_bs, out, lse2_bkgs, do_bshd, scale, logit_softcap,
+                           sliding_window, block_q), None)
     dq, dk, dv = _bwd_blockwise(q_bshd, k_bskd, v_bskd, valid_bs, out, ("lse2", lse2_bkgs), do_bshd, scale,
                                 logit_softcap, sliding_window, _pick_block(s, 512))
     return dq, dk, dv, None
