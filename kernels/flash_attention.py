@@ -345,7 +345,8 @@ def _fwd_kernel_call(q_bshd, k_bskd, v_bskd, bias_bs, *, scale, logit_softcap, s
     col_layout = plgpu.Layout.WGMMA.reduce(0)   # one value per key
 
     def kernel(q_ref, k_ref, v_ref, bias_ref, out_ref, lse_ref, q_smem, k_smem, v_smem, bias_smem, lse_smem,
-               p_smem, q_ready, k_ready, v_ready, k_consumed, v_consumed):
+               q_ready, k_ready, v_ready, k_consumed, v_consumed, *p_smem_if_interpret):
+        p_smem = p_smem_if_interpret[0] if interpret else None
         hi_ = lax.axis_index("heads")
         bi = lax.axis_index("batch")
         q_cta = lax.axis_index("q_tiles") * CTA_Q
@@ -469,13 +470,14 @@ def _fwd_kernel_call(q_bshd, k_bskd, v_bskd, bias_bs, *, scale, logit_softcap, s
         plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),                    # V ring
         plgpu.SMEM((stages, bk), jnp.float32),                                      # key padding bias
         plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_Q), jnp.float32),                        # lse
-        plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_Q, bk), dtype, transforms=swizzled) if interpret else None,
         plgpu.Barrier(num_barriers=NUM_COMPUTE_WGS),                                # q_ready
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),                         # k_ready (K + bias)
         plgpu.Barrier(num_barriers=stages),                                         # v_ready
         plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),           # k_consumed
         plgpu.Barrier(num_arrivals=NUM_COMPUTE_WGS, num_barriers=stages),           # v_consumed
     ]
+    if interpret:  # P's SMEM tile (the compiled kernel keeps P in registers)
+        scratch.append(plgpu.SMEM((NUM_COMPUTE_WGS, BLOCK_Q, bk), dtype, transforms=swizzled))
     kwargs = {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
     f = plgpu.kernel(
         kernel,

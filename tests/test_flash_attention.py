@@ -210,6 +210,23 @@ def test_kernel_gradients_interpret():
         assert rel(a, b) < 3e-2, (name, rel(a, b))
 
 
+@pytest.mark.parametrize("d,cap,window", [(64, None, None), (128, None, 300), (256, 50.0, 300)])
+def test_compiled_kernel_lowers_for_cuda(d, cap, window):
+    """The compiled (non-interpret) kernel, P in registers included, goes through Pallas' Mosaic GPU lowering
+    (layout inference, wgmma operand checks) to a mosaic_gpu custom call, on the CPU, with its backward.
+    What this cannot check: PTX compilation, SMEM/register limits and running it (the gpu tests do)."""
+    q = jax.ShapeDtypeStruct((1, 1024, 4, d), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 1024, 2, d), jnp.bfloat16)
+    m = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+
+    def loss(q_, k_, v_, m_):
+        out = fa._kernel_op(q_, k_, v_, m_.astype(bool), d ** -0.5, cap, window, False)
+        return jnp.sum(out.astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k, m).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
 def test_flash_attention_falls_back_off_gpu():
     q, k, v, mask = make_inputs(221)
     got = fa.flash_attention(q, k, v, mask, 0.3, logit_softcap=50.0, sliding_window=24)
