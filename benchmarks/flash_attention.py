@@ -16,7 +16,7 @@ Implementations (`impl` in the line):
 Fields: ms (median wall time of a jitted call, host clock around block_until_ready), tflops (useful
 FLOPs of the causal/window band: 4*b*h*d*visible_pairs forward, 3.5x that for fwd_bwd, over ms), and
 rel_l2_vs_blockwise: the kernel's output against `blockwise` (all rows see a key here). Errors are reported in
-the line (`error`), never fatal. Usage: python benchmarks/flash_attention.py [--reps 10] [--only gemma]
+the line (`error`), never fatal. Usage: python benchmarks/flash_attention.py [--reps 5] [--only gemma]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def time_ms(fn, args, reps: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", default="", help="substring of the config names to run")
     ap.add_argument("--seqs", default=",".join(map(str, SEQS)))
     args = ap.parse_args()

@@ -46,6 +46,20 @@ With a sliding window it is `_bwd_band`: query blocks of 512 against only the wi
 window saves time in the backward too (seq * (window + 511) score pairs, not seq^2); without one it is
 `_bwd_blockwise` over all key blocks. A Mosaic GPU backward kernel is future work.
 
+Tested on the CPU: the whole kernel in Pallas' GPU interpret mode (there P goes to wgmma through SMEM,
+because the interpreter's wgmma reads its A operand from SMEM only; compiled, P stays in registers), and
+the compiled variant through Mosaic GPU lowering for cuda (no PTX, no run). The masked and unmasked key
+ranges are not split into separate loops: the split variant hung the interpreter (as did fori_loops with a
+traced lower bound, hence `_loop_from`), and untested control flow is not worth a few VALU ops per score.
+
+Maintained alternative: tokamax 0.0.17 (PyPI, pure Python, needs jax >= 0.11.1) has a Hopper Mosaic GPU
+flash attention with `logits_soft_cap`, `local_window_size` and a Mosaic GPU backward:
+`tokamax.dot_product_attention(q, k, v, mask=..., is_causal=True, local_window_size=(window - 1, 0),
+logits_soft_cap=cap, implementation="mosaic")`. With a window, its mask decomposition turns causality into
+per-row k_start/k_end (is_causal=False): the sm90 forward skips key blocks outside them, but the sm90
+backward's loops are bounded only by is_causal, so with a window it runs over all seq^2 blocks (masking
+elementwise). Not run here (no GPU).
+
 `supported` lists what the kernel takes (bf16, head_dim 64/128/256, seq a multiple of 128, same seq for
 q and k); `flash_attention` falls back to the reference otherwise.
 """
