@@ -113,7 +113,8 @@ def train(args) -> int:
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
         packing=args.packing, dataset_text_field=args.dataset_text_field,
         eval_strategy="steps" if args.eval_data and args.eval_steps else "no", eval_steps=args.eval_steps,
-        max_seq_length=args.max_seq_length, disable_tqdm=args.quiet)
+        max_seq_length=args.max_seq_length, disable_tqdm=args.quiet,
+        report_to=[t.strip() for t in args.report_to.split(",") if t.strip()])
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, eval_dataset=args.eval_data,
                          args=config)
     if args.train_on_responses_only or args.response_part:
@@ -198,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", nargs="?", const="last", default=None,
                    help="resume from the last checkpoint in --output-dir (or from the given checkpoint path)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report-to", default="none",
+                   help="none, tensorboard, wandb, all, or a comma-separated list (SFTConfig.report_to)")
     p.set_defaults(func=train)
 
     p = sub.add_parser("export", help="save an adapter as a merged 16-bit Hugging Face checkpoint",
