@@ -512,7 +512,8 @@ def write_gguf(path, config, tensors, tokenizer=None, quantization_method: str =
     writer, tmp = _atomic_writer(path, arch.name)
     try:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or c.get("_name_or_path") or arch.name)
+        # general.name: llama.cpp keys tokenizer quirks on it ("phi3" expects <|endoftext|>), so never the arch name
+        writer.add_name(name or Path(str(c.get("_name_or_path") or "")).name or "model")
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(_file_type(method))
         _add_metadata(writer, arch, arch.metadata(c))
@@ -604,7 +605,7 @@ def write_lora_gguf(path, config, adapter_tensors: Mapping[str, object], adapter
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_name(str(ac.get("base_model_name_or_path") or arch.name))
+        writer.add_name(Path(str(ac.get("base_model_name_or_path") or "")).name or "adapter")
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_file_type(_file_type(method))
         _write_stream(writer, plan, iter(entries))
