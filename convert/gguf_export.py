@@ -758,6 +758,9 @@ def save_pretrained_gguf(model, save_directory, tokenizer=None, quantization_met
     if save_method not in ("merged_16bit", "lora"):
         raise ValueError(f"save_method={save_method!r} is not accepted for GGUF; use 'merged_16bit' or 'lora'")
     arch = arch_for(model.config.to_dict())
+    if save_method == "merged_16bit" and tokenizer is None:
+        raise ValueError("save_pretrained_gguf(tokenizer=None): llama.cpp needs the vocabulary inside the GGUF; "
+                         "pass the tokenizer from FastLanguageModel.from_pretrained")
     written = []
     if save_method == "lora":
         layout = model.lora_layout

@@ -143,6 +143,11 @@ def export(args) -> int:
     # The merge reads the base's original 16-bit weights; no need to quantize it on the way.
     model, tokenizer = FastLanguageModel.from_pretrained(str(adapter), dtype=args.dtype, load_in_4bit=False)
     method = "merged_16bit" if args.merged else "lora"
+    if args.gguf:  # llama.cpp / Ollama: model.<TYPE>.gguf (+ Modelfile), or adapter.<TYPE>.gguf without --merged
+        paths = model.save_pretrained_gguf(args.output, tokenizer, quantization_method=args.gguf.split(","),
+                                           save_method=method)
+        print(f"GGUF written: {', '.join(str(p.resolve()) for p in paths)}")
+        return 0
     model.save_pretrained_merged(args.output, tokenizer, save_method=method)
     what = "merged 16-bit checkpoint" if args.merged else "adapter"
     print(f"{what} written to {Path(args.output).resolve()}")
@@ -211,6 +216,9 @@ def main(argv=None) -> int:
                    help="merge W + s*B*A into a plain HF checkpoint (otherwise: copy the adapter)")
     p.add_argument("--dtype", default=None, help="dtype of the merged weights (default: bfloat16 on a GPU, "
                                                  "float32 elsewhere)")
+    p.add_argument("--gguf", default=None, metavar="METHOD",
+                   help="write GGUF for llama.cpp/Ollama instead: f16, bf16, f32, q8_0 (comma-separated for several; "
+                        "q4_k_m etc. need llama-cpp-python)")
     p.set_defaults(func=export)
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -503,3 +503,15 @@ def test_k_quant_through_llama_cpp(llama):
     merged = logits_of(transformers.AutoModelForCausalLM.from_pretrained(str(llama["root"] / "merged"),
                                                                          dtype=torch.float32).eval())
     assert rel_l2(_llama_cpp_logits(path), merged) < 0.2  # 4-bit: a sanity bound, not a parity check
+
+
+def test_cli_export_gguf(llama, tmp_path):
+    from fastlora_jax import cli
+    out = tmp_path / "cli-gguf"
+    assert cli.main(["export", "--adapter", str(llama["root"] / "train"), "--output", str(out), "--merged",
+                     "--gguf", "q8_0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.Q8_0.gguf"]
+    merged = logits_of(transformers.AutoModelForCausalLM.from_pretrained(str(llama["root"] / "merged"),
+                                                                         dtype=torch.float32).eval())
+    ours = logits_of(load_gguf(out, "model.Q8_0.gguf"))
+    assert rel_l2(ours, merged) < q8_0_tolerance(out / "model.Q8_0.gguf")
