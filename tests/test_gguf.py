@@ -515,3 +515,30 @@ def test_cli_export_gguf(llama, tmp_path):
                                                                          dtype=torch.float32).eval())
     ours = logits_of(load_gguf(out, "model.Q8_0.gguf"))
     assert rel_l2(ours, merged) < q8_0_tolerance(out / "model.Q8_0.gguf")
+
+
+def test_sentencepiece_style_tokenizer_as_llama_model(tmp_path):
+    """A BPE with byte fallback (how transformers holds Llama-2 / Gemma / Phi-3 SentencePiece vocabularies) goes
+    in as llama.cpp's "llama" tokenizer model, through gguf's own LlamaHfVocab as convert_hf_to_gguf.py does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from fastlora_jax.tiny import _corpus
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(_corpus(), trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                                   show_progress=False))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    model = random_family_model("gemma2")
+    path = write_gguf(tmp_path / "m.gguf", model.config, model.state_dict(), fast, quantization_method="f16")
+    reader = gguf.GGUFReader(path)
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert field(reader, "tokenizer.ggml.pre") == "default"
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    assert len(tokens) == len(types) == len(field(reader, "tokenizer.ggml.scores")) == 512
+    T = gguf.TokenType
+    assert tokens[3 + 0x41] == "<0x41>" and types[3 + 0x41] == T.BYTE
+    assert types[1] == types[2] == T.CONTROL and tokens[-1] == "[PAD511]" and types[-1] == T.UNUSED
+    assert (field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")) == (1, 2)
