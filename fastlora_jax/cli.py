@@ -119,7 +119,8 @@ def train(args) -> int:
         save_steps=args.save_steps, save_total_limit=args.save_total_limit, seed=args.seed,
         packing=args.packing, dataset_text_field=args.dataset_text_field,
         eval_strategy="steps" if args.eval_data and args.eval_steps else "no", eval_steps=args.eval_steps,
-        max_seq_length=args.max_seq_length, disable_tqdm=args.quiet)
+        max_seq_length=args.max_seq_length, disable_tqdm=args.quiet,
+        report_to=[t.strip() for t in args.report_to.split(",") if t.strip()])
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, eval_dataset=args.eval_data,
                          args=config)
     if args.train_on_responses_only or args.response_part:
@@ -149,6 +150,11 @@ def export(args) -> int:
     # The merge reads the base's original 16-bit weights; no need to quantize it on the way.
     model, tokenizer = FastLanguageModel.from_pretrained(str(adapter), dtype=args.dtype, load_in_4bit=False)
     method = "merged_16bit" if args.merged else "lora"
+    if args.gguf:  # llama.cpp / Ollama: model.<TYPE>.gguf (+ Modelfile), or adapter.<TYPE>.gguf without --merged
+        paths = model.save_pretrained_gguf(args.output, tokenizer, quantization_method=args.gguf.split(","),
+                                           save_method=method)
+        print(f"GGUF written: {', '.join(str(p.resolve()) for p in paths)}")
+        return 0
     model.save_pretrained_merged(args.output, tokenizer, save_method=method)
     what = "merged 16-bit checkpoint" if args.merged else "adapter"
     print(f"{what} written to {Path(args.output).resolve()}")
@@ -205,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", nargs="?", const="last", default=None,
                    help="resume from the last checkpoint in --output-dir (or from the given checkpoint path)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report-to", default="none",
+                   help="none, tensorboard, wandb, all, or a comma-separated list (SFTConfig.report_to)")
     p.set_defaults(func=train)
 
     p = sub.add_parser("export", help="save an adapter as a merged 16-bit Hugging Face checkpoint",
@@ -215,6 +223,9 @@ def main(argv=None) -> int:
                    help="merge W + s*B*A into a plain HF checkpoint (otherwise: copy the adapter)")
     p.add_argument("--dtype", default=None, help="dtype of the merged weights (default: bfloat16 on a GPU, "
                                                  "float32 elsewhere)")
+    p.add_argument("--gguf", default=None, metavar="METHOD",
+                   help="write GGUF for llama.cpp/Ollama instead: f16, bf16, f32, q8_0 (comma-separated for several; "
+                        "q4_k_m etc. need llama-cpp-python)")
     p.set_defaults(func=export)
     args = parser.parse_args(argv)
     try:

@@ -231,6 +231,18 @@ class CausalLM:
         from fastlora_jax.convert.peft import save_merged
         return save_merged(self, save_directory, tokenizer)
 
+    def save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="fast_quantized",
+                             save_method: str = "merged_16bit", **kwargs):
+        """Unsloth's GGUF export for llama.cpp / Ollama (convert/gguf_export.py). `merged_16bit`: the merged
+        model (from the original 16-bit weights, as save_pretrained_merged) as `model.<TYPE>.gguf` with the
+        tokenizer and chat template embedded, plus an Ollama `Modelfile`. `quantization_method`: "f16", "bf16",
+        "f32", "q8_0" (Unsloth's "fast_quantized", the default), "not_quantized" (f16); K-quants such as "q4_k_m"
+        go through llama.cpp's quantizer (llama-cpp-python). A list writes several. `lora`: the adapter alone as
+        a llama.cpp LoRA GGUF (`adapter.<TYPE>.gguf`). Returns the paths written."""
+        self._require_lora("save_pretrained_gguf")
+        from fastlora_jax.convert.gguf_export import save_pretrained_gguf
+        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, save_method)
+
     @property
     def is_4bit(self) -> bool:
         leaves = jax.tree.leaves(self.base_params, is_leaf=lambda x: isinstance(x, NF4Weight))

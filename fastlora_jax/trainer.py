@@ -96,8 +96,10 @@ class TrainingArguments:
     (HF 5); `warmup_ratio` is also accepted. `logging_steps`, `eval_steps` and `save_steps` in (0, 1) are
     ratios of the total steps, as in HF. `max_seq_length` (Unsloth's name) or `max_length` (TRL's) default
     to the model's `max_seq_length`. `optim` names of AdamW variants are accepted; all run optax AdamW with
-    fp32 moments. `report_to`, `fp16`, `bf16`, `dataset_num_proc`, `run_name`, `remove_unused_columns` are
-    accepted and ignored (the compute dtype is the model's; records are never stripped of columns).
+    fp32 moments. `report_to` ("none", "tensorboard", "wandb", "all" or a list) and `logging_dir` (TensorBoard's
+    event directory, default `output_dir/runs/<time>_<host>`) send the logs to reporting.py's writers; `run_name`
+    names the W&B run. `fp16`, `bf16`, `dataset_num_proc`, `remove_unused_columns` are accepted and ignored
+    (the compute dtype is the model's; records are never stripped of columns).
     `dataset_kwargs={"skip_prepare_dataset": True}` and `dataset_text_field=""` are what Unsloth's vision
     notebooks set along with a `data_collator`: the records go to the collator untouched.
     """
@@ -138,8 +140,10 @@ class TrainingArguments:
     dataset_kwargs: dict | None = None
     # output
     disable_tqdm: bool = False
-    # accepted for compatibility, ignored
+    # reporting (reporting.py): "none", "tensorboard", "wandb", "all" or a list of them
     report_to: Any = "none"
+    logging_dir: str | None = None
+    # accepted for compatibility, ignored
     fp16: bool = False
     bf16: bool = False
     dataset_num_proc: int | None = None
@@ -215,6 +219,8 @@ class TrainingArguments:
             bad("dataset_text_field", "must be a column name ('' with a data_collator that takes raw records)")
         if self.dataset_kwargs is not None and not isinstance(self.dataset_kwargs, dict):
             bad("dataset_kwargs", "must be a dict such as {'skip_prepare_dataset': True} or None")
+        from fastlora_jax.reporting import normalize_report_to
+        normalize_report_to(self.report_to)  # unknown names fail here, with the accepted ones
 
     @staticmethod
     def _check_interval(name, v):
@@ -363,7 +369,8 @@ class SFTTrainer:
         self.processing_class = processing_class if processing_class is not None else tokenizer
         self.formatting_func = formatting_func
         self.data_collator = data_collator
-        self.callbacks = list(callbacks or [])
+        from fastlora_jax import reporting
+        self.callbacks = reporting.callbacks_for(args) + list(callbacks or [])  # report_to writers, loss.png
         self.max_seq_length = args.resolved_max_seq_length(model)
         self.data_options = None if data_collator is not None else DataOptions(
             dataset_text_field=args.dataset_text_field or "text", formatting_func=formatting_func,

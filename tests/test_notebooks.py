@@ -27,6 +27,10 @@ def test_qlora_quickstart_runs(tmp_path, monkeypatch):
     assert "relative L2 difference" in outputs
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    # the loss curve shown inline (IPython.display.Image of loss.png) and the GGUF export
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert (tmp_path / "adapter" / "loss.png").is_file()
+    assert (tmp_path / "adapter-gguf" / "model.Q8_0.gguf").is_file()
 
 
 @pytest.mark.slow
