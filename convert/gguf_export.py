@@ -719,7 +719,7 @@ def merged_source(model):
     the original 16-bit weights where the base came from them (as save_merged does)."""
     from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors
     from fastlora_jax.convert.peft import merged_tensors, unties_head
-    from fastlora_jax.families import checkpoint_name, checkpoint_tensors, stored_names
+    from fastlora_jax.models.registry import checkpoint_name, checkpoint_tensors, stored_names
 
     files = in_file = None
     if model.weights_source == "16bit" and getattr(model, "model_dir", None) is not None:
