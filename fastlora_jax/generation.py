@@ -23,7 +23,7 @@ import numpy as np
 
 from fastlora_jax.lora import combine
 from fastlora_jax.model import as_batch
-from fastlora_jax.validate import check_generate_args, check_positions, check_prompt_not_empty
+from fastlora_jax.validate import check_generate_args, check_positions, check_prompt_not_empty, check_token_ids
 
 CACHE_MULTIPLE = 64
 
@@ -191,6 +191,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     if prompt_len == 0:
         raise ValueError("input_ids is empty: generate needs at least one prompt token per row")
     check_generate_args(max_new_tokens, do_sample, temperature, top_p, top_k, seed, return_dict)
+    check_token_ids(eos_token_id, pad_token_id, model.cfg.vocab_size)
     check_positions(prompt_len, max_new_tokens, _config_token(model.config, "max_position_embeddings"))
 
     vocab = model.cfg.vocab_size

@@ -139,3 +139,15 @@ def check_generate_args(max_new_tokens, do_sample, temperature, top_p, top_k, se
     check_int("top_k", top_k, low=0)
     check_int("seed", seed)
     check_bool("return_dict", return_dict)
+
+
+def check_token_ids(eos_token_id, pad_token_id, vocab_size: int) -> None:
+    """eos_token_id: None, an id or a list of ids; pad_token_id: None or an id; each in [0, vocab_size)."""
+    def is_id(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and 0 <= v < vocab_size
+    eos = eos_token_id.tolist() if hasattr(eos_token_id, "tolist") else eos_token_id
+    if eos is not None and not is_id(eos) and not (isinstance(eos, (list, tuple)) and all(is_id(v) for v in eos)):
+        raise ValueError(f"eos_token_id={eos_token_id!r} is not accepted: use None, a token id or a list of token "
+                         f"ids in [0, {vocab_size})")
+    if pad_token_id is not None and not is_id(pad_token_id):
+        raise ValueError(f"pad_token_id={pad_token_id!r} is not accepted: use None or a token id in [0, {vocab_size})")

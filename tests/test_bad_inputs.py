@@ -241,6 +241,9 @@ def test_merged_export_is_never_half_written(adapter, tmp_path, monkeypatch):
     (dict(top_k=2.5), ValueError, r"top_k=2.5 is not accepted: use an int >= 0"),
     (dict(max_new_tokens=True), ValueError, r"max_new_tokens=True is not accepted"),
     (dict(seed="x"), ValueError, r"seed='x' is not accepted: use an int"),
+    (dict(eos_token_id="</s>"), ValueError, r"eos_token_id='</s>' is not accepted: use None, a token id or a list"),
+    (dict(eos_token_id=[2, 9999]), ValueError, r"eos_token_id=\[2, 9999\] is not accepted: .* in \[0, 512\)"),
+    (dict(pad_token_id=-1), ValueError, r"pad_token_id=-1 is not accepted: use None or a token id in \[0, 512\)"),
 ])
 def test_generate_settings(base, kwargs, error, message):
     with pytest.raises(error, match=message):
