@@ -20,11 +20,13 @@ from pathlib import Path
 IMAGE_TOKEN = "<|image|>"
 TINY_TILE = 28  # tile side in pixels: (28 / 7)^2 = 16 patches + 1 class token = 17 per tile, padded to 24
 TINY_MAX_TILES = 2  # aspect ratios (1,1), (1,2), (2,1): ids 1, 2, 3 (0 = no image)
+# Every linear's in_features is a multiple of 64: bitsandbytes 0.50's CPU dequantize_4bit is wrong otherwise
+# (blocks of 64 taken per row), which would break the 4-bit oracle.
 TINY_MLLAMA_VISION = dict(
-    hidden_size=32, attention_heads=2, intermediate_size=48, num_hidden_layers=3, num_global_layers=1,
+    hidden_size=64, attention_heads=2, intermediate_size=128, num_hidden_layers=3, num_global_layers=1,
     image_size=TINY_TILE, patch_size=7, max_num_tiles=TINY_MAX_TILES, num_channels=3, norm_eps=1e-5,
     supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]], intermediate_layers_indices=[0, 2],
-    vision_output_dim=32 * 3,  # the final hidden state and two intermediate layers
+    vision_output_dim=64 * 3,  # the final hidden state and two intermediate layers
 )
 # Cross-attention at 1 and 4: a run of one self-attention layer, a cross layer, a run of two, a cross layer last.
 TINY_MLLAMA_TEXT = dict(
@@ -74,7 +76,8 @@ def write_tiny_mllama(directory, seed: int = 0, dtype: str = "float32", processo
     Every parameter is random, the gates included: transformers initializes the cross-attention gates and the
     tile-embedding gates to zero, and with zero gates images would not change the logits at all. Linear weights
     and biases: normal(0, 0.5 / sqrt(fan_in)); embeddings: normal(0, 0.2); norm weights 1 + 0.1·noise (a norm
-    that ignored its weight fails the parity tests); gates 0.6 + 0.3·noise (tanh of them ~0.3-0.7).
+    that ignored its weight fails the parity tests); gates of random sign and magnitude in [0.3, 0.8]
+    (|tanh| 0.29-0.66).
     `text_config=` / `vision_config=` dicts are merged into the tiny defaults; other overrides go to
     `MllamaConfig`. Needs torch.
     """
@@ -102,7 +105,7 @@ def write_tiny_mllama(directory, seed: int = 0, dtype: str = "float32", processo
             leaf = name.rsplit(".", 1)[-1]
             module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
             if "gate" in leaf:  # gate, gate_attn, gate_ffn, cross_attn_attn_gate, cross_attn_mlp_gate
-                p.copy_(0.6 + 0.3 * noise)
+                p.copy_(torch.sign(noise) * (0.3 + 0.5 * torch.rand_like(p)))  # |gate| in [0.3, 0.8]
             elif leaf == "weight" and ("norm" in module or "layernorm" in module):
                 p.copy_(1.0 + 0.1 * noise)
             elif "embed" in name and "patch_embedding" not in name:
