@@ -324,3 +324,96 @@ def test_finetune_flags_select_what_peft_wraps(tiny, flags):
         warnings.simplefilter("ignore")
         wrapped = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=regex)).base_model.model
     assert [n for n, m in wrapped.named_modules() if isinstance(m, LoraLayer)] == expected
+
+
+# ------------------------------------------------------------------------------------------ LoRA through the stacks
+
+# One module in each stack (the cross-attention stack twice, at both of its positions) and the projector.
+LORA_TARGETS = ("model.vision_model.transformer.layers.1.mlp.fc1",
+                "model.vision_model.global_transformer.layers.0.self_attn.v_proj",
+                "model.language_model.layers.1.cross_attn.o_proj",
+                "model.language_model.layers.4.cross_attn.k_proj",
+                "model.language_model.layers.3.self_attn.q_proj",
+                "model.multi_modal_projector")
+LORA_R, LORA_ALPHA = 2, 4
+
+
+def with_lora(cfg, params, lora):
+    """The combined tree: each target's base module dict plus `lora_A`/`lora_B`/`scaling`, stacked modules
+    holding zeros (scaling 0) at the other positions of their stack, as lora.py lays them out."""
+    params = jax.tree.map(lambda x: x, params)  # a fresh nest of dicts; leaves shared
+    for name, (a, b) in lora.items():
+        where = mllama.split_module_name(cfg, name + ".weight")
+        if where is None:
+            path, extra = name.split("."), {"lora_A": a, "lora_B": b, "scaling": jnp.float32(LORA_ALPHA / LORA_R)}
+        else:
+            stack, position, rel = where
+            depth = mllama.layer_stacks(cfg)[stack][0]
+            path = stack.split(".") + rel.split(".")[:-1]
+            extra = {"lora_A": jnp.zeros((depth, *a.shape)).at[position].set(a),
+                     "lora_B": jnp.zeros((depth, *b.shape)).at[position].set(b),
+                     "scaling": jnp.zeros((depth,)).at[position].set(LORA_ALPHA / LORA_R)}
+        node = params
+        for key in path[:-1]:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[path[-1]] = {**node[path[-1]], **extra}
+    return params
+
+
+def test_lora_logits_and_gradients_match_peft(tiny):
+    """Adapters on every stack and the projector route to the right HF layers: PEFT's logits with the same A/B,
+    and d(loss)/d(A, B) from torch autograd through PEFT, within 1e-4 (fp32; loss = <logits, fixed random>)."""
+    from peft import LoraConfig, get_peft_model
+    rng = np.random.default_rng(1414)
+    shapes = {n: tiny.hf.get_submodule(n).weight.shape for n in LORA_TARGETS}
+    lora = {n: (rng.standard_normal((LORA_R, s[1])).astype(np.float32) * 0.3,
+                rng.standard_normal((s[0], LORA_R)).astype(np.float32) * 0.3) for n, s in shapes.items()}
+    batch = tiny.batch
+    keep = batch["attention_mask"].numpy().astype(bool)
+    probe = rng.standard_normal((int(keep.sum()), tiny.cfg.vocab_size)).astype(np.float32)
+
+    peft_model = get_peft_model(load_hf(tiny.dir), LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA,
+                                                              target_modules=list(LORA_TARGETS)))
+    wrapped = peft_model.base_model.model
+    with torch.no_grad():
+        for n, (a, b) in lora.items():
+            wrapped.get_submodule(n).lora_A["default"].weight.copy_(torch.from_numpy(a))
+            wrapped.get_submodule(n).lora_B["default"].weight.copy_(torch.from_numpy(b))
+    logits = peft_model(**batch).logits
+    (logits[torch.from_numpy(keep)] * torch.from_numpy(probe)).sum().backward()
+    theirs = logits.detach().numpy()
+
+    ids = batch["input_ids"].numpy()
+    cos, sin = mllama.text_cos_sin(tiny.hf_config, np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+    vision = {k: batch[k].numpy() for k in VISION_KEYS}
+
+    def loss(lora_):
+        h = mllama.hidden_states(tiny.cfg, with_lora(tiny.cfg, tiny.params, lora_), ids, cos, sin,
+                                 batch["attention_mask"].numpy(), vision=vision)
+        out = mllama._linear(h, mllama.lm_head_module(tiny.cfg, tiny.params))
+        return jnp.sum(out[keep] * probe), out
+
+    (_, ours_logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(lora)
+    assert rel_l2(np.asarray(ours_logits)[keep], theirs[keep]) < 1e-4
+    assert rel_l2(theirs[keep], hf_logits(tiny.hf, batch)[keep]) > 1e-2  # the adapters matter
+    for n in LORA_TARGETS:
+        module = wrapped.get_submodule(n)
+        for ours_g, theirs_p in zip(grads[n], (module.lora_A["default"].weight, module.lora_B["default"].weight)):
+            assert rel_l2(np.asarray(ours_g), theirs_p.grad.numpy()) < 1e-4, n
+
+
+def test_bf16_within_bf16_tolerance(tiny):
+    """bf16 weights and activations on both sides: 2e-2 relative (bf16 has 8 bits of mantissa, ~4e-3 per
+    rounding, and nine layers of them)."""
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tiny.params)
+    hf = load_hf(tiny.dir, dtype=torch.bfloat16)
+    batch = tiny.batch
+    keep = batch["attention_mask"].numpy().astype(bool)
+    expected = hf_logits(hf, {**batch, "pixel_values": batch["pixel_values"].to(torch.bfloat16)})
+    ids = batch["input_ids"].numpy()
+    cos, sin = mllama.text_cos_sin(tiny.hf_config, np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+    logits = _forward(tiny.cfg, params, ids, cos, sin, batch["attention_mask"].numpy(), compute_dtype=jnp.bfloat16,
+                      vision={k: batch[k].numpy() for k in VISION_KEYS})
+    assert logits.dtype == jnp.bfloat16
+    assert rel_l2(np.asarray(logits.astype(jnp.float32))[keep], expected[keep]) < 2e-2
