@@ -27,6 +27,11 @@ module names (`model.vision_model.*`, ...): `CHECKPOINT_RENAMES` / `LOAD_RENAMES
 
 Inputs are what `MllamaProcessor` makes: `pixel_values [B, images, tiles, C, H, W]`, `aspect_ratio_ids
 [B, images]`, `aspect_ratio_mask [B, images, tiles]`, `cross_attention_mask [B, seq, images, tiles]`.
+
+Not yet wired into the generic machinery (integration): families.py/lora.py/convert/load.py assume stack position
+== HF layer index (`prefix.N.rel`); here they must go through `stack_layers` / `module_name` /
+`split_module_name`. `load_params` is a standalone loader until then (16-bit, NF4 on load; not bnb-4bit files).
+No KV cache yet (generation would cache the self-attention K/V and each cross layer's vision K/V once).
 """
 
 from __future__ import annotations
