@@ -1,0 +1,767 @@
+"""Llama 3.2 Vision (transformers' `MllamaForConditionalGeneration`) as plain functions over a nested-dict pytree.
+
+What is Mllama's own (and so lives here rather than in a shared decoder):
+- the vision encoder (`MllamaVisionModel`): tiles of `image_size` px cut into patches (a Conv2d, computed as a
+  matmul over flattened patches), a class token per tile, aspect-ratio embeddings before and after the local
+  transformer and a gated position + tile-position embedding, a local transformer and a gated global one
+  (tanh gates on attention and MLP), and features from intermediate local layers concatenated to the output;
+- the multi-modal projector (a Linear from `vision_output_dim` to the text hidden size);
+- the language model's cross-attention layers (`MllamaCrossAttentionDecoderLayer`), which attend from text to
+  the projected vision tokens. Images never enter the token sequence: `<|image|>` is one ordinary token (its id
+  is the vocabulary size; the embedding has `vocab_size + 8` rows) and only `cross_attention_mask` says which
+  text tokens see which image tiles.
+The self-attention layers are Llama's, written here for now (`self_attention_layer`); they move onto the shared
+decoder at integration.
+
+Stacks (each stored on a leading axis and run under `jax.lax.scan`), keyed by pytree path:
+- `model.vision_model.transformer.layers` and `model.vision_model.global_transformer.layers` (HF names as is);
+- `model.language_model.layers`: the self-attention layers only, in order;
+- `model.language_model.cross_attention_layers`: the cross-attention layers, in order (not an HF module name:
+  in transformers both kinds live in one `ModuleList`, `model.language_model.layers.N`).
+`stack_layers(cfg)` says which HF layer index each stack position is; `module_name` / `split_module_name` map
+between the two. The text layers run in runs of consecutive same-kind layers (one scan per run).
+
+Checkpoints: transformers 5.17's save_pretrained writes the hub layout (`vision_model.*`,
+`language_model.model.*`, `language_model.lm_head.*`, `multi_modal_projector.*`) and loads both that and the
+module names (`model.vision_model.*`, ...): `CHECKPOINT_RENAMES` / `LOAD_RENAMES`.
+
+Inputs are what `MllamaProcessor` makes: `pixel_values [B, images, tiles, C, H, W]`, `aspect_ratio_ids
+[B, images]`, `aspect_ratio_mask [B, images, tiles]`, `cross_attention_mask [B, seq, images, tiles]`.
+
+Not yet wired into the generic machinery (integration): families.py/lora.py/convert/load.py assume stack position
+== HF layer index (`prefix.N.rel`); here they must go through `stack_layers` / `module_name` /
+`split_module_name`. `load_params` is a standalone loader until then (16-bit, NF4 on load; not bnb-4bit files).
+No KV cache yet (generation would cache the self-attention K/V and each cross layer's vision K/V once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from fastlora_jax import kernels, rope
+
+ARCHITECTURES = ("MllamaForConditionalGeneration",)
+MODEL_TYPES = ("mllama",)
+VISION = True
+EMBED_TOKENS = "model.language_model.embed_tokens"
+OUTPUT_LAYER = "lm_head"
+VISION_STACK = "model.vision_model.transformer.layers"
+GLOBAL_STACK = "model.vision_model.global_transformer.layers"
+TEXT_STACK = "model.language_model.layers"
+CROSS_STACK = "model.language_model.cross_attention_layers"  # pytree key; HF: model.language_model.layers.N
+# module name -> tensor name as transformers 5.17's save_pretrained writes it, and back (loading accepts both).
+CHECKPOINT_RENAMES = ((r"^model\.vision_model\.", "vision_model."),
+                      (r"^model\.language_model\.", "language_model.model."),
+                      (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+                      (r"^lm_head\.", "language_model.lm_head."))
+LOAD_RENAMES = ((r"^vision_model\.", "model.vision_model."),
+                (r"^language_model\.model\.", "model.language_model."),
+                (r"^language_model\.lm_head\.", "lm_head."),
+                (r"^multi_modal_projector\.", "model.multi_modal_projector."))
+LAYER_INPUT = "decoder_layer_input"  # as llama.py: the name checkpointing policies save or offload
+SAVED_ATTENTION_INPUTS = "attention_qkv"
+SAVED_MID_RESIDUAL = "attention_residual"
+SAVED_MLP_INPUTS = "mlp_gate_up"
+PRE_POST_LAYERNORM_EPS = 1e-5  # layernorm_pre / layernorm_post are nn.LayerNorm(hidden) (not config.norm_eps)
+PATCH_MULTIPLE = 8  # transformers pads each tile's tokens (patches + class token) to a multiple of 8
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    num_layers: int  # the local transformer
+    num_global_layers: int
+    num_channels: int
+    image_size: int  # a tile's side in pixels
+    patch_size: int
+    max_num_tiles: int
+    max_aspect_ratio_id: int  # len(supported_aspect_ratios); id 0 is "no image"
+    intermediate_layers_indices: tuple[int, ...]
+    vision_output_dim: int
+    norm_eps: float
+    hidden_act: str = "gelu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per tile: the patches and the class token (transformers' `num_patches`)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def padded_patches(self) -> int:
+        return self.num_patches + (PATCH_MULTIPLE - self.num_patches % PATCH_MULTIPLE) % PATCH_MULTIPLE
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int  # lm_head rows; the embedding has vocab_size + 8
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    cross_attention_layers: tuple[int, ...]
+    hidden_act: str = "silu"
+
+    @property
+    def self_attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.cross_attention_layers)
+
+
+@dataclass(frozen=True)
+class Config:
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int
+    tie_word_embeddings: bool = False  # always False: transformers keeps lm_head separate
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.text.num_layers
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "Config":
+        if getattr(hf_config, "model_type", None) not in MODEL_TYPES:
+            raise ValueError(f"model_type={getattr(hf_config, 'model_type', None)!r} is not an Mllama config; "
+                             f"supported: {list(MODEL_TYPES)}")
+        tc, vc = hf_config.text_config, hf_config.vision_config
+        if tc.hidden_act not in kernels.ACTIVATIONS:
+            raise ValueError(f"text_config.hidden_act={tc.hidden_act!r} is not supported; "
+                             f"supported: {sorted(kernels.ACTIVATIONS)}")
+        if vc.hidden_act not in kernels.ACTIVATIONS:
+            raise ValueError(f"vision_config.hidden_act={vc.hidden_act!r} is not supported; "
+                             f"supported: {sorted(kernels.ACTIVATIONS)}")
+        num_heads = tc.num_attention_heads
+        num_kv_heads = getattr(tc, "num_key_value_heads", None) or num_heads
+        if tc.hidden_size % num_heads or num_heads % num_kv_heads:
+            raise ValueError(f"text_config: hidden_size={tc.hidden_size}, num_attention_heads={num_heads}, "
+                             f"num_key_value_heads={num_kv_heads} do not divide evenly")
+        cross = tuple(int(i) for i in tc.cross_attention_layers)
+        if sorted(set(cross)) != list(cross) or any(not 0 <= i < tc.num_hidden_layers for i in cross):
+            raise ValueError(f"text_config.cross_attention_layers={list(cross)} must be increasing layer indices in "
+                             f"[0, {tc.num_hidden_layers})")
+        text = TextConfig(vocab_size=int(tc.vocab_size), hidden_size=int(tc.hidden_size),
+                          intermediate_size=int(tc.intermediate_size), num_layers=int(tc.num_hidden_layers),
+                          num_heads=int(num_heads), num_kv_heads=int(num_kv_heads),
+                          head_dim=int(tc.hidden_size // num_heads), rms_norm_eps=float(tc.rms_norm_eps),
+                          cross_attention_layers=cross, hidden_act=tc.hidden_act)
+        image_size, patch_size = vc.image_size, vc.patch_size
+        if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
+            raise NotImplementedError(f"vision_config.image_size={image_size!r} / patch_size={patch_size!r}: only "
+                                      "square ints are supported (as transformers' num_patches assumes)")
+        indices = tuple(int(i) for i in vc.intermediate_layers_indices)
+        if any(not -vc.num_hidden_layers <= i < vc.num_hidden_layers for i in indices):
+            raise ValueError(f"vision_config.intermediate_layers_indices={list(indices)} has indices outside the "
+                             f"{vc.num_hidden_layers} local layers")
+        vision = VisionConfig(
+            hidden_size=int(vc.hidden_size), num_heads=int(vc.attention_heads),
+            intermediate_size=int(vc.intermediate_size), num_layers=int(vc.num_hidden_layers),
+            num_global_layers=int(vc.num_global_layers), num_channels=int(vc.num_channels),
+            image_size=int(image_size), patch_size=int(patch_size), max_num_tiles=int(vc.max_num_tiles),
+            max_aspect_ratio_id=len(vc.supported_aspect_ratios),
+            intermediate_layers_indices=tuple(i % vc.num_hidden_layers for i in indices),
+            vision_output_dim=int(vc.vision_output_dim), norm_eps=float(vc.norm_eps), hidden_act=vc.hidden_act)
+        if vision.vision_output_dim != vision.hidden_size * (len(indices) + 1):
+            raise ValueError(f"vision_config.vision_output_dim={vision.vision_output_dim} must be hidden_size * "
+                             f"(1 + len(intermediate_layers_indices)) = {vision.hidden_size * (len(indices) + 1)}")
+        if vision.hidden_size % vision.num_heads:
+            raise ValueError(f"vision_config.hidden_size={vision.hidden_size} is not a multiple of "
+                             f"attention_heads={vision.num_heads}")
+        # transformers 5.17 never ties Mllama's lm_head (no _tied_weights_keys; the embedding has 8 more rows).
+        return cls(text=text, vision=vision, image_token_id=int(hf_config.image_token_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# The name table. Kinds as llama.py's ("linear", "linear_bias", "norm", "embedding", "lm_head") and
+# qwen2_vl.py's ("conv", "norm_bias"), plus "gate" (a [1] scalar that a tanh turns into a gate) and "param"
+# (a bare parameter: the class embedding and the position embedding). Only "linear" is 4-bit quantized.
+
+
+def vision_layer_tensors(cfg: Config, gated: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+    """One `MllamaVisionEncoderLayer`, by HF name relative to `...layers.N.` (gated: the global transformer's)."""
+    v = cfg.vision
+    e, i = v.hidden_size, v.intermediate_size
+    tensors = {"gate_attn": ((1,), "gate"), "gate_ffn": ((1,), "gate")} if gated else {}
+    tensors.update({f"self_attn.{n}.weight": ((e, e), "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    tensors.update({
+        "mlp.fc1.weight": ((i, e), "linear"), "mlp.fc1.bias": ((i,), "linear_bias"),
+        "mlp.fc2.weight": ((e, i), "linear"), "mlp.fc2.bias": ((e,), "linear_bias"),
+        "input_layernorm.weight": ((e,), "norm"), "input_layernorm.bias": ((e,), "norm_bias"),
+        "post_attention_layernorm.weight": ((e,), "norm"), "post_attention_layernorm.bias": ((e,), "norm_bias"),
+    })
+    return tensors
+
+
+def _mlp_tensors(t: TextConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    d, f = t.hidden_size, t.intermediate_size
+    return {"mlp.gate_proj.weight": ((f, d), "linear"), "mlp.up_proj.weight": ((f, d), "linear"),
+            "mlp.down_proj.weight": ((d, f), "linear")}
+
+
+def self_layer_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """One `MllamaSelfAttentionDecoderLayer` (Llama's layer, no biases), relative to `...layers.N.`."""
+    t = cfg.text
+    d, q_out, kv_out = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    return {"self_attn.q_proj.weight": ((q_out, d), "linear"), "self_attn.k_proj.weight": ((kv_out, d), "linear"),
+            "self_attn.v_proj.weight": ((kv_out, d), "linear"), "self_attn.o_proj.weight": ((d, q_out), "linear"),
+            **_mlp_tensors(t), "input_layernorm.weight": ((d,), "norm"),
+            "post_attention_layernorm.weight": ((d,), "norm")}
+
+
+def cross_layer_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """One `MllamaCrossAttentionDecoderLayer`, relative to `...layers.N.`."""
+    t = cfg.text
+    d, q_out, kv_out = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    return {"cross_attn_attn_gate": ((1,), "gate"), "cross_attn_mlp_gate": ((1,), "gate"),
+            "cross_attn.q_proj.weight": ((q_out, d), "linear"), "cross_attn.k_proj.weight": ((kv_out, d), "linear"),
+            "cross_attn.v_proj.weight": ((kv_out, d), "linear"), "cross_attn.o_proj.weight": ((d, q_out), "linear"),
+            "cross_attn.q_norm.weight": ((t.head_dim,), "norm"), "cross_attn.k_norm.weight": ((t.head_dim,), "norm"),
+            "input_layernorm.weight": ((d,), "norm"), **_mlp_tensors(t),
+            "post_attention_layernorm.weight": ((d,), "norm")}
+
+
+def layer_stacks(cfg: Config) -> dict[str, tuple[int, dict]]:
+    """{stack key (pytree path): (depth, {relative tensor name: (shape, kind)})}; `stack_layers` names them."""
+    return {VISION_STACK: (cfg.vision.num_layers, vision_layer_tensors(cfg, gated=False)),
+            GLOBAL_STACK: (cfg.vision.num_global_layers, vision_layer_tensors(cfg, gated=True)),
+            TEXT_STACK: (len(cfg.text.self_attention_layers), self_layer_tensors(cfg)),
+            CROSS_STACK: (len(cfg.text.cross_attention_layers), cross_layer_tensors(cfg))}
+
+
+def stack_layers(cfg: Config) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{stack key: (HF module prefix, HF layer index of each stack position)}: position j of a stack is the HF
+    module `f"{prefix}.{indices[j]}"`. The vision stacks and a text model without cross layers are the identity."""
+    v, t = cfg.vision, cfg.text
+    return {VISION_STACK: (VISION_STACK, tuple(range(v.num_layers))),
+            GLOBAL_STACK: (GLOBAL_STACK, tuple(range(v.num_global_layers))),
+            TEXT_STACK: (TEXT_STACK, t.self_attention_layers),
+            CROSS_STACK: (TEXT_STACK, t.cross_attention_layers)}
+
+
+def module_name(cfg: Config, stack: str, position: int, rel: str = "") -> str:
+    """The HF module/tensor name of `rel` in layer `position` of `stack`."""
+    prefix, indices = stack_layers(cfg)[stack]
+    return f"{prefix}.{indices[position]}" + (f".{rel}" if rel else "")
+
+
+def split_module_name(cfg: Config, name: str) -> tuple[str, int, str] | None:
+    """An HF module/tensor name inside a stack -> (stack key, stack position, relative name); None outside."""
+    for stack, (prefix, indices) in stack_layers(cfg).items():
+        if not name.startswith(prefix + "."):
+            continue
+        head, _, rest = name[len(prefix) + 1:].partition(".")
+        if not head.isdigit() or int(head) not in indices:
+            continue
+        table = layer_stacks(cfg)[stack][1]
+        if rest in table or any(rel == rest or rel.startswith(rest + ".") for rel in table):
+            return stack, indices.index(int(head)), rest
+    return None
+
+
+def top_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensors outside the stacks, by full HF module name (embeddings first)."""
+    v, t = cfg.vision, cfg.text
+    e, vm = v.hidden_size, "model.vision_model"
+    ratios = v.max_aspect_ratio_id + 1
+    tensors = {
+        f"{EMBED_TOKENS}.weight": ((t.vocab_size + 8, t.hidden_size), "embedding"),
+        f"{vm}.gated_positional_embedding.tile_embedding.weight": ((ratios, v.max_num_tiles * v.num_patches * e),
+                                                                    "embedding"),
+        f"{vm}.pre_tile_positional_embedding.embedding.weight": ((ratios, v.max_num_tiles * e), "embedding"),
+        f"{vm}.post_tile_positional_embedding.embedding.weight": ((ratios, v.max_num_tiles * e), "embedding"),
+        f"{vm}.patch_embedding.weight": ((e, v.num_channels, v.patch_size, v.patch_size), "conv"),
+        f"{vm}.class_embedding": ((e,), "param"),
+        f"{vm}.gated_positional_embedding.embedding": ((v.num_patches, e), "param"),
+        f"{vm}.gated_positional_embedding.gate": ((1,), "gate"),
+        f"{vm}.pre_tile_positional_embedding.gate": ((1,), "gate"),
+        f"{vm}.post_tile_positional_embedding.gate": ((1,), "gate"),
+        f"{vm}.layernorm_pre.weight": ((e,), "norm"), f"{vm}.layernorm_pre.bias": ((e,), "norm_bias"),
+        f"{vm}.layernorm_post.weight": ((e,), "norm"), f"{vm}.layernorm_post.bias": ((e,), "norm_bias"),
+        "model.language_model.norm.weight": ((t.hidden_size,), "norm"),
+        "model.multi_modal_projector.weight": ((t.hidden_size, v.vision_output_dim), "linear"),
+        "model.multi_modal_projector.bias": ((t.hidden_size,), "linear_bias"),
+    }
+    if not cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = ((t.vocab_size, t.hidden_size), "lm_head")
+    return tensors
+
+
+def checkpoint_tensors(cfg: Config) -> list[tuple[str, tuple[int, ...], str]]:
+    """(HF module tensor name, shape, kind) of every tensor: embeddings, the stacks layer by layer, the rest."""
+    top = top_tensors(cfg)
+    first = [(n, *top.pop(n)) for n in list(top) if top[n][1] == "embedding"]
+    layers = [(module_name(cfg, stack, j, rel), shape, kind)
+              for stack, (depth, table) in layer_stacks(cfg).items()
+              for j in range(depth) for rel, (shape, kind) in table.items()]
+    return first + layers + [(n, shape, kind) for n, (shape, kind) in top.items()]
+
+
+def _vision_layer_modules(p: str) -> list[tuple[str, str]]:
+    modules = [(p, "other"), (f"{p}.self_attn", "other")]
+    modules += [(f"{p}.self_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    modules += [(f"{p}.mlp", "other"), (f"{p}.mlp.activation_fn", "other"), (f"{p}.mlp.fc1", "linear"),
+                (f"{p}.mlp.fc2", "linear")]
+    return modules + [(f"{p}.input_layernorm", "other"), (f"{p}.post_attention_layernorm", "other")]
+
+
+def _text_mlp_modules(p: str) -> list[tuple[str, str]]:
+    return ([(f"{p}.mlp", "other")] + [(f"{p}.mlp.{n}", "linear") for n in ("gate_proj", "up_proj", "down_proj")]
+            + [(f"{p}.mlp.act_fn", "other")])
+
+
+def _self_layer_modules(p: str) -> list[tuple[str, str]]:
+    """Llama's decoder layer (llama.decoder_layer_modules)."""
+    modules = [(p, "other"), (f"{p}.self_attn", "other")]
+    modules += [(f"{p}.self_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return modules + _text_mlp_modules(p) + [(f"{p}.input_layernorm", "other"),
+                                             (f"{p}.post_attention_layernorm", "other")]
+
+
+def _cross_layer_modules(p: str) -> list[tuple[str, str]]:
+    modules = [(p, "other"), (f"{p}.cross_attn", "other")]
+    modules += [(f"{p}.cross_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    modules += [(f"{p}.cross_attn.q_norm", "other"), (f"{p}.cross_attn.k_norm", "other"),
+                (f"{p}.input_layernorm", "other")]
+    return modules + _text_mlp_modules(p) + [(f"{p}.post_attention_layernorm", "other")]
+
+
+def module_list(cfg: Config) -> list[tuple[str, str]]:
+    """(dotted module name, kind) in the order torch's `named_modules()` lists them on the HF model.
+
+    Kinds: "linear" (nn.Linear), "embedding" (nn.Embedding: the token embedding and the three tile/aspect-ratio
+    embeddings), "other" (the patch embedding is a Conv2d)."""
+    v, t = cfg.vision, cfg.text
+    vm = "model.vision_model"
+    modules = [("model", "other"), (vm, "other"), (f"{vm}.patch_embedding", "other")]
+    modules += [(f"{vm}.gated_positional_embedding", "other"),
+                (f"{vm}.gated_positional_embedding.tile_embedding", "embedding")]
+    for which in ("pre", "post"):
+        modules += [(f"{vm}.{which}_tile_positional_embedding", "other"),
+                    (f"{vm}.{which}_tile_positional_embedding.embedding", "embedding")]
+    modules += [(f"{vm}.layernorm_pre", "other"), (f"{vm}.layernorm_post", "other")]
+    for encoder, depth in (("transformer", v.num_layers), ("global_transformer", v.num_global_layers)):
+        modules += [(f"{vm}.{encoder}", "other"), (f"{vm}.{encoder}.layers", "other")]
+        for i in range(depth):
+            modules += _vision_layer_modules(f"{vm}.{encoder}.layers.{i}")
+    modules += [("model.language_model", "other"), (EMBED_TOKENS, "embedding"), (TEXT_STACK, "other")]
+    for i in range(t.num_layers):
+        p = f"{TEXT_STACK}.{i}"
+        modules += _cross_layer_modules(p) if i in t.cross_attention_layers else _self_layer_modules(p)
+    return modules + [("model.language_model.norm", "other"), ("model.language_model.rotary_emb", "other"),
+                      ("model.multi_modal_projector", "linear"), ("lm_head", "linear")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: shared pieces.
+
+
+def _linear(x, module: dict, key=None, dropout_rate: float = 0.0):
+    """A linear module of the combined tree: base weight (+ bias), plus a LoRA branch when it has one."""
+    if "lora_A" in module:
+        return kernels.lora_linear(x, module, key, dropout_rate)
+    return kernels.linear(x, module["weight"], module.get("bias"))
+
+
+def _keys(key, n):
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def layer_norm(x, weight_d, bias_d, eps: float):
+    """torch's LayerNorm: statistics and affine in fp32, one cast back to the input dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight_d.astype(jnp.float32) + bias_d.astype(jnp.float32)).astype(x.dtype)
+
+
+def _gate(g) -> jax.Array:
+    """A `[1]` gate parameter as tanh(g), a scalar."""
+    return jnp.tanh(g.reshape(()))
+
+
+def biased_attention(q_bqhd, k_bkgd, v_bkgd, bias_bqk, scale: float):
+    """Non-causal grouped-query attention with an additive bias, as transformers' eager attention: scores
+    `q·k * scale + bias` in fp32, softmax in fp32, probabilities cast to the query dtype. `bias_bqk` None: none.
+
+    The bias is added, not applied as a select, because transformers' masks are `finfo.min` additions and a
+    row whose every entry is masked then becomes uniform exactly as in torch."""
+    batch, nq, q_heads, head_dim = q_bqhd.shape
+    kv_heads = k_bkgd.shape[2]
+    q = q_bqhd.reshape(batch, nq, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_bkgd, preferred_element_type=jnp.float32) * scale
+    if bias_bqk is not None:
+        scores = scores + bias_bqk[:, None, None].astype(jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_bqhd.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bkgd, preferred_element_type=q_bqhd.dtype)
+    return out.reshape(batch, nq, q_heads, head_dim)
+
+
+def _run_stack(step, x, stack: dict, keys, remat):
+    """`jax.lax.scan(step, x, (stack, keys))`, under `jax.checkpoint(policy=remat)` when given; returns x."""
+    if remat is not None:
+        step = jax.checkpoint(step, policy=remat, prevent_cse=False)
+    x, _ = jax.lax.scan(step, x, (stack, keys))
+    return x
+
+
+def _slice(tree, start: int, stop: int):
+    return jax.tree.map(lambda a: a[start:stop], tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# The vision encoder.
+
+
+def _check_vision_inputs(v: VisionConfig, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
+    shape = tuple(pixel_values.shape)
+    if len(shape) != 6:
+        raise ValueError(f"pixel_values must be [batch, images, tiles, channels, height, width] (MllamaProcessor's "
+                         f"layout); got shape {shape}")
+    want = (v.max_num_tiles, v.num_channels, v.image_size, v.image_size)
+    if shape[2:] != want:
+        raise ValueError(f"pixel_values has [tiles, channels, height, width] = {list(shape[2:])}; the config needs "
+                         f"{list(want)} (max_num_tiles, num_channels, image_size, image_size)")
+    if tuple(aspect_ratio_ids.shape) != shape[:2]:
+        raise ValueError(f"aspect_ratio_ids has shape {tuple(aspect_ratio_ids.shape)}; pixel_values needs "
+                         f"{shape[:2]} (batch, images)")
+    if tuple(aspect_ratio_mask.shape) != shape[:3]:
+        raise ValueError(f"aspect_ratio_mask has shape {tuple(aspect_ratio_mask.shape)}; pixel_values needs "
+                         f"{shape[:3]} (batch, images, tiles)")
+
+
+def patch_embed(v: VisionConfig, weight_ecpp, pixel_values_ncHW, compute_dtype):
+    """The Conv2d with stride == kernel as a matmul over flattened patches: `[n, C, H, W] -> [n, patches, E]`,
+    patches row-major (conv's `flatten(2).transpose(1, 2)`)."""
+    n, c, h, w = pixel_values_ncHW.shape
+    p = v.patch_size
+    x = pixel_values_ncHW.astype(compute_dtype).reshape(n, c, h // p, p, w // p, p)
+    x = x.transpose(0, 2, 4, 1, 3, 5).reshape(n, (h // p) * (w // p), c * p * p)
+    return kernels.linear(x, kernels.dense_weight(weight_ecpp, compute_dtype).reshape(v.hidden_size, -1))
+
+
+def vision_padding(v: VisionConfig, aspect_ratio_mask_nt):
+    """`[n, tiles * padded_patches]` bool: which tokens transformers' vision attention mask calls padding (the
+    tokens added to reach a multiple of 8, and every token of a padding tile). Only padding-to-padding pairs are
+    masked (`_prepare_aspect_ratio_attention_mask`: the outer product of the two padding indicators); real tokens
+    attend to padding tokens too. (transformers' `[:, :, -pad:] = 0` would mark everything with pad = 0, but
+    patches^2 + 1 is never a multiple of 8.)"""
+    n, tiles = aspect_ratio_mask_nt.shape
+    real_patch = jnp.arange(v.padded_patches) < v.num_patches
+    real = aspect_ratio_mask_nt.astype(bool)[:, :, None] & real_patch[None, None, :]
+    return ~real.reshape(n, tiles * v.padded_patches)
+
+
+def vision_layer(v: VisionConfig, layer: dict, x_nsd, pad_ns, gated: bool, key=None, dropout_rate: float = 0.0):
+    """One `MllamaVisionEncoderLayer`: x + [tanh(gate_attn) *] attn(ln(x)), then + [tanh(gate_ffn) *] mlp(ln(x))."""
+    n, s, _ = x_nsd.shape
+    kq, kk, kv, ko, k1, k2 = _keys(key, 6)
+    lin = partial(_linear, dropout_rate=dropout_rate)
+    attn, mlp = layer["self_attn"], layer["mlp"]
+    ln1, ln2 = layer["input_layernorm"], layer["post_attention_layernorm"]
+    h = layer_norm(x_nsd, ln1["weight"], ln1["bias"], v.norm_eps)
+    q, k, values = (lin(h, attn[name], key_).reshape(n, s, v.num_heads, v.head_dim)
+                    for name, key_ in (("q_proj", kq), ("k_proj", kk), ("v_proj", kv)))
+    q, k, values = (checkpoint_name(t, SAVED_ATTENTION_INPUTS) for t in (q, k, values))
+    mask_value = jnp.finfo(x_nsd.dtype).min
+    bias = jnp.where(pad_ns[:, :, None] & pad_ns[:, None, :], mask_value, 0.0)
+    o = lin(biased_attention(q, k, values, bias, v.head_dim ** -0.5).reshape(n, s, v.hidden_size), attn["o_proj"], ko)
+    if gated:
+        o = _gate(layer["gate_attn"]).astype(o.dtype) * o
+    x_nsd = checkpoint_name(x_nsd + o, SAVED_MID_RESIDUAL)
+    h = layer_norm(x_nsd, ln2["weight"], ln2["bias"], v.norm_eps)
+    h = checkpoint_name(lin(h, mlp["fc1"], k1), SAVED_MLP_INPUTS)
+    h = lin(kernels.ACTIVATIONS[v.hidden_act](h), mlp["fc2"], k2)
+    if gated:
+        h = _gate(layer["gate_ffn"]).astype(h.dtype) * h
+    return x_nsd + h
+
+
+def _tile_embedding(module: dict, aspect_ratio_ids_n, shape, dtype):
+    return jnp.take(module["weight"], aspect_ratio_ids_n, axis=0).astype(dtype).reshape(shape)
+
+
+def vision_model(cfg: Config, params: dict, pixel_values_bitchw, aspect_ratio_ids_bi, aspect_ratio_mask_bit,
+                 compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, remat=None):
+    """`MllamaVisionModel(...).last_hidden_state`: `[B, images, tiles, num_patches, vision_output_dim]`, the global
+    transformer's output followed by the intermediate local layers' (interleaved feature-major, as transformers'
+    `torch.stack(..., dim=-1)` then reshape lays them out)."""
+    v = cfg.vision
+    vm = params["model"]["vision_model"]
+    _check_vision_inputs(v, pixel_values_bitchw, aspect_ratio_ids_bi, aspect_ratio_mask_bit)
+    b, images, tiles = pixel_values_bitchw.shape[:3]
+    n, e, p, pp = b * images, v.hidden_size, v.num_patches, v.padded_patches
+    ids_n = jnp.asarray(aspect_ratio_ids_bi).reshape(n)
+    pixels = jnp.asarray(pixel_values_bitchw).reshape(n * tiles, *pixel_values_bitchw.shape[3:])
+
+    x = patch_embed(v, vm["patch_embedding"]["weight"], pixels, compute_dtype).reshape(n, tiles, p - 1, e)
+    pre = vm["pre_tile_positional_embedding"]
+    x = x + _gate(pre["gate"]).astype(compute_dtype) * _tile_embedding(pre["embedding"], ids_n, (n, tiles, 1, e),
+                                                                      compute_dtype)
+    cls = jnp.broadcast_to(vm["class_embedding"].astype(compute_dtype), (n, tiles, 1, e))
+    x = jnp.concatenate([cls, x], axis=2)
+    pos = vm["gated_positional_embedding"]
+    gate = _gate(pos["gate"]).astype(compute_dtype)
+    x = x + (1 - gate) * pos["embedding"].astype(compute_dtype)
+    x = x + gate * _tile_embedding(pos["tile_embedding"], ids_n, (n, tiles, p, e), compute_dtype)
+    x = layer_norm(x, vm["layernorm_pre"]["weight"], vm["layernorm_pre"]["bias"], PRE_POST_LAYERNORM_EPS)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pp - p), (0, 0))).reshape(n, tiles * pp, e)
+    pad_ns = vision_padding(v, jnp.asarray(aspect_ratio_mask_bit).reshape(n, tiles))
+
+    keys = _keys(dropout_key, 2)
+    local_keys = None if keys[0] is None else jax.random.split(keys[0], v.num_layers)
+    global_keys = None if keys[1] is None else jax.random.split(keys[1], v.num_global_layers)
+
+    def step(gated):
+        def body(x_nsd, layer_and_key):
+            layer, key = layer_and_key
+            x_nsd = checkpoint_name(x_nsd, LAYER_INPUT)
+            return vision_layer(v, layer, x_nsd, pad_ns, gated, key, dropout_rate), None
+        return body
+
+    # The local transformer in segments that end at each intermediate layer (their outputs are kept).
+    local = vm["transformer"]["layers"]
+    kept, start = {}, 0
+    for stop in sorted({i + 1 for i in v.intermediate_layers_indices} | {v.num_layers}):
+        x = _run_stack(step(False), x, _slice(local, start, stop),
+                       None if local_keys is None else local_keys[start:stop], remat)
+        kept[stop - 1], start = x, stop
+    intermediate = jnp.stack([kept[i] for i in v.intermediate_layers_indices], axis=-1)  # [n, s, e, K]
+
+    x = layer_norm(x, vm["layernorm_post"]["weight"], vm["layernorm_post"]["bias"], PRE_POST_LAYERNORM_EPS)
+    post = vm["post_tile_positional_embedding"]
+    x = x.reshape(n, tiles, pp, e) + _gate(post["gate"]).astype(compute_dtype) * _tile_embedding(
+        post["embedding"], ids_n, (n, tiles, 1, e), compute_dtype)
+    x = _run_stack(step(True), x.reshape(n, tiles * pp, e), vm["global_transformer"]["layers"], global_keys, remat)
+
+    x = x.reshape(n, tiles, pp, e)[:, :, :p]
+    intermediate = intermediate.reshape(n, tiles, pp, -1)[:, :, :p]
+    return jnp.concatenate([x, intermediate], axis=-1).reshape(b, images, tiles, p, v.vision_output_dim)
+
+
+def cross_attention_states(cfg: Config, params: dict, vision: dict, compute_dtype=jnp.float32, dropout_key=None,
+                           dropout_rate: float = 0.0, remat=None):
+    """The projected vision tokens the cross-attention layers attend to: `[B, images * tiles * num_patches, D]`."""
+    keys = _keys(dropout_key, 2)
+    features = vision_model(cfg, params, vision["pixel_values"], vision["aspect_ratio_ids"],
+                            vision["aspect_ratio_mask"], compute_dtype, keys[0], dropout_rate, remat)
+    out = _linear(features, params["model"]["multi_modal_projector"], keys[1], dropout_rate)
+    return out.reshape(features.shape[0], -1, cfg.text.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The language model.
+
+
+def cross_attention_bias(cfg: Config, cross_attention_mask_bsit, dtype):
+    """transformers' `_prepare_cross_attention_mask`: `(bias [B, S, images*tiles*num_patches], row_mask [B, S])`.
+
+    A token attends to the tiles where its mask is exactly 1 (each tile is `num_patches` vision tokens). A token
+    with no such tile (text before the first image, padding) gets an all-zero bias row: it still attends, unmasked,
+    to every vision token, and `row_mask` 0 then removes only its cross-attention MLP output."""
+    mask = jnp.asarray(cross_attention_mask_bsit)
+    if mask.ndim != 4:
+        raise ValueError(f"cross_attention_mask must be [batch, seq, images, tiles] (MllamaProcessor's layout); got "
+                         f"shape {tuple(mask.shape)}")
+    b, s = mask.shape[:2]
+    allowed = jnp.repeat(mask == 1, cfg.vision.num_patches, axis=3).reshape(b, s, -1)
+    row = jnp.any(allowed, axis=-1)
+    bias = jnp.where(allowed, 0.0, jnp.finfo(dtype).min) * row[..., None].astype(jnp.float32)
+    return bias, row.astype(dtype)
+
+
+def _mlp(t: TextConfig, mlp: dict, h, keys, dropout_rate):
+    kg, ku, kd = keys
+    gate = checkpoint_name(_linear(h, mlp["gate_proj"], kg, dropout_rate), SAVED_MLP_INPUTS)
+    up = checkpoint_name(_linear(h, mlp["up_proj"], ku, dropout_rate), SAVED_MLP_INPUTS)
+    return _linear(kernels.ACTIVATIONS[t.hidden_act](gate) * up, mlp["down_proj"], kd, dropout_rate)
+
+
+def self_attention_layer(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_bsr, attention_mask_bs, key=None,
+                         dropout_rate: float = 0.0):
+    """`MllamaSelfAttentionDecoderLayer`: Llama's decoder layer without biases (the shared decoder's, later)."""
+    t = cfg.text
+    batch, seq, _ = x_bsd.shape
+    attn = layer["self_attn"]
+    kq, kk, kv, ko, *mlp_keys = _keys(key, 7)
+    h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], t.rms_norm_eps)
+    q = _linear(h, attn["q_proj"], kq, dropout_rate).reshape(batch, seq, t.num_heads, t.head_dim)
+    k = _linear(h, attn["k_proj"], kk, dropout_rate).reshape(batch, seq, t.num_kv_heads, t.head_dim)
+    v = _linear(h, attn["v_proj"], kv, dropout_rate).reshape(batch, seq, t.num_kv_heads, t.head_dim)
+    q, k = rope.apply_rotary(q, cos_bsr, sin_bsr), rope.apply_rotary(k, cos_bsr, sin_bsr)
+    q, k, v = (checkpoint_name(a, SAVED_ATTENTION_INPUTS) for a in (q, k, v))
+    o = kernels.attention(q, k, v, attention_mask_bs, scale=t.head_dim ** -0.5)
+    x_bsd = x_bsd + _linear(o.reshape(batch, seq, t.num_heads * t.head_dim), attn["o_proj"], ko, dropout_rate)
+    x_bsd = checkpoint_name(x_bsd, SAVED_MID_RESIDUAL)
+    h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], t.rms_norm_eps)
+    return x_bsd + _mlp(t, layer["mlp"], h, mlp_keys, dropout_rate)
+
+
+def cross_attention_layer(cfg: Config, layer: dict, x_bsd, states_bvd, bias_bsv, row_mask_bs, key=None,
+                          dropout_rate: float = 0.0):
+    """`MllamaCrossAttentionDecoderLayer`: x + tanh(attn_gate) * cross_attn(ln(x), states), then
+    + tanh(mlp_gate) * [row_mask *] mlp(ln(x)). q and k get per-head RMSNorms; no rotary embedding."""
+    t = cfg.text
+    batch, seq, _ = x_bsd.shape
+    attn = layer["cross_attn"]
+    kq, kk, kv, ko, *mlp_keys = _keys(key, 7)
+    h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], t.rms_norm_eps)
+    q = _linear(h, attn["q_proj"], kq, dropout_rate).reshape(batch, seq, t.num_heads, t.head_dim)
+    q = kernels.rms_norm(q, attn["q_norm"]["weight"], t.rms_norm_eps)
+    states = states_bvd.astype(x_bsd.dtype)
+    k = _linear(states, attn["k_proj"], kk, dropout_rate).reshape(batch, -1, t.num_kv_heads, t.head_dim)
+    k = kernels.rms_norm(k, attn["k_norm"]["weight"], t.rms_norm_eps)
+    v = _linear(states, attn["v_proj"], kv, dropout_rate).reshape(batch, -1, t.num_kv_heads, t.head_dim)
+    q, k, v = (checkpoint_name(a, SAVED_ATTENTION_INPUTS) for a in (q, k, v))
+    o = biased_attention(q, k, v, bias_bsv, t.head_dim ** -0.5).reshape(batch, seq, t.num_heads * t.head_dim)
+    o = _linear(o, attn["o_proj"], ko, dropout_rate)
+    x_bsd = checkpoint_name(x_bsd + _gate(layer["cross_attn_attn_gate"]).astype(o.dtype) * o, SAVED_MID_RESIDUAL)
+    h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], t.rms_norm_eps)
+    h = _mlp(t, layer["mlp"], h, mlp_keys, dropout_rate)
+    if row_mask_bs is not None:
+        h = row_mask_bs[..., None].astype(h.dtype) * h
+    return x_bsd + _gate(layer["cross_attn_mlp_gate"]).astype(h.dtype) * h
+
+
+def text_layer_runs(t: TextConfig) -> list[tuple[str, int, int]]:
+    """The text layers as runs of one kind, in order: `[(stack key, start, stop)]` over stack positions."""
+    runs: list[list] = []
+    positions = {TEXT_STACK: 0, CROSS_STACK: 0}
+    for i in range(t.num_layers):
+        stack = CROSS_STACK if i in t.cross_attention_layers else TEXT_STACK
+        if runs and runs[-1][0] == stack:
+            runs[-1][2] += 1
+        else:
+            runs.append([stack, positions[stack], positions[stack] + 1])
+        positions[stack] += 1
+    return [tuple(r) for r in runs]
+
+
+def text_cos_sin(hf_config, position_ids_bs, dtype=jnp.float32):
+    """The language model's rotary cos/sin `[B, S, head_dim]` (transformers' rope, llama3 scaling included)."""
+    text_config = getattr(hf_config, "text_config", hf_config)
+    positions = jnp.asarray(position_ids_bs)
+    inv_freq, scaling = rope.rope_inv_freq(text_config, seq_len=int(positions.max()) + 1)
+    return rope.rope_cos_sin(jnp.asarray(inv_freq), positions, scaling, dtype)
+
+
+def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
+                  compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, remat=None, *,
+                  vision: dict | None = None):
+    """Final normed hidden states `[batch, seq, hidden]`.
+
+    `vision`: None (text only: every cross-attention layer is skipped, as transformers does without images) or
+    `{pixel_values, aspect_ratio_ids, aspect_ratio_mask[, cross_attention_mask]}` as MllamaProcessor makes them
+    (without `cross_attention_mask` every token attends to every vision token and no MLP row is masked)."""
+    t = cfg.text
+    lm = params["model"]["language_model"]
+    x = kernels.embedding(input_ids_bs, lm["embed_tokens"], compute_dtype)
+    cos_bsr, sin_bsr = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
+    vision_key, text_key = _keys(dropout_key, 2)
+    layer_keys = None if text_key is None else jax.random.split(text_key, t.num_layers)
+    states = bias = row = None
+    if vision is not None:
+        states = cross_attention_states(cfg, params, vision, compute_dtype, vision_key, dropout_rate, remat)
+        if vision.get("cross_attention_mask") is not None:
+            bias, row = cross_attention_bias(cfg, vision["cross_attention_mask"], compute_dtype)
+            if bias.shape[:2] != x.shape[:2] or bias.shape[2] != states.shape[1]:
+                raise ValueError(f"cross_attention_mask is [batch, seq, images, tiles] = "
+                                 f"{list(jnp.shape(vision['cross_attention_mask']))}; input_ids are "
+                                 f"{list(x.shape[:2])} and pixel_values give {states.shape[1]} vision tokens")
+
+    def self_step(x_bsd, layer_and_key):
+        layer, key = layer_and_key
+        x_bsd = checkpoint_name(x_bsd, LAYER_INPUT)
+        return self_attention_layer(cfg, layer, x_bsd, cos_bsr, sin_bsr, attention_mask_bs, key, dropout_rate), None
+
+    def cross_step(x_bsd, layer_and_key):
+        layer, key = layer_and_key
+        x_bsd = checkpoint_name(x_bsd, LAYER_INPUT)
+        return cross_attention_layer(cfg, layer, x_bsd, states, bias, row, key, dropout_rate), None
+
+    hf_index = {stack: indices for stack, (_, indices) in stack_layers(cfg).items()}
+    for stack, start, stop in text_layer_runs(t):
+        if stack == CROSS_STACK and states is None:
+            continue
+        keys = None if layer_keys is None else layer_keys[jnp.asarray(hf_index[stack][start:stop])]
+        tree = lm["layers"] if stack == TEXT_STACK else lm["cross_attention_layers"]
+        x = _run_stack(self_step if stack == TEXT_STACK else cross_step, x, _slice(tree, start, stop), keys, remat)
+    return kernels.rms_norm(x, lm["norm"]["weight"], t.rms_norm_eps)
+
+
+def lm_head_module(cfg: Config, params: dict) -> dict:
+    """The output layer's module dict (never tied, see Config.from_hf)."""
+    head = dict(params.get("lm_head", {}))
+    return head
+
+
+def forward(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
+            compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, *, vision: dict | None = None):
+    """Logits `[batch, seq, vocab]` in the compute dtype, as the HF model's `.logits`."""
+    h = hidden_states(cfg, params, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs, compute_dtype, dropout_key,
+                      dropout_rate, vision=vision)
+    head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
+    return _linear(h, lm_head_module(cfg, params), head_key, dropout_rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading (standalone until the shared loader knows `stack_layers`): 16-bit, or NF4 on load.
+
+
+def load_params(directory, cfg: Config, dtype=jnp.float32, load_in_4bit: bool = False, double_quant: bool = True):
+    """The base pytree from a checkpoint directory (either naming convention), each "linear" tensor quantized to
+    bitsandbytes NF4 when `load_in_4bit` (as transformers + bitsandbytes quantize every nn.Linear but lm_head).
+    Pre-quantized (bnb-4bit) checkpoints are not supported here yet."""
+    from fastlora_jax.convert.hf_checkpoint import CheckpointError, find_checkpoint_files, iter_tensors, tensor_shapes
+    from fastlora_jax.convert.load import _quantize_on_device, _StackedLeaves, set_path
+    from fastlora_jax.families import _rename
+
+    files = find_checkpoint_files(directory)
+    in_file = {_rename(LOAD_RENAMES, stored): stored for stored in files.tensor_to_file}
+    shapes = tensor_shapes(files)
+    expected = {name: (shape, kind) for name, shape, kind in checkpoint_tensors(cfg)}
+    for name, (shape, _) in expected.items():
+        if name not in in_file:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {str(directory)!r}")
+        if tuple(shapes[in_file[name]]) != shape:
+            raise CheckpointError(f"tensor {in_file[name]!r} in {str(directory)!r} has shape "
+                                  f"{tuple(shapes[in_file[name]])}, but config.json implies {shape}")
+    if any(n.endswith(".quant_state.bitsandbytes__nf4") for n in in_file):
+        raise NotImplementedError(f"{str(directory)!r} holds a bitsandbytes 4-bit checkpoint; mllama.load_params "
+                                  "reads 16/32-bit checkpoints only (for now)")
+    params: dict = {}
+    stacked = _StackedLeaves({stack: depth for stack, (depth, _) in layer_stacks(cfg).items()})
+    module_of = {in_file[name]: name for name in expected}
+    for stored, array in iter_tensors(files, [in_file[name] for name in expected]):
+        name = module_of[stored]
+        kind = expected[name][1]
+        value = _quantize_on_device(array, dtype, double_quant) if kind == "linear" and load_in_4bit \
+            else jnp.asarray(array).astype(dtype)
+        where = split_module_name(cfg, name)
+        if where is None:
+            set_path(params, name, value)
+        else:
+            stack, position, rel = where
+            stacked.put(stack, rel, position, value)
+    stacked.write_into(params)
+    return params
