@@ -35,8 +35,8 @@ Image = pytest.importorskip("PIL.Image")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from conftest import rel_l2  # noqa: E402
-from fastlora_jax import mllama  # noqa: E402
-from fastlora_jax.families import _rename  # noqa: E402
+from fastlora_jax.models import mllama  # noqa: E402
+from fastlora_jax.models.registry import _rename  # noqa: E402
 from fastlora_jax.lora_config import LoraSpec, resolve_targets, vision_target_modules  # noqa: E402
 from fastlora_jax.quant import NF4Weight  # noqa: E402
 from fastlora_jax.tiny_mllama import IMAGE_TOKEN, write_tiny_mllama  # noqa: E402

@@ -28,7 +28,7 @@ module names (`model.vision_model.*`, ...): `CHECKPOINT_RENAMES` / `LOAD_RENAMES
 Inputs are what `MllamaProcessor` makes: `pixel_values [B, images, tiles, C, H, W]`, `aspect_ratio_ids
 [B, images]`, `aspect_ratio_mask [B, images, tiles]`, `cross_attention_mask [B, seq, images, tiles]`.
 
-Not yet wired into the generic machinery (integration): families.py/lora.py/convert/load.py assume stack position
+Not yet wired into the generic machinery (integration): models/registry.py, lora.py and convert/load.py assume stack position
 == HF layer index (`prefix.N.rel`); here they must go through `stack_layers` / `module_name` /
 `split_module_name`. `load_params` is a standalone loader until then (16-bit, NF4 on load; not bnb-4bit files).
 No KV cache yet (generation would cache the self-attention K/V and each cross layer's vision K/V once).
@@ -734,7 +734,7 @@ def load_params(directory, cfg: Config, dtype=jnp.float32, load_in_4bit: bool = 
     Pre-quantized (bnb-4bit) checkpoints are not supported here yet."""
     from fastlora_jax.convert.hf_checkpoint import CheckpointError, find_checkpoint_files, iter_tensors, tensor_shapes
     from fastlora_jax.convert.load import _quantize_on_device, _StackedLeaves, set_path
-    from fastlora_jax.families import _rename
+    from fastlora_jax.models.registry import _rename
 
     files = find_checkpoint_files(directory)
     in_file = {_rename(LOAD_RENAMES, stored): stored for stored in files.tensor_to_file}
