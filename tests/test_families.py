@@ -207,6 +207,10 @@ def test_checkpoint_exercises_the_case_features(fam):
             assert rope["original_max_position_embeddings"] < SEQ  # the long factors are the ones in use
             short = dict(rope, long_factor=list(rope["short_factor"]))
             assert moved(hf_with(fam, rope_parameters=short), fam.hf_logits, fam.keep) > 1e-2
+            # and within original_max_position_embeddings the short factors are the ones in use
+            ids = fam.ids[2:, :rope["original_max_position_embeddings"]]
+            long = load_hf(case, fam.dir, rope_parameters=dict(rope, short_factor=list(rope["long_factor"])))
+            assert rel_l2(torch_logits(long, ids), torch_logits(hf, ids)) > 1e-2
         else:
             raise AssertionError(f"unknown feature {feature!r}")
     # the padding really changes the unpadded positions of the left-padded row
@@ -234,6 +238,9 @@ def test_fp32_padded_logits_match_transformers(fam):
     # and the unpadded call equals transformers' unpadded call
     full = torch_logits(fam.hf, fam.ids)
     assert rel_l2(np.asarray(model(fam.ids).logits), full) < 1e-4
+    if "longrope" in fam.case.features:  # a sequence within original_max_position_embeddings: the short factors
+        short = fam.ids[2:, :fam.hf.config.rope_parameters["original_max_position_embeddings"]]
+        assert rel_l2(np.asarray(model(short).logits), torch_logits(fam.hf, short)) < 1e-4
 
 
 def test_bf16_logits_within_bf16_tolerance(fam):
