@@ -14,10 +14,12 @@ random checkpoint that transformers wrote:
   target_modules (no argument) and for "all-linear";
 - our adapter loads in PeftModel.from_pretrained with every tensor consumed, giving our logits (1e-4);
 - compute_loss and its LoRA gradients equal torch autograd through PEFT (1e-5 / 1e-4) with B != 0;
-- greedy generation with the adapter is token-identical to transformers + PEFT (prompt + new tokens longer than
-  the sliding window, so the KV cache's window is exercised);
+- greedy generation with the adapter is token-identical to transformers + PEFT, each step's logits within 1e-4
+  (prompt + new tokens longer than the sliding window, so the KV cache's window is exercised); a longrope case
+  also generates across its short/long switch, against a cache-free transformers + PEFT greedy loop;
 - save_pretrained_merged loads in transformers with our logits (1e-4).
-Every random draw derives from the case name (family_cases.FamilyCase.seed).
+Every random draw derives from the case name (family_cases.FamilyCase.seed). The `llama_control` case runs the
+same checks on the family fastlora_jax supported before: if it fails, suspect the harness.
 """
 
 from __future__ import annotations
@@ -297,8 +299,7 @@ def decode_bnb_nf4(tensors: dict) -> np.ndarray:
     this decoding of its own bytes, which agrees with it on every other shape), and transformers' CPU forward
     goes through it. The bytes bnb quantizes are right (ours equal them exactly), so the logits oracle is
     transformers with the weights bnb quantized, decoded here."""
-    import json as _json
-    meta = _json.loads(bytes(np.asarray(tensors["quant_state.bitsandbytes__nf4"], np.uint8)))
+    meta = json.loads(bytes(np.asarray(tensors["quant_state.bitsandbytes__nf4"], np.uint8)))
     assert meta["quant_type"] == "nf4", meta
     shape, block = meta["shape"], meta["blocksize"]
     absmax = np.asarray(tensors["absmax"])
