@@ -94,16 +94,21 @@ def _cos_sin(family, cfg, inv_freq, rope_scale, positions):
 
 
 def _prefill(base, lora, meta, cache, ids_bs, positions_bs, mask_bL, inv_freq, rope_scale, key, sampling, eos_ids,
-             pad_id, vision=None, *, family, cfg, compute_dtype, options):
-    """The whole prompt in one call; `vision` (a vision family's image inputs, `generation_inputs`') enters here."""
+             pad_id, vision=None, step=0, finished_b=None, *, family, cfg, compute_dtype, options):
+    """The whole prompt in one call; `vision` (a vision family's image inputs, `generation_inputs`') enters here.
+
+    Also the recomputation of the whole cache at step `step` (the prompt and the tokens so far, `finished_b`
+    the rows that had already finished) when the rotary tables changed (see `generate`)."""
     params = combine(base, lora, meta)
     cos, sin = _cos_sin(family, cfg, inv_freq, rope_scale, positions_bs)
     images = {} if vision is None else {"vision": vision}
     logits, cache = family.forward_cached(cfg, params, ids_bs, cos, sin, cache, 0, mask_bL, compute_dtype,
                                           last_only=True, options=options, **images)
     logits_bv = logits[:, -1].astype(jnp.float32)
-    next_b = _choose(logits_bv, jax.random.fold_in(key, 0), *sampling)
-    next_b, finished_b = _finish(next_b, jnp.zeros(next_b.shape, bool), eos_ids, pad_id)
+    next_b = _choose(logits_bv, jax.random.fold_in(key, step), *sampling)
+    if finished_b is None:
+        finished_b = jnp.zeros(next_b.shape, bool)
+    next_b, finished_b = _finish(next_b, finished_b, eos_ids, pad_id)
     return next_b, cache, finished_b, logits_bv
 
 
@@ -246,6 +251,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     kv = model.family.init_cache(model.cfg, batch, max_len, model.dtype)
 
     dynamic_rope = model.family.rope_is_dynamic(config, model.cfg)
+    recompute_on_change = dynamic_rope and model.family.rope_invalidates_cache(config, model.cfg)
     inv_freq, rope_scale = _rope_tables(model, int(positions.max()) + 1)
 
     prefill, decode = jitted_steps()
@@ -257,11 +263,25 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     prompt_len_a = jnp.int32(prompt_len)
     mask_full = jnp.asarray(mask_full)
     for step in range(1, max_new_tokens):
+        changed = False
         if dynamic_rope:  # HF recomputes inv_freq from this step's longest position, as rotary_cos_sin does
-            inv_freq, rope_scale = _rope_tables(model, int(last_host.max()) + step + 1)
-        token, kv, mask_full, next_finished, logits = decode(
-            model.base_params, lora, meta, kv, mask_full, token, last_position, prompt_len_a, jnp.int32(step),
-            finished, inv_freq, rope_scale, key, sampling, eos_a, pad_a, **statics)
+            new_freq, new_scale = _rope_tables(model, int(last_host.max()) + step + 1)
+            changed = not (np.array_equal(new_freq, inv_freq) and np.array_equal(new_scale, rope_scale))
+            inv_freq, rope_scale = new_freq, new_scale
+        if changed and recompute_on_change:
+            # LongRoPE's switch to its long factors: the cached keys were rotated with the short ones, so the
+            # whole cache is recomputed with the new tables (transformers' Phi-3 drops its cache there too)
+            seq = np.concatenate([ids] + [np.asarray(t)[:, None] for t in tokens], axis=1)
+            seq_positions = np.concatenate([positions, last_host[:, None] + np.arange(1, step + 1)], axis=1)
+            mask_full = mask_full.at[:, prompt_len + step - 1].set(1)
+            token, kv, next_finished, logits = prefill(
+                model.base_params, lora, meta, kv, jnp.asarray(seq), jnp.asarray(seq_positions.astype(np.int32)),
+                mask_full, inv_freq, rope_scale, key, sampling, eos_a, pad_a, None, jnp.int32(step), finished,
+                **statics)
+        else:
+            token, kv, mask_full, next_finished, logits = decode(
+                model.base_params, lora, meta, kv, mask_full, token, last_position, prompt_len_a, jnp.int32(step),
+                finished, inv_freq, rope_scale, key, sampling, eos_a, pad_a, **statics)
         # the previous step's flags are read while this step runs; if every row had already finished, this
         # step's tokens (all padding) are dropped and generation ends, as HF's does
         if bool(finished.all()):

@@ -239,6 +239,14 @@ def rope_is_dynamic(hf_config, cfg: DecoderConfig) -> bool:
     return any(rope.rope_parameters(hf_config, layer_type=t)["rope_type"] in ("dynamic", "longrope") for t in types)
 
 
+def rope_invalidates_cache(hf_config, cfg: DecoderConfig) -> bool:
+    """Whether a change of the tables makes the cached keys stale, so generation recomputes the cache:
+    LongRoPE's switch from short to long factors (transformers' Phi-3 drops its cache at the switch). Dynamic
+    NTK keeps its cache, as transformers' generate does."""
+    types = cfg.rope_layer_types or (None,)
+    return any(rope.rope_parameters(hf_config, layer_type=t)["rope_type"] == "longrope" for t in types)
+
+
 def rope_cos_sin(inv_freq, position_ids_bs, attention_scaling, dtype=jnp.float32):
     """cos/sin `[batch, seq, rotary_dim]` of one table, or `[types, batch, seq, rotary_dim]` of stacked ones."""
     inv_freq = jnp.asarray(inv_freq)
@@ -560,4 +568,4 @@ def forward_cached(cfg: DecoderConfig, params: dict, input_ids_bs, cos_bsr, sin_
 FAMILY_API = ("EMBED_TOKENS", "OUTPUT_LAYER", "CHECKPOINT_RENAMES", "LOAD_RENAMES", "LAYER_INPUT", "layer_stacks",
               "top_tensors", "module_list", "hidden_states", "forward", "forward_cached", "init_cache",
               "lm_head_module", "rope_tables", "rope_is_dynamic", "rope_cos_sin", "rotary_cos_sin", "position_cos_sin",
-              "generation_inputs")
+              "generation_inputs", "rope_invalidates_cache")

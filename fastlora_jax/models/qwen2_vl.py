@@ -513,6 +513,10 @@ def rope_is_dynamic(hf_config, cfg: Config) -> bool:
     return False
 
 
+def rope_invalidates_cache(hf_config, cfg: Config) -> bool:
+    return False
+
+
 def position_cos_sin(cfg: Config, inv_freq, scaling, positions):
     """cos/sin of `[3, B, S]` multimodal (or `[B, S]` text) positions; the tables are the config's own
     (`mrope_cos_sin`), so `inv_freq`/`scaling` (rope_tables') are not read."""
