@@ -31,8 +31,20 @@ def flops_per_token(cfg, seq: int) -> float:
     return 4 * n_matmul + 3 * (2 * seq * cfg.hidden_size * cfg.num_layers)
 
 
+def kernel_options(args):
+    """The CLI's kernel flags as the `KernelOptions` every traced program of the run takes."""
+    from fastlora_jax.kernels import KernelOptions
+    return KernelOptions(nf4_matmul=args.nf4_matmul, lora_fold=not args.no_lora_fold, attention=args.attention)
+
+
+def kernel_flags(args) -> list[str]:
+    """The same flags for the per-config child process."""
+    return (["--nf4-matmul", args.nf4_matmul, "--attention", args.attention]
+            + (["--no-lora-fold"] if args.no_lora_fold else []))
+
+
 def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool,
-            profile_steps: int = 0) -> dict:
+            profile_steps: int = 0, options=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -50,7 +62,8 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     cfg = llama.config(hf_config)
     dtype = jnp.bfloat16
     base = random_base_params(llama, cfg, dtype, load_in_4bit)
-    model = CausalLM(hf_config, llama, cfg, base, dtype, name_or_path=shape, max_seq_length=seq)
+    model = CausalLM(hf_config, llama, cfg, base, dtype, name_or_path=shape, max_seq_length=seq,
+                     **({} if options is None else {"kernel_options": options}))
     mode = {"unsloth": "unsloth", "true": True, "false": False}[gc]
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
                                              use_gradient_checkpointing=mode, random_state=3407)
@@ -104,7 +117,8 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "step_ms": round(median * 1e3, 2), "peak_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3),
         "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3), "mfu": round(tps * flops_per_token(cfg, seq) / 784e12, 4),
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
-        "nf4_matmul": os.environ.get("FASTLORA_NF4_MATMUL", "xla"),
+        "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
+        "attention": model.kernel_options.attention,
         **({"profile": profile} if profile else {}),
     }
 
@@ -159,17 +173,22 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per config (default: %(default)s)")
     parser.add_argument("--vs-unsloth", action="store_true",
                         help="also run ../shared/bench/torch_peers.py (carried as .peers/) for Unsloth in this invocation")
+    parser.add_argument("--nf4-matmul", default="xla", choices=["xla", "pallas"],
+                        help="KernelOptions.nf4_matmul (default: %(default)s)")
+    parser.add_argument("--no-lora-fold", action="store_true", help="KernelOptions(lora_fold=False), for A/B timing")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+                        help="KernelOptions.attention (default: %(default)s)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.shape, args.batch, args.seq, args.gc[0], args.steps, not args.no_4bit,
-                                 args.profile)), flush=True)
+                                 args.profile, kernel_options(args))), flush=True)
         return
     ours = {}
     for gc in args.gc:
         cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--batch", str(args.batch), "--seq",
                str(args.seq), "--gc", gc, "--steps", str(args.steps), "--profile", str(args.profile)]
-        cmd += ["--no-4bit"] if args.no_4bit else []
+        cmd += (["--no-4bit"] if args.no_4bit else []) + kernel_flags(args)
         head = {"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq, "gc": gc}
         row = run_config(cmd, head, args.timeout, "train_step_stderr.log")
         if row is not None:

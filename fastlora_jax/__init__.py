@@ -7,9 +7,12 @@ Where things are (two hops from here):
   compute_loss, generate (generation.py), save_pretrained (convert/peft.py). `VisionCausalLM` adds images.
 - LoRA: lora_config.py (PEFT's targeting rules), lora.py (the trainable pytree laid over the base).
 - Training: training.py (chunked loss, checkpointing policies, optax step), trainer.py + data.py (SFTTrainer).
-- model families: one file each (llama.py, qwen2_vl.py), found through the HF-name table in families.py.
+- model families (models/): the shared decoder (models/decoder.py: `DecoderConfig`, forward, KV cache), one
+  file per family (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3: a config translation each; qwen2_vl:
+  a vision tower of its own), found through models/registry.py (HF architecture -> family).
 - `NF4Weight` (quant.py): bitsandbytes-exact NF4 as a JAX pytree.
-- kernels (fastlora_jax.kernels, from ./kernels): the ops the families call, each with a jnp reference.
+- kernels (fastlora_jax.kernels, from ./kernels): the ops the families call, each with a jnp reference;
+  `KernelOptions` (kernels/options.py) is the kernel choice, a static argument passed down to the ops.
 - convert (fastlora_jax.convert, from ./convert): HF checkpoint <-> pytree.
 """
 

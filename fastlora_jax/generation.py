@@ -90,26 +90,26 @@ STATIC = ("family", "cfg", "compute_dtype", "options")
 
 
 def _cos_sin(family, cfg, inv_freq, rope_scale, positions):
-    """Rotary tables of positions `[batch, seq]` (or `[3, batch, seq]` multimodal ones for a vision family, whose
-    text positions are the same on the three axes)."""
-    if getattr(family, "VISION", False):
-        if positions.ndim == 2:
-            positions = jnp.broadcast_to(positions, (3,) + positions.shape)
-        return family.mrope_cos_sin(cfg, positions)
-    return family.rope_cos_sin(inv_freq, positions, rope_scale)
+    """Rotary tables of positions `[batch, seq]` (or a vision family's `[3, batch, seq]` multimodal ones)."""
+    return family.position_cos_sin(cfg, inv_freq, rope_scale, positions)
 
 
 def _prefill(base, lora, meta, cache, ids_bs, positions_bs, mask_bL, inv_freq, rope_scale, key, sampling, eos_ids,
-             pad_id, vision=None, *, family, cfg, compute_dtype, options):
-    """The whole prompt in one call; `vision` (a vision family's image inputs, `prepare_inputs`') enters here."""
+             pad_id, vision=None, step=0, finished_b=None, *, family, cfg, compute_dtype, options):
+    """The whole prompt in one call; `vision` (a vision family's image inputs, `generation_inputs`') enters here.
+
+    Also the recomputation of the whole cache at step `step` (the prompt and the tokens so far, `finished_b`
+    the rows that had already finished) when the rotary tables changed (see `generate`)."""
     params = combine(base, lora, meta)
     cos, sin = _cos_sin(family, cfg, inv_freq, rope_scale, positions_bs)
     images = {} if vision is None else {"vision": vision}
     logits, cache = family.forward_cached(cfg, params, ids_bs, cos, sin, cache, 0, mask_bL, compute_dtype,
                                           last_only=True, options=options, **images)
     logits_bv = logits[:, -1].astype(jnp.float32)
-    next_b = _choose(logits_bv, jax.random.fold_in(key, 0), *sampling)
-    next_b, finished_b = _finish(next_b, jnp.zeros(next_b.shape, bool), eos_ids, pad_id)
+    next_b = _choose(logits_bv, jax.random.fold_in(key, step), *sampling)
+    if finished_b is None:
+        finished_b = jnp.zeros(next_b.shape, bool)
+    next_b, finished_b = _finish(next_b, finished_b, eos_ids, pad_id)
     return next_b, cache, finished_b, logits_bv
 
 
@@ -182,8 +182,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
       `pad_token_id` (default: the config's pad token, else the first eos, else 0).
     - `seed` makes sampling reproducible (the same seed, inputs and settings give the same ids).
     - `pixel_values`, `image_grid_thw`, `mm_token_type_ids` (a vision-language model, as its processor makes
-      them): the images enter at prefill; the prompt's positions are `model.prepare_inputs`' multimodal ones and
-      new tokens continue from the prompt's largest position (transformers' `rope_deltas`).
+      them): the images enter at prefill; the prompt's positions are the family's (`generation_inputs`: multimodal
+      ones for Qwen-VL) and new tokens continue from the prompt's largest position (transformers' `rope_deltas`).
     """
     check_prompt_not_empty(input_ids)
     ids = as_batch(input_ids, "input_ids")
@@ -199,10 +199,6 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
         raise ValueError(f"input_ids must be in [0, {vocab}); got values in [{ids.min()}, {ids.max()}]")
 
     config = model.config
-    vision_family = getattr(model.family, "VISION", False)
-    if not vision_family and (pixel_values is not None or image_grid_thw is not None):
-        raise ValueError("pixel_values / image_grid_thw were given to a text model; load a vision-language model "
-                         "with FastVisionModel.from_pretrained")
     eos = _token_list(_config_token(config, "eos_token_id") if eos_token_id is None else eos_token_id)
     if pad_token_id is None:
         pad_token_id = _config_token(config, "pad_token_id")
@@ -239,14 +235,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     pad_a = jnp.int32(pad_token_id)
     key = jax.random.key(seed)
 
-    # positions as HF's generate: cumsum of the mask - 1, 0 on padding; each new token is the last + 1
-    positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0).astype(np.int32)
-    last_position = positions[:, -1]
-    vision = None
-    if vision_family:  # multimodal positions [3, batch, seq]; new tokens follow the largest one of each row
-        prepared = model.prepare_inputs(ids, mask, pixel_values, image_grid_thw, mm_token_type_ids)
-        positions, vision = prepared["position_ids"], prepared["vision"]
-        last_position = positions.max(axis=(0, 2)).astype(np.int32)
+    # the family's positions of the prompt (HF's: cumsum of the mask - 1, 0 on padding; Qwen-VL's multimodal
+    # [3, batch, seq]) and its images; each new token is a row's last position + 1, + 2, ...
+    positions, vision, last_position = model.family.generation_inputs(
+        model.cfg, ids, mask, pixel_values, image_grid_thw, mm_token_type_ids)
+    last_host = np.asarray(last_position)
     max_len = -(-(prompt_len + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
     mask_full = np.zeros((batch, max_len), np.int32)
     mask_full[:, :prompt_len] = mask
@@ -254,11 +247,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     meta = model.lora_meta if lora is not None else None
     kv = model.family.init_cache(model.cfg, batch, max_len, model.dtype)
 
-    if vision_family:  # the family's multimodal rope (mrope_cos_sin): no tables to pass
-        dynamic_rope, inv_freq, rope_scale = False, jnp.zeros((1,), jnp.float32), jnp.float32(1.0)
-    else:
-        dynamic_rope = model.family.rope_is_dynamic(config, model.cfg)
-        inv_freq, rope_scale = _rope_tables(model, int(positions.max()) + 1)
+    dynamic_rope = model.family.rope_is_dynamic(config, model.cfg)
+    recompute_on_change = dynamic_rope and model.family.rope_invalidates_cache(config, model.cfg)
+    inv_freq, rope_scale = _rope_tables(model, int(positions.max()) + 1)
 
     prefill, decode = jitted_steps()
     token, kv, finished, logits = prefill(
@@ -269,11 +260,25 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     prompt_len_a = jnp.int32(prompt_len)
     mask_full = jnp.asarray(mask_full)
     for step in range(1, max_new_tokens):
+        changed = False
         if dynamic_rope:  # HF recomputes inv_freq from this step's longest position, as rotary_cos_sin does
-            inv_freq, rope_scale = _rope_tables(model, int(positions[:, -1].max()) + step + 1)
-        token, kv, mask_full, next_finished, logits = decode(
-            model.base_params, lora, meta, kv, mask_full, token, last_position, prompt_len_a, jnp.int32(step),
-            finished, inv_freq, rope_scale, key, sampling, eos_a, pad_a, **statics)
+            new_freq, new_scale = _rope_tables(model, int(last_host.max()) + step + 1)
+            changed = not (np.array_equal(new_freq, inv_freq) and np.array_equal(new_scale, rope_scale))
+            inv_freq, rope_scale = new_freq, new_scale
+        if changed and recompute_on_change:
+            # LongRoPE's switch to its long factors: the cached keys were rotated with the short ones, so the
+            # whole cache is recomputed with the new tables (transformers' Phi-3 drops its cache there too)
+            seq = np.concatenate([ids] + [np.asarray(t)[:, None] for t in tokens], axis=1)
+            seq_positions = np.concatenate([positions, last_host[:, None] + np.arange(1, step + 1)], axis=1)
+            mask_full = mask_full.at[:, prompt_len + step - 1].set(1)
+            token, kv, next_finished, logits = prefill(
+                model.base_params, lora, meta, kv, jnp.asarray(seq), jnp.asarray(seq_positions.astype(np.int32)),
+                mask_full, inv_freq, rope_scale, key, sampling, eos_a, pad_a, None, jnp.int32(step), finished,
+                **statics)
+        else:
+            token, kv, mask_full, next_finished, logits = decode(
+                model.base_params, lora, meta, kv, mask_full, token, last_position, prompt_len_a, jnp.int32(step),
+                finished, inv_freq, rope_scale, key, sampling, eos_a, pad_a, **statics)
         # the previous step's flags are read while this step runs; if every row had already finished, this
         # step's tokens (all padding) are dropped and generation ends, as HF's does
         if bool(finished.all()):

@@ -302,54 +302,11 @@ class VisionCausalLM(CausalLM):
     # ------------------------------------------------------------------ inputs
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        mm_token_type_ids=None, position_ids=None) -> dict:
-        """The processor's outputs as the arrays the jitted forward and loss take:
-        `{"input_ids" [B, S] int32, "attention_mask" [B, S] int32 | None, "position_ids" [3, B, S] int32,
-        "vision": dict | None}` (`vision`: `pixel_values` plus the family's `vision_inputs` index arrays).
-
-        Checks what transformers would only find deep inside its forward: the patch count against
-        `image_grid_thw`, and one image token in `input_ids` per merged patch. `position_ids` default to
-        transformers' `get_rope_index` of the inputs (`[B, S]` given ones are used on all three axes).
-        """
-        family, cfg = self.family, self.cfg
-        ids = as_batch(input_ids, "input_ids")
-        mask = None
-        if attention_mask is not None:
-            mask = as_batch(attention_mask, "attention_mask")
-            if mask.shape != ids.shape:
-                raise ValueError(f"attention_mask has shape {mask.shape}; input_ids has {ids.shape}")
-        pixels = None if pixel_values is None else _float_array(pixel_values, "pixel_values")
-        grid = None if image_grid_thw is None else np.asarray(_to_numpy(image_grid_thw), np.int64).reshape(-1, 3)
-        if pixels is not None and pixels.shape[0] == 0 and (grid is None or len(grid) == 0):
-            pixels = grid = None  # a batch without images (a collator's empty arrays)
-        if (pixels is None) != (grid is None):
-            raise ValueError("pixel_values and image_grid_thw go together: got "
-                             f"pixel_values={'None' if pixels is None else pixels.shape}, "
-                             f"image_grid_thw={'None' if grid is None else grid.shape}")
-        vision = None
-        if pixels is not None:
-            patches = int(np.prod(grid, axis=1).sum())
-            if pixels.shape != (patches, cfg.vision.patch_dim):
-                raise ValueError(f"pixel_values has shape {pixels.shape}; image_grid_thw {grid.tolist()} needs "
-                                 f"({patches}, {cfg.vision.patch_dim}) (patches, channels*temporal*patch*patch)")
-            needed = family.image_token_count(cfg, grid)
-            found = int((ids == cfg.image_token_id).sum())
-            if found != needed:
-                raise ValueError(f"input_ids hold {found} image tokens (id {cfg.image_token_id}) but the images of "
-                                 f"image_grid_thw {grid.tolist()} give {needed} features: build the inputs with the "
-                                 f"model's processor")
-            vision = {"pixel_values": pixels, **family.vision_inputs(cfg, grid)}
-        if position_ids is None:
-            types = None if mm_token_type_ids is None else as_batch(mm_token_type_ids, "mm_token_type_ids")
-            position_ids, _ = family.rope_index(cfg, ids, grid, mask, types)
-        else:
-            position_ids = np.asarray(_to_numpy(position_ids))
-            if position_ids.ndim == 2:
-                position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
-            if position_ids.shape != (3,) + ids.shape:
-                raise ValueError(f"position_ids has shape {position_ids.shape}; expected [3, batch, seq] or "
-                                 f"[batch, seq] for input_ids of shape {ids.shape}")
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int32),
-                "vision": vision}
+        """The processor's outputs as the arrays the jitted forward and loss take (the family's
+        `prepare_inputs`, e.g. qwen2_vl.prepare_inputs: `input_ids`, `attention_mask`, multimodal
+        `position_ids [3, B, S]` and `vision`)."""
+        return self.family.prepare_inputs(self.cfg, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                          mm_token_type_ids, position_ids)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -468,19 +425,3 @@ class VisionCausalLM(CausalLM):
         return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                         image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
 
-
-def _to_numpy(x):
-    if hasattr(x, "detach"):  # a torch tensor, without importing torch (bfloat16 has no numpy dtype)
-        x = x.detach().cpu()
-        return x.float().numpy() if x.is_floating_point() else x.numpy()
-    return np.asarray(x)
-
-
-def _float_array(x, name: str) -> np.ndarray:
-    array = _to_numpy(x)
-    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-        raise ValueError(f"{name} must be floating point; got dtype {array.dtype}")
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be [patches, channels*temporal*patch*patch] as the processor makes it; "
-                         f"got shape {array.shape}")
-    return array.astype(np.float32)

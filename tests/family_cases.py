@@ -40,7 +40,6 @@ class FamilyCase:
     config: dict = field(default_factory=dict)   # overrides of TINY
     features: tuple[str, ...] = ()               # what the case exercises (checked on the oracle)
     default_targets: tuple[str, ...] = SEVEN     # get_peft_model's target_modules when none are given
-    generation: bool = True                      # greedy generation parity runs on this case
 
     @property
     def seed(self) -> int:
@@ -88,8 +87,7 @@ CASES: dict[str, FamilyCase] = {c.name: c for c in [
         "qwen3_untied_sliding", "qwen3", "Qwen3Config", "Qwen3ForCausalLM",
         dict(head_dim=24, tie_word_embeddings=False, attention_bias=True, use_sliding_window=True,
              sliding_window=WINDOW, max_window_layers=2, num_key_value_heads=1),
-        ("gqa", "head_dim", "untied", "qk_norm", "bias", "sliding_window", "mixed_layer_types"),
-        generation=False),
+        ("gqa", "head_dim", "untied", "qk_norm", "bias", "sliding_window", "mixed_layer_types")),
     FamilyCase(
         "gemma2", "gemma2", "Gemma2Config", "Gemma2ForCausalLM",
         # layer_types default: sliding, full, sliding. Caps small enough that tanh bends the tiny model's values.
@@ -115,7 +113,7 @@ CASES: dict[str, FamilyCase] = {c.name: c for c in [
         dict(tie_word_embeddings=True, max_position_embeddings=64, original_max_position_embeddings=16,
              rope_parameters=_longrope(rotary_dim=12)),
         ("gqa", "tied", "fused_projections", "partial_rotary", "longrope"),
-        default_targets=PHI3_TARGETS, generation=False),
+        default_targets=PHI3_TARGETS),
 ]}
 
 FAMILIES = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")

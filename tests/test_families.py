@@ -14,10 +14,12 @@ random checkpoint that transformers wrote:
   target_modules (no argument) and for "all-linear";
 - our adapter loads in PeftModel.from_pretrained with every tensor consumed, giving our logits (1e-4);
 - compute_loss and its LoRA gradients equal torch autograd through PEFT (1e-5 / 1e-4) with B != 0;
-- greedy generation with the adapter is token-identical to transformers + PEFT (prompt + new tokens longer than
-  the sliding window, so the KV cache's window is exercised);
+- greedy generation with the adapter is token-identical to transformers + PEFT, each step's logits within 1e-4
+  (prompt + new tokens longer than the sliding window, so the KV cache's window is exercised); a longrope case
+  also generates across its short/long switch, against a cache-free transformers + PEFT greedy loop;
 - save_pretrained_merged loads in transformers with our logits (1e-4).
-Every random draw derives from the case name (family_cases.FamilyCase.seed).
+Every random draw derives from the case name (family_cases.FamilyCase.seed). The `llama_control` case runs the
+same checks on the family fastlora_jax supported before: if it fails, suspect the harness.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from fastlora_jax import FastLanguageModel, NF4Weight
 from fastlora_jax.lora import get_node, split_module
 
 ALL = sorted(CASES)
-GENERATION = sorted(n for n, c in CASES.items() if c.generation)
+GENERATION = ALL
 # The adapter every LoRA check uses: Unsloth's defaults (family default targets) with a random B (PEFT's
 # init_lora_weights=False), so that it moves the logits and A's gradients are not zero.
 ADAPTER = dict(r=8, lora_alpha=16, init_lora_weights=False, random_state=1234)
@@ -207,6 +209,10 @@ def test_checkpoint_exercises_the_case_features(fam):
             assert rope["original_max_position_embeddings"] < SEQ  # the long factors are the ones in use
             short = dict(rope, long_factor=list(rope["short_factor"]))
             assert moved(hf_with(fam, rope_parameters=short), fam.hf_logits, fam.keep) > 1e-2
+            # and within original_max_position_embeddings the short factors are the ones in use
+            ids = fam.ids[2:, :rope["original_max_position_embeddings"]]
+            long = load_hf(case, fam.dir, rope_parameters=dict(rope, short_factor=list(rope["long_factor"])))
+            assert rel_l2(torch_logits(long, ids), torch_logits(hf, ids)) > 1e-2
         else:
             raise AssertionError(f"unknown feature {feature!r}")
     # the padding really changes the unpadded positions of the left-padded row
@@ -234,6 +240,9 @@ def test_fp32_padded_logits_match_transformers(fam):
     # and the unpadded call equals transformers' unpadded call
     full = torch_logits(fam.hf, fam.ids)
     assert rel_l2(np.asarray(model(fam.ids).logits), full) < 1e-4
+    if "longrope" in fam.case.features:  # a sequence within original_max_position_embeddings: the short factors
+        short = fam.ids[2:, :fam.hf.config.rope_parameters["original_max_position_embeddings"]]
+        assert rel_l2(np.asarray(model(short).logits), torch_logits(fam.hf, short)) < 1e-4
 
 
 def test_bf16_logits_within_bf16_tolerance(fam):
@@ -290,8 +299,7 @@ def decode_bnb_nf4(tensors: dict) -> np.ndarray:
     this decoding of its own bytes, which agrees with it on every other shape), and transformers' CPU forward
     goes through it. The bytes bnb quantizes are right (ours equal them exactly), so the logits oracle is
     transformers with the weights bnb quantized, decoded here."""
-    import json as _json
-    meta = _json.loads(bytes(np.asarray(tensors["quant_state.bitsandbytes__nf4"], np.uint8)))
+    meta = json.loads(bytes(np.asarray(tensors["quant_state.bitsandbytes__nf4"], np.uint8)))
     assert meta["quant_type"] == "nf4", meta
     shape, block = meta["shape"], meta["blocksize"]
     absmax = np.asarray(tensors["absmax"])
@@ -433,33 +441,79 @@ def test_lora_gradients_match_peft_autograd(fam):
 NEW = 13
 
 
-def prompts(case):
-    """Two 7-token prompts, the second left-padded by 3; 7 + 13 = 20 tokens > WINDOW."""
-    rng = np.random.default_rng(case.seed + 1)
-    ids = rng.integers(4, 512, size=(2, 7)).astype(np.int64)
+def prompts(case, length: int = 7):
+    """Two prompts, the second left-padded by 3; with 7 tokens, 7 + 13 = 20 > WINDOW (and > a longrope
+    case's original_max_position_embeddings of 16: generation crosses the short/long switch)."""
+    rng = np.random.default_rng(case.seed + length)
+    ids = rng.integers(4, 512, size=(2, length)).astype(np.int64)
     ids[1, :3] = 0
     return ids, (ids != 0).astype(np.int64)
 
 
+def hf_generate(loaded, ids, mask):
+    """transformers + PEFT greedy generate (eos and pad from the config, as ours): (sequences, the raw logits of
+    each step [batch, new, vocab], min top-2 gap)."""
+    with torch.no_grad():
+        out = loaded.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                              max_new_tokens=NEW, output_logits=True, return_dict_in_generate=True)
+    logits = np.stack([s.float().numpy() for s in out.logits], 1)
+    top = np.sort(logits, -1)
+    return out.sequences.numpy(), logits, float((top[..., -1] - top[..., -2]).min())
+
+
+def hf_stepwise_greedy(loaded, ids, mask):
+    """Greedy decoding with transformers + PEFT and no cache: each token is the argmax of a full forward of
+    the sequence so far (positions as generate makes them: cumsum of the mask - 1). No eos stopping.
+
+    Oracle trap: transformers 5.17's Phi-3 `generate` is not this function once a longrope model crosses
+    original_max_position_embeddings: prepare_inputs_for_generation drops the cache to recompute it with the
+    long factors, but then feeds only the last token, so the token after the switch is predicted from that one
+    token alone. This loop is what generate means there."""
+    seq, m = ids.copy(), mask.copy()
+    steps = []
+    with torch.no_grad():
+        for _ in range(NEW):
+            pos = np.where(m == 1, np.cumsum(m, -1) - 1, 1)
+            logits = loaded(torch.tensor(seq), attention_mask=torch.tensor(m),
+                            position_ids=torch.tensor(pos)).logits[:, -1].numpy()
+            steps.append(logits)
+            seq = np.concatenate([seq, logits.argmax(-1)[:, None]], 1)
+            m = np.concatenate([m, np.ones((len(m), 1), m.dtype)], 1)
+    logits = np.stack(steps, 1)
+    top = np.sort(logits, -1)
+    return seq, logits, float((top[..., -1] - top[..., -2]).min())
+
+
 @pytest.mark.parametrize("fam", GENERATION, indirect=True)
 def test_greedy_generation_matches_transformers_peft(fam):
+    """Greedy tokens with the adapter equal transformers + PEFT generate; prompt + new tokens are longer than
+    the sliding window. A longrope case also generates across its short/long switch, against the
+    cache-free oracle (hf_stepwise_greedy), and from a prompt already past the switch, against generate."""
     model, adapter_dir, _ = adapted(fam)
-    ids, mask = prompts(fam.case)
-    assert ids.shape[1] + NEW > WINDOW
     loaded, _ = peft_load(fam, adapter_dir)
-    with torch.no_grad():  # eos and pad from the config, as ours
-        out = loaded.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                              max_new_tokens=NEW, output_scores=True, return_dict_in_generate=True)
-    expected = out.sequences.numpy()
+    longrope = "longrope" in fam.case.features
+    original = fam.hf.config.rope_parameters.get("original_max_position_embeddings", 0) if longrope else 0
+    ids, mask = prompts(fam.case, length=original + 2 if longrope else 7)
+    expected, expected_logits, gap = hf_generate(loaded, ids, mask)
     assert expected.shape[1] > WINDOW + 2  # decoding went past the window
-    scores = np.sort(np.stack([s.numpy() for s in out.scores], 1), -1)
-    assert (scores[..., -1] - scores[..., -2]).min() > 1e-4  # every greedy choice is far from a tie
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
-    np.testing.assert_array_equal(got, expected)
+    assert gap > 1e-4  # every greedy choice is far from a tie
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, return_dict=True)
+    np.testing.assert_array_equal(out.sequences, expected)
+    eos = fam.hf.config.eos_token_id
+    if not np.isin(expected[:, ids.shape[1]:], eos).any():  # no row finished: every step's logits compare
+        assert rel_l2(np.asarray(out.logits), expected_logits) < 1e-4
     with loaded.disable_adapter(), torch.no_grad():  # the adapter matters
         plain = loaded.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
                                 max_new_tokens=NEW)
     assert plain.shape != expected.shape or (plain.numpy() != expected).any()
+    if longrope:
+        ids, mask = prompts(fam.case)
+        assert ids.shape[1] <= original < ids.shape[1] + NEW
+        expected, expected_logits, gap = hf_stepwise_greedy(loaded, ids, mask)
+        assert gap > 1e-4
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[], return_dict=True)
+        np.testing.assert_array_equal(out.sequences, expected)
+        assert rel_l2(np.asarray(out.logits), expected_logits) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------ merged export

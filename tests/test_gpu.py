@@ -86,3 +86,31 @@ def test_cudnn_attention_matches_reference(rng, padded):
     grad_ref = jax.grad(lambda q_: attention_reference(q_, kk.astype(jnp.float32), v.astype(jnp.float32), mask,
                                                          d ** -0.5).sum())(q.astype(jnp.float32))
     assert rel_l2(np.asarray(grad, np.float32)[keep], np.asarray(grad_ref)[keep]) < 2e-2
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cudnn_sliding_window_matches_reference(rng, padded):
+    """`sliding_window` on cuDNN (`local_window_size`) is transformers' window: i - j < window (issue 13)."""
+    from fastlora_jax.kernels.attention import attention
+    from fastlora_jax.kernels.reference import attention_reference
+    b, s, h, k, d, window = 2, 256, 8, 2, 64, 37
+    q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in
+                ((b, s, h, d), (b, s, k, d), (b, s, k, d)))
+    mask = None
+    if padded:
+        mask = np.ones((b, s), np.int32)
+        mask[1, :29] = 0  # left padding, as generation pads
+        mask = jnp.asarray(mask)
+    call = jax.jit(lambda q_, k_, v_, m_: attention(q_, k_, v_, m_, d ** -0.5, sliding_window=window, impl="cudnn"))
+    got = call(q, kk, v, mask)
+    f32 = [x.astype(jnp.float32) for x in (q, kk, v)]
+    want = attention_reference(*f32, mask, d ** -0.5, sliding_window=window)
+    full = attention_reference(*f32, mask, d ** -0.5)
+    keep = np.ones((b, s), bool) if mask is None else np.asarray(mask).astype(bool)
+    keep[:, :window] = False  # where the window changes nothing, both agree anyway
+    assert rel_l2(np.asarray(got, np.float32)[keep], np.asarray(want)[keep]) < 1e-2
+    assert rel_l2(np.asarray(full)[keep], np.asarray(want)[keep]) > 0.1  # the window matters here
+    grad = jax.grad(lambda q_: call(q_, kk, v, mask).astype(jnp.float32).sum())(q)
+    grad_ref = jax.grad(lambda q_: attention_reference(q_, *f32[1:], mask, d ** -0.5,
+                                                         sliding_window=window).sum())(f32[0])
+    assert rel_l2(np.asarray(grad, np.float32)[keep], np.asarray(grad_ref)[keep]) < 2e-2

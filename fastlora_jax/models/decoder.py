@@ -16,8 +16,7 @@ targeting, export) is driven by those tables (registry.py says what each entry m
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -73,7 +72,6 @@ class DecoderConfig:
     rope_layer_types: tuple[str, ...] = ()  # layer types with their own rotary table (Gemma 3), in table order
     act_module: str = "act_fn"  # the MLP's activation module name (named_modules)
     extra_layer_modules: tuple[str, ...] = ()  # modules without weights at the end of a layer (Phi-3's dropouts)
-    architecture: str = field(default="", compare=True)  # the HF architecture this config was made for
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -125,7 +123,6 @@ def common_fields(hf_config) -> dict:
         rms_norm_eps=float(hf_config.rms_norm_eps),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         layer_types=tuple(getattr(hf_config, "layer_types", None) or ()),
-        architecture=(list(getattr(hf_config, "architectures", None) or [""]))[0],
     )
 
 
@@ -242,6 +239,14 @@ def rope_is_dynamic(hf_config, cfg: DecoderConfig) -> bool:
     return any(rope.rope_parameters(hf_config, layer_type=t)["rope_type"] in ("dynamic", "longrope") for t in types)
 
 
+def rope_invalidates_cache(hf_config, cfg: DecoderConfig) -> bool:
+    """Whether a change of the tables makes the cached keys stale, so generation recomputes the cache:
+    LongRoPE's switch from short to long factors (transformers' Phi-3 drops its cache at the switch). Dynamic
+    NTK keeps its cache, as transformers' generate does."""
+    types = cfg.rope_layer_types or (None,)
+    return any(rope.rope_parameters(hf_config, layer_type=t)["rope_type"] == "longrope" for t in types)
+
+
 def rope_cos_sin(inv_freq, position_ids_bs, attention_scaling, dtype=jnp.float32):
     """cos/sin `[batch, seq, rotary_dim]` of one table, or `[types, batch, seq, rotary_dim]` of stacked ones."""
     inv_freq = jnp.asarray(inv_freq)
@@ -256,6 +261,22 @@ def rotary_cos_sin(hf_config, cfg: DecoderConfig, position_ids_bs) -> tuple[jax.
     seq_len = int(np.max(np.asarray(position_ids_bs))) + 1
     inv_freq, scaling = rope_tables(hf_config, cfg, seq_len)
     return rope_cos_sin(inv_freq, jnp.asarray(position_ids_bs), scaling)
+
+
+def position_cos_sin(cfg: DecoderConfig, inv_freq, scaling, positions_bs):
+    """cos/sin of `positions_bs` from `rope_tables`' arrays (traced: generation's jitted steps take them)."""
+    return rope_cos_sin(inv_freq, positions_bs, scaling)
+
+
+def generation_inputs(cfg: DecoderConfig, ids_bs, mask_bs, pixel_values=None, image_grid_thw=None,
+                      mm_token_type_ids=None):
+    """`(positions [B, S], None, last_position [B])` of a left-padded prompt as HF's generate makes them: the
+    cumsum of the mask - 1, 0 on padding; each new token is the row's last position + 1."""
+    if pixel_values is not None or image_grid_thw is not None:
+        raise ValueError("pixel_values / image_grid_thw were given to a text model; load a vision-language model "
+                         "with FastVisionModel.from_pretrained")
+    positions = np.where(mask_bs == 1, np.cumsum(mask_bs, axis=-1) - 1, 0).astype(np.int32)
+    return positions, None, positions[:, -1]
 
 
 def layer_data(cfg: DecoderConfig) -> dict[str, jax.Array]:
@@ -546,9 +567,5 @@ def forward_cached(cfg: DecoderConfig, params: dict, input_ids_bs, cos_bsr, sin_
 # What a text family re-exports from here, by name (registry.py checks that each family has them).
 FAMILY_API = ("EMBED_TOKENS", "OUTPUT_LAYER", "CHECKPOINT_RENAMES", "LOAD_RENAMES", "LAYER_INPUT", "layer_stacks",
               "top_tensors", "module_list", "hidden_states", "forward", "forward_cached", "init_cache",
-              "lm_head_module", "rope_tables", "rope_is_dynamic", "rope_cos_sin", "rotary_cos_sin")
-
-
-def sqrt_hidden(hf_config) -> float:
-    """Gemma's embedding scale, sqrt(hidden_size) as a Python float (cast to the compute dtype in `embed`)."""
-    return math.sqrt(hf_config.hidden_size)
+              "lm_head_module", "rope_tables", "rope_is_dynamic", "rope_cos_sin", "rotary_cos_sin", "position_cos_sin",
+              "generation_inputs", "rope_invalidates_cache")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from fastlora_jax.models.decoder import (  # noqa: F401  the shared decoder is this family's name table and forward
     CHECKPOINT_RENAMES, EMBED_TOKENS, LAYER_INPUT, LOAD_RENAMES, OUTPUT_LAYER, DecoderConfig, common_fields,
-    forward, forward_cached, hidden_states, init_cache, layer_stacks, lm_head_module, module_list, rope_cos_sin,
-    rope_is_dynamic, rope_tables, rotary_cos_sin, top_tensors)
+    forward, forward_cached, generation_inputs, hidden_states, init_cache, layer_stacks, lm_head_module, module_list,
+    position_cos_sin, rope_cos_sin, rope_invalidates_cache, rope_is_dynamic, rope_tables, rotary_cos_sin,
+    top_tensors)
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 MODEL_TYPES = ("llama",)  # config.json without `architectures`

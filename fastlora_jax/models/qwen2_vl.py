@@ -422,6 +422,109 @@ def mrope_cos_sin(cfg: Config, position_ids_3bs, dtype=jnp.float32):
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
+def prepare_inputs(cfg: Config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   mm_token_type_ids=None, position_ids=None) -> dict:
+    """The processor's outputs as the arrays the jitted forward and loss take:
+    `{"input_ids" [B, S] int32, "attention_mask" [B, S] int32 | None, "position_ids" [3, B, S] int32,
+    "vision": dict | None}` (`vision`: `pixel_values` plus the `vision_inputs` index arrays).
+
+    Checks what transformers would only find deep inside its forward: the patch count against
+    `image_grid_thw`, and one image token in `input_ids` per merged patch. `position_ids` default to
+    transformers' `get_rope_index` of the inputs (`[B, S]` given ones are used on all three axes).
+    """
+    from fastlora_jax.model import as_batch
+    ids = as_batch(input_ids, "input_ids")
+    mask = None
+    if attention_mask is not None:
+        mask = as_batch(attention_mask, "attention_mask")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}; input_ids has {ids.shape}")
+    pixels = None if pixel_values is None else _float_array(pixel_values, "pixel_values")
+    grid = None if image_grid_thw is None else np.asarray(_to_numpy(image_grid_thw), np.int64).reshape(-1, 3)
+    if pixels is not None and pixels.shape[0] == 0 and (grid is None or len(grid) == 0):
+        pixels = grid = None  # a batch without images (a collator's empty arrays)
+    if (pixels is None) != (grid is None):
+        raise ValueError("pixel_values and image_grid_thw go together: got "
+                         f"pixel_values={'None' if pixels is None else pixels.shape}, "
+                         f"image_grid_thw={'None' if grid is None else grid.shape}")
+    vision = None
+    if pixels is not None:
+        patches = int(np.prod(grid, axis=1).sum())
+        if pixels.shape != (patches, cfg.vision.patch_dim):
+            raise ValueError(f"pixel_values has shape {pixels.shape}; image_grid_thw {grid.tolist()} needs "
+                             f"({patches}, {cfg.vision.patch_dim}) (patches, channels*temporal*patch*patch)")
+        needed = image_token_count(cfg, grid)
+        found = int((ids == cfg.image_token_id).sum())
+        if found != needed:
+            raise ValueError(f"input_ids hold {found} image tokens (id {cfg.image_token_id}) but the images of "
+                             f"image_grid_thw {grid.tolist()} give {needed} features: build the inputs with the "
+                             f"model's processor")
+        vision = {"pixel_values": pixels, **vision_inputs(cfg, grid)}
+    if position_ids is None:
+        types = None if mm_token_type_ids is None else as_batch(mm_token_type_ids, "mm_token_type_ids")
+        position_ids, _ = rope_index(cfg, ids, grid, mask, types)
+    else:
+        position_ids = np.asarray(_to_numpy(position_ids))
+        if position_ids.ndim == 2:
+            position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
+        if position_ids.shape != (3,) + ids.shape:
+            raise ValueError(f"position_ids has shape {position_ids.shape}; expected [3, batch, seq] or "
+                             f"[batch, seq] for input_ids of shape {ids.shape}")
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int32),
+            "vision": vision}
+
+
+def _to_numpy(x):
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch (bfloat16 has no numpy dtype)
+        x = x.detach().cpu()
+        return x.float().numpy() if x.is_floating_point() else x.numpy()
+    return np.asarray(x)
+
+
+def _float_array(x, name: str) -> np.ndarray:
+    array = _to_numpy(x)
+    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+        raise ValueError(f"{name} must be floating point; got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be [patches, channels*temporal*patch*patch] as the processor makes it; "
+                         f"got shape {array.shape}")
+    return array.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation's contract (decoder.py has the text families'): the prompt's positions and images, and the
+# rotary tables of any positions.
+
+
+def generation_inputs(cfg: Config, ids_bs, mask_bs, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
+    """`(positions [3, B, S], vision | None, last_position [B])` of a left-padded prompt: the multimodal positions
+    of `prepare_inputs`; new tokens continue from each row's largest position (transformers' `rope_deltas`)."""
+    prepared = prepare_inputs(cfg, ids_bs, mask_bs, pixel_values, image_grid_thw, mm_token_type_ids)
+    positions = prepared["position_ids"]
+    return positions, prepared["vision"], positions.max(axis=(0, 2)).astype(np.int32)
+
+
+def rope_tables(hf_config, cfg: Config, seq_len: int | None):
+    """The language model's inverse frequencies (default rope: no dependence on `seq_len`) and scaling 1."""
+    return text_inv_freq(cfg), np.float32(1.0)
+
+
+def rope_is_dynamic(hf_config, cfg: Config) -> bool:
+    return False
+
+
+def rope_invalidates_cache(hf_config, cfg: Config) -> bool:
+    return False
+
+
+def position_cos_sin(cfg: Config, inv_freq, scaling, positions):
+    """cos/sin of `[3, B, S]` multimodal (or `[B, S]` text) positions; the tables are the config's own
+    (`mrope_cos_sin`), so `inv_freq`/`scaling` (rope_tables') are not read."""
+    if positions.ndim == 2:
+        positions = jnp.broadcast_to(positions, (3,) + positions.shape)
+    return mrope_cos_sin(cfg, positions)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
