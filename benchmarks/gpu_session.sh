@@ -16,6 +16,12 @@ for job in "$@"; do
            python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth false --timeout 150 ${PROFILE:+--profile $PROFILE} 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     prof) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 2 --seq 2048 --gc false unsloth --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
           python3 benchmarks/train_step.py --shape llama-3.2-1b --batch 4 --seq 2048 --gc false unsloth --profile 2 --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    families) for spec in "qwen3-8b 2" "gemma-3-1b 4" "phi-4 1"; do set -- $spec
+                python3 benchmarks/train_step.py --vs-unsloth --shape $1 --batch $2 --seq 2048 --gc unsloth --timeout 240 2>&1 | tee -a "$OUT/bench.jsonl"
+              done ;;
+    family-*) spec=${job#family-}; shape=${spec%:*}; batch=${spec#*:}
+              python3 benchmarks/train_step.py --vs-unsloth --shape $shape --batch $batch --seq 2048 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     *) echo "unknown job $job" ;;
   esac
 done

@@ -25,7 +25,7 @@ from config_process import run_config  # noqa: E402
 
 def flops_per_token(cfg, seq: int) -> float:
     """ANCHORS.md: 4 * N_matmul + 3 * (2 * seq * hidden * layers), lm_head included in N_matmul."""
-    from fastlora_jax.models import decoder, llama
+    from fastlora_jax.models import decoder
     per_layer = sum(s[0] * s[1] for s, kind in decoder.layer_tensors(cfg).values() if kind == "linear")
     n_matmul = per_layer * cfg.num_layers + cfg.vocab_size * cfg.hidden_size
     return 4 * n_matmul + 3 * (2 * seq * cfg.hidden_size * cfg.num_layers)
@@ -49,20 +49,19 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     import jax.numpy as jnp
     import numpy as np
     from fastlora_jax.convert.load import random_base_params
-    from shapes import SHAPES
-    from transformers import LlamaConfig
+    from shapes import hf_config as shape_config
 
     from fastlora_jax import FastLanguageModel
-    from fastlora_jax.models import llama
     from fastlora_jax.model import CausalLM
+    from fastlora_jax.models.registry import family_for
     from fastlora_jax.training import make_optimizer, make_train_step
 
-    hf_config = LlamaConfig(**SHAPES[shape])
-    hf_config.architectures = ["LlamaForCausalLM"]
-    cfg = llama.config(hf_config)
+    hf_config = shape_config(shape)
+    family = family_for(hf_config, where=f"shape {shape!r}")
+    cfg = family.config(hf_config)
     dtype = jnp.bfloat16
-    base = random_base_params(llama, cfg, dtype, load_in_4bit)
-    model = CausalLM(hf_config, llama, cfg, base, dtype, name_or_path=shape, max_seq_length=seq,
+    base = random_base_params(family, cfg, dtype, load_in_4bit)
+    model = CausalLM(hf_config, family, cfg, base, dtype, name_or_path=shape, max_seq_length=seq,
                      **({} if options is None else {"kernel_options": options}))
     mode = {"unsloth": "unsloth", "true": True, "false": False}[gc]
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
@@ -176,7 +175,7 @@ def main() -> None:
     parser.add_argument("--nf4-matmul", default="xla", choices=["xla", "pallas"],
                         help="KernelOptions.nf4_matmul (default: %(default)s)")
     parser.add_argument("--no-lora-fold", action="store_true", help="KernelOptions(lora_fold=False), for A/B timing")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "flash"],
                         help="KernelOptions.attention (default: %(default)s)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,9 +1,12 @@
-"""Causal grouped-query attention: cuDNN's fused flash attention on a GPU, the jnp reference elsewhere.
+"""Causal grouped-query attention: cuDNN's fused flash attention on a GPU, a flash-style Pallas kernel where
+cuDNN cannot run the call (a logit soft-cap), the jnp reference elsewhere.
 
-The reference (`reference.attention_reference`) is what the fused path is checked against
-(tests/test_gpu.py::test_cudnn_attention_matches_reference). Sliding windows run on cuDNN
-(`local_window_size`); soft-capped logits (Gemma 2) stay on the reference until a kernel that caps inside
-the softmax lands (kernels/flash_attention.py, wired in here by `impl`).
+The reference (`reference.attention_reference`) is what the fused paths are checked against
+(tests/test_gpu.py, tests/test_flash_attention.py). Sliding windows run on cuDNN (`local_window_size`).
+Soft-capped logits (Gemma 2) run on `flash_attention.flash_attention` (Mosaic GPU forward, blockwise
+backward) where it supports the shapes, otherwise on its blockwise jnp reference: never an O(S^2) score
+matrix on the GPU. Rows with no visible key (padding queries) come out as zeros on the kernel path; their
+outputs feed no loss.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fastlora_jax.kernels import flash_attention as flash
 from fastlora_jax.kernels.reference import attention_reference, cached_attention_reference
 
-IMPLS = ("auto", "xla", "cudnn")
+IMPLS = ("auto", "xla", "cudnn", "flash")
 
 
 def attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale: float, *, logit_softcap: float | None = None,
@@ -21,13 +25,18 @@ def attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale: float, *, logit_
     """Causal GQA attention (transformers' semantics: query i sees key j iff j <= i, and i - j < sliding_window
     with a window; the cap is `cap * tanh(s / cap)` of the scaled scores, before masking).
 
-    impl: "auto" (cuDNN on a GPU for 16-bit inputs it takes, else the reference), "xla" (the reference) or
-    "cudnn" (an error when cuDNN cannot run the call)."""
+    impl: "auto" (on a GPU: cuDNN for the 16-bit calls it takes, else the flash kernel or its blockwise
+    reference; elsewhere the reference), "xla" (the reference), "cudnn" (an error when cuDNN cannot run the
+    call) or "flash" (the flash kernel where supported, else its blockwise reference, on any backend)."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     why_not = _cudnn_why_not(q_bshd, logit_softcap)
     if impl == "cudnn" and why_not:
         raise ValueError(f"impl='cudnn' cannot run this call: {why_not}; use impl='auto' or 'xla'")
+    on_gpu_16bit = jax.default_backend() == "gpu" and q_bshd.dtype in (jnp.bfloat16, jnp.float16)
+    if impl == "flash" or (impl == "auto" and why_not and on_gpu_16bit):
+        return flash.flash_attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, logit_softcap=logit_softcap,
+                                     sliding_window=sliding_window)
     if impl != "xla" and not why_not:
         mask = None
         if attention_mask_bs is not None:  # cuDNN takes a mask as a [batch, 1, q, k] bias (16-bit, B*S*S bytes)
@@ -48,11 +57,17 @@ def _cudnn_why_not(q_bshd, logit_softcap) -> str:
     if q_bshd.dtype not in (jnp.bfloat16, jnp.float16):
         return f"q dtype {q_bshd.dtype} (cuDNN takes bfloat16/float16)"
     head_dim = q_bshd.shape[-1]
-    if head_dim % 8 or head_dim > 128:
-        return f"head_dim={head_dim} (cuDNN takes multiples of 8 up to 128)"
+    max_head_dim = 256 if _compute_capability() >= (9, 0) else 128  # Hopper's cuDNN kernels take 256
+    if head_dim % 8 or head_dim > max_head_dim:
+        return f"head_dim={head_dim} (cuDNN takes multiples of 8 up to {max_head_dim} on this GPU)"
     if logit_softcap is not None:
         return f"logit_softcap={logit_softcap} (cuDNN has no soft-cap)"
     return ""
+
+
+def _compute_capability() -> tuple[int, int]:
+    major, _, minor = str(getattr(jax.devices()[0], "compute_capability", "0.0")).partition(".")
+    return int(major), int(minor or 0)
 
 
 def cached_attention(q_bshd, k_bLkd, v_bLkd, allowed_bsL, scale: float, *, logit_softcap: float | None = None):
