@@ -38,7 +38,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import load_file
 
-from conftest import rel_l2
+from conftest import bnb_modules, bnb_reference_path, decode_bnb_nf4, rel_l2
 from family_cases import CASES, SEQ, WINDOW, padded_batch, torch_module_list, write_family_checkpoint
 from fastlora_jax import FastLanguageModel, NF4Weight
 from fastlora_jax.lora import get_node, split_module
@@ -129,14 +129,11 @@ def hf_bnb(fam):
     Oracle trap: on a CPU with AVX512-BF16, bnb 0.50's Linear4bit in eval mode repacks its weight in place at
     the first forward (the bytes then read are another layout) and runs a fused bf16 kernel (activations and
     absmax cast to bf16) whatever bnb_4bit_compute_dtype says: logits carry bf16 error (~2e-3 here) that
-    depends on the machine. That path is turned off; the logits oracle is hf_decoded_logits anyway."""
+    depends on the machine. That path is turned off (conftest.bnb_reference_path); the logits oracle is
+    hf_decoded_logits anyway."""
     if "bnb" not in fam.cache:
-        import bitsandbytes as bnb
-        hf = load_hf(fam.case, fam.dir, quantization_config=bnb_config(), device_map="cpu")
-        for module in hf.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
-        fam.cache["bnb"] = hf
+        fam.cache["bnb"] = bnb_reference_path(load_hf(fam.case, fam.dir, quantization_config=bnb_config(),
+                                                      device_map="cpu"))
     return fam.cache["bnb"]
 
 
@@ -256,17 +253,6 @@ def test_bf16_logits_within_bf16_tolerance(fam):
 # ------------------------------------------------------------------------------------------ NF4
 
 
-def bnb_modules(hf) -> dict:
-    """{module name: the bnb dict transformers would save for its weight} of every Linear4bit."""
-    import bitsandbytes as bnb
-    out = {}
-    for name, module in hf.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            state = module.weight.quant_state.as_dict(packed=True)
-            out[name] = {"": module.weight.data.numpy(), **{k: v.numpy() for k, v in state.items()}}
-    return out
-
-
 def nf4_leaves(model) -> dict:
     """{module name: NF4Weight of one layer} of every quantized weight of our model."""
     out = {}
@@ -287,31 +273,6 @@ def assert_same_nf4(ours_by_name: dict, theirs_by_name: dict):
         for key in expected:
             a, b = np.asarray(mine[key]), np.asarray(expected[key])
             assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), (name, key)
-
-
-def decode_bnb_nf4(tensors: dict) -> np.ndarray:
-    """A bnb NF4 weight decoded from its stored tensors by the format's definition (numpy, fp32): the high
-    nibble first, code value * absmax of its 64-block, absmax itself 8-bit dynamic codes * the absmax of its
-    256-block + the mean offset (double quantization).
-
-    Oracle trap: bitsandbytes 0.50.2's own CPU `dequantize_4bit` is wrong for fp32 weights whose last dimension
-    is even but not a multiple of the blocksize (e.g. an o_proj [64, 96] with head_dim 24: ~20% error against
-    this decoding of its own bytes, which agrees with it on every other shape), and transformers' CPU forward
-    goes through it. The bytes bnb quantizes are right (ours equal them exactly), so the logits oracle is
-    transformers with the weights bnb quantized, decoded here."""
-    meta = json.loads(bytes(np.asarray(tensors["quant_state.bitsandbytes__nf4"], np.uint8)))
-    assert meta["quant_type"] == "nf4", meta
-    shape, block = meta["shape"], meta["blocksize"]
-    absmax = np.asarray(tensors["absmax"])
-    if "nested_absmax" in tensors:
-        codes = np.asarray(tensors["nested_quant_map"], np.float32)[absmax.astype(np.int64)]
-        scale = np.repeat(np.asarray(tensors["nested_absmax"], np.float32), meta["nested_blocksize"])[:absmax.size]
-        absmax = codes * scale + np.float32(meta["nested_offset"])
-    packed = np.asarray(tensors[""], np.uint8).reshape(-1)
-    nibbles = np.stack([packed >> 4, packed & 15], -1).reshape(-1)
-    n = int(np.prod(shape))
-    values = np.asarray(tensors["quant_map"], np.float32)[nibbles[:n]]
-    return (values * np.repeat(absmax.astype(np.float32), block)[:n]).reshape(shape)
 
 
 def hf_decoded_logits(fam, modules: dict) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import rel_l2
+from conftest import bnb_reference_path, rel_l2
 from fastlora_jax import FastLanguageModel, NF4Weight
 from fastlora_jax.convert.hf_checkpoint import CheckpointError
 from fastlora_jax.tiny import write_tiny_llama
@@ -32,6 +32,8 @@ CONFIGS = {
 def hf_logits(model_dir, input_ids, attention_mask=None, **kwargs):
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager", **kwargs)
     hf.eval()
+    if "quantization_config" in kwargs:
+        bnb_reference_path(hf)
     with torch.no_grad():
         mask = None if attention_mask is None else torch.tensor(attention_mask)
         return hf(torch.tensor(input_ids), attention_mask=mask).logits.float().numpy(), hf
@@ -123,8 +125,8 @@ def jax_tree_index(weight: NF4Weight, i: int) -> NF4Weight:
 
 def test_loads_bnb_4bit_checkpoint_as_stored(tmp_path, rng):
     src = write_tiny_llama(tmp_path / "src", seed=5, tokenizer=False)
-    hf = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager",
-                                          quantization_config=bnb_config(), device_map="cpu")
+    hf = bnb_reference_path(LlamaForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager",
+                                                             quantization_config=bnb_config(), device_map="cpu"))
     saved = tmp_path / "bnb4"
     hf.save_pretrained(saved)
     assert json.loads((saved / "config.json").read_text())["quantization_config"]["load_in_4bit"]

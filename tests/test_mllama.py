@@ -34,7 +34,7 @@ Image = pytest.importorskip("PIL.Image")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from conftest import rel_l2  # noqa: E402
+from conftest import bnb_reference_path, rel_l2  # noqa: E402
 from fastlora_jax.models import mllama  # noqa: E402
 from fastlora_jax.models.registry import _rename  # noqa: E402
 from fastlora_jax.lora_config import LoraSpec, resolve_targets, vision_target_modules  # noqa: E402
@@ -62,12 +62,11 @@ def make_batch(processor, padding_side="right", seed=0):
                           padding=True))
 
 
-def hf_logits(model, batch, grad_enabled=False) -> np.ndarray:
-    """`grad_enabled=True` for a bitsandbytes model: under no_grad on an AVX512-bf16 CPU, Linear4bit repacks its
-    weight for a CPU kernel (absmax cast to bf16, and failing for in_features < 64); with autograd on it
-    dequantizes the stored NF4 exactly."""
-    with torch.set_grad_enabled(grad_enabled):
-        return model(**batch).logits.detach().float().numpy()
+def hf_logits(model, batch) -> np.ndarray:
+    """A bitsandbytes model goes through conftest.bnb_reference_path first (on an AVX512-bf16 CPU, Linear4bit
+    under no_grad otherwise repacks its weight for a bf16 kernel)."""
+    with torch.no_grad():
+        return model(**batch).logits.float().numpy()
 
 
 def ours(tiny, batch, params=None, with_images=True, with_cross_mask=True) -> np.ndarray:
@@ -250,7 +249,7 @@ def test_4bit_on_load_matches_transformers_bitsandbytes(tiny):
     from transformers import BitsAndBytesConfig
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
-    hf = load_hf(tiny.dir, quantization_config=quant, device_map="cpu")
+    hf = bnb_reference_path(load_hf(tiny.dir, quantization_config=quant, device_map="cpu"))
     params = mllama.load_params(tiny.dir, tiny.cfg, load_in_4bit=True)
 
     def assert_same_nf4(weight, module_name):
@@ -273,7 +272,7 @@ def test_4bit_on_load_matches_transformers_bitsandbytes(tiny):
     assert not isinstance(vm["patch_embedding"]["weight"], NF4Weight)
     assert not isinstance(params["lm_head"]["weight"], NF4Weight)
     keep = tiny.batch["attention_mask"].numpy().astype(bool)
-    assert rel_l2(ours(tiny, tiny.batch, params)[keep], hf_logits(hf, tiny.batch, grad_enabled=True)[keep]) < 1e-3
+    assert rel_l2(ours(tiny, tiny.batch, params)[keep], hf_logits(hf, tiny.batch)[keep]) < 1e-3
 
 
 # ------------------------------------------------------------------------------------------ finetune_* flags

@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import rel_l2
+from conftest import bnb_reference_path, rel_l2
 from fastlora_jax import FastLanguageModel
 from fastlora_jax.convert.peft import unties_head
 from fastlora_jax.tiny import write_tiny_llama
@@ -105,6 +105,8 @@ def lora_config(kwargs) -> LoraConfig:
 
 def load_hf(model_dir, **kwargs) -> LlamaForCausalLM:
     hf = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager", **kwargs)
+    if "quantization_config" in kwargs:
+        bnb_reference_path(hf)
     return hf.eval()
 
 

@@ -5,8 +5,9 @@ inputs are what that processor makes from two random images of different sizes i
 - the name table: module list == torch's `named_modules()`, checkpoint names == what save_pretrained wrote;
 - host-side index arrays (multimodal rotary positions) == transformers' own;
 - fp32 logits (image + text, padded left/right or not, text only) within 1e-4 relative; bf16 within 2e-2;
-- 4-bit: quantized on load == transformers + bitsandbytes (bytes and logits, 1e-3); a bnb-4bit checkpoint
-  loads as stored;
+- 4-bit: quantized on load == transformers + bitsandbytes (bytes exactly; logits within 1e-3 of transformers
+  running the NF4 weights bnb quantized, decoded: hf_decoded_logits says why not bnb's CPU forward); a bnb-4bit
+  checkpoint loads as stored (same bytes, logits within 1e-4 of the same oracle);
 - LoRA with an explicit regex over both stacks and the merger: targets and counts equal PEFT's, our adapter
   loads in PeftModel with every tensor consumed and our logits, and loss gradients equal torch autograd
   through PEFT (1e-4); the merged export loads in transformers with our logits.
@@ -30,7 +31,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from conftest import rel_l2  # noqa: E402
+from conftest import bnb_modules, bnb_reference_path, decode_bnb_nf4, rel_l2  # noqa: E402
 from fastlora_jax import FastVisionModel, VisionCausalLM  # noqa: E402
 from fastlora_jax.models import qwen2_vl  # noqa: E402
 from fastlora_jax.models.registry import checkpoint_name, checkpoint_tensors  # noqa: E402
@@ -54,7 +55,8 @@ def hf_class(variant):
 
 def load_hf(model_dir, variant, **kwargs):
     kwargs.setdefault("dtype", torch.float32)
-    return hf_class(variant).from_pretrained(str(model_dir), attn_implementation="eager", **kwargs).eval()
+    hf = hf_class(variant).from_pretrained(str(model_dir), attn_implementation="eager", **kwargs).eval()
+    return bnb_reference_path(hf) if "quantization_config" in kwargs else hf
 
 
 def bnb_config():
@@ -217,6 +219,18 @@ def assert_same_nf4(ours_weight, theirs_state):
         np.testing.assert_array_equal(np.asarray(mine[key]), np.asarray(value), err_msg=key)
 
 
+def hf_decoded_logits(tiny, hf4) -> np.ndarray:
+    """transformers' fp32 logits of tiny.batch with each of hf4's Linear4bit weights replaced by its NF4 bytes
+    decoded (conftest.decode_bnb_nf4): bnb 0.50.2's CPU dequantize_4bit, which hf4's own forward uses, is
+    wrong for fp32 weights with in_features 32 or 48 (the vision tower here: ~1% error), right for multiples
+    of 64."""
+    hf = load_hf(tiny.dir, tiny.variant)
+    with torch.no_grad():
+        for name, tensors in bnb_modules(hf4).items():
+            hf.get_submodule(name).weight.copy_(torch.from_numpy(decode_bnb_nf4(tensors)))
+    return hf_logits(hf, tiny.batch)
+
+
 def test_4bit_on_load_matches_transformers_bitsandbytes(tiny):
     """bitsandbytes quantizes every nn.Linear but lm_head: the vision blocks and the merger too, not the Conv3d."""
     model, _ = FastVisionModel.from_pretrained(str(tiny.dir), load_in_4bit=True, dtype="float32")
@@ -233,7 +247,7 @@ def test_4bit_on_load_matches_transformers_bitsandbytes(tiny):
     assert not isinstance(params["model"]["visual"]["patch_embed"]["proj"]["weight"], NF4Weight)
     assert not isinstance(params["lm_head"]["weight"], NF4Weight)
     keep = tiny.batch["attention_mask"].numpy().astype(bool)
-    assert rel_l2(ours(model, tiny.batch)[keep], hf_logits(hf, tiny.batch)[keep]) < 1e-3
+    assert rel_l2(ours(model, tiny.batch)[keep], hf_decoded_logits(tiny, hf)[keep]) < 1e-3
 
 
 def test_loads_bnb_4bit_checkpoint_as_stored(tiny):
@@ -246,7 +260,7 @@ def test_loads_bnb_4bit_checkpoint_as_stored(tiny):
     proj = model.base_params["model"]["visual"]["blocks"]["attn"]["proj"]["weight"]
     assert_same_nf4(jax.tree.map(lambda x: x[0], proj), nf4_state_of(hf, "model.visual.blocks.0.attn.proj"))
     keep = tiny.batch["attention_mask"].numpy().astype(bool)
-    assert rel_l2(ours(model, tiny.batch)[keep], hf_logits(hf, tiny.batch)[keep]) < 1e-4
+    assert rel_l2(ours(model, tiny.batch)[keep], hf_decoded_logits(tiny, hf)[keep]) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------ LoRA vs PEFT
