@@ -44,7 +44,7 @@ def kernel_flags(args) -> list[str]:
 
 
 def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool,
-            profile_steps: int = 0, options=None) -> dict:
+            profile_steps: int = 0, options=None, loss_chunk_tokens: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -66,6 +66,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     mode = {"unsloth": "unsloth", "true": True, "false": False}[gc]
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
                                              use_gradient_checkpointing=mode, random_state=3407)
+    model.loss_chunk_tokens = loss_chunk_tokens or None
     optimizer = make_optimizer(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0)
     lora = model.lora_params
     opt_state = optimizer.init(lora)
@@ -172,6 +173,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per config (default: %(default)s)")
     parser.add_argument("--vs-unsloth", action="store_true",
                         help="also run ../shared/bench/torch_peers.py (carried as .peers/) for Unsloth in this invocation")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=0,
+                        help="tokens per loss chunk (0: the mode's default, training.default_chunk_tokens)")
     parser.add_argument("--nf4-matmul", default="xla", choices=["xla", "pallas"],
                         help="KernelOptions.nf4_matmul (default: %(default)s)")
     parser.add_argument("--no-lora-fold", action="store_true", help="KernelOptions(lora_fold=False), for A/B timing")
@@ -181,13 +184,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.shape, args.batch, args.seq, args.gc[0], args.steps, not args.no_4bit,
-                                 args.profile, kernel_options(args))), flush=True)
+                                 args.profile, kernel_options(args), args.loss_chunk_tokens)), flush=True)
         return
     ours = {}
     for gc in args.gc:
         cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--batch", str(args.batch), "--seq",
                str(args.seq), "--gc", gc, "--steps", str(args.steps), "--profile", str(args.profile)]
         cmd += (["--no-4bit"] if args.no_4bit else []) + kernel_flags(args)
+        cmd += ["--loss-chunk-tokens", str(args.loss_chunk_tokens)]
         head = {"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq, "gc": gc}
         row = run_config(cmd, head, args.timeout, "train_step_stderr.log")
         if row is not None:
