@@ -3,9 +3,10 @@ cuDNN cannot run the call (a logit soft-cap), the jnp reference elsewhere.
 
 The reference (`reference.attention_reference`) is what the fused paths are checked against
 (tests/test_gpu.py, tests/test_flash_attention.py). Sliding windows run on cuDNN (`local_window_size`).
-Soft-capped logits (Gemma 2) run on `flash_attention.flash_attention` (Mosaic GPU forward, blockwise
-backward) where it supports the shapes, otherwise on its blockwise jnp reference: never an O(S^2) score
-matrix on the GPU. Rows with no visible key (padding queries) come out as zeros on the kernel path; their
+Soft-capped logits (Gemma 2) run on the GPU on `flash_attention.flash_attention_reference` (blockwise
+online softmax, blockwise backward: never an O(S^2) score matrix); the Mosaic GPU forward kernel beside it is
+opt-in (`impl="flash"`, `KernelOptions(attention="flash")`) until an interpret-mode deadlock in one of its
+tests is understood. On the kernel path rows with no visible key (padding queries) come out as zeros; their
 outputs feed no loss.
 """
 
@@ -33,10 +34,15 @@ def attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale: float, *, logit_
     why_not = _cudnn_why_not(q_bshd, logit_softcap)
     if impl == "cudnn" and why_not:
         raise ValueError(f"impl='cudnn' cannot run this call: {why_not}; use impl='auto' or 'xla'")
-    on_gpu_16bit = jax.default_backend() == "gpu" and q_bshd.dtype in (jnp.bfloat16, jnp.float16)
-    if impl == "flash" or (impl == "auto" and why_not and on_gpu_16bit):
+    if impl == "flash":
         return flash.flash_attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, logit_softcap=logit_softcap,
                                      sliding_window=sliding_window)
+    on_gpu_16bit = jax.default_backend() == "gpu" and q_bshd.dtype in (jnp.bfloat16, jnp.float16)
+    if impl == "auto" and why_not and on_gpu_16bit:
+        # The kernel stays opt-in (impl="flash"): Pallas' GPU interpreter deadlocks on one of its test cases
+        # (tests/test_flash_attention.py::test_kernel_gradients_interpret), not yet understood.
+        return flash.flash_attention_reference(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale,
+                                               logit_softcap=logit_softcap, sliding_window=sliding_window)
     if impl != "xla" and not why_not:
         mask = None
         if attention_mask_bs is not None:  # cuDNN takes a mask as a [batch, 1, q, k] bias (16-bit, B*S*S bytes)

@@ -18,8 +18,9 @@ class KernelOptions:
     """- `nf4_matmul`: "xla" (dequantize in one pass, then cuBLAS; measured as fast) or "pallas" (the fused
       NF4 kernel, kernels/nf4_matmul.py, on a GPU for the bf16 shapes it supports);
     - `lora_fold`: fold the LoRA branch into an NF4 base matmul as extra contraction columns (lora_op);
-    - `attention`: `kernels.attention`'s impl ("auto": cuDNN on a GPU where it applies, the flash kernel where
-      it does not (soft-caps); "xla": the reference; "flash": the flash kernel or its blockwise reference);
+    - `attention`: `kernels.attention`'s impl ("auto": cuDNN on a GPU where it applies, the blockwise
+      flash-style reference where it does not (soft-caps); "xla": the dense reference; "flash": the Mosaic GPU
+      flash kernel where it supports the call, else the blockwise reference);
     - `memory_lean`: the choices of the checkpointing modes "unsloth" and True, whose bar is peak memory
       (no LoRA folding, the select-tree NF4 lookup); `CausalLM` sets it from `use_gradient_checkpointing`.
     """
