@@ -315,6 +315,28 @@ PRE_TOKENIZERS = {
 }
 
 
+# Where the hash is unknown (a vocabulary of its own), a byte-level BPE whose pre-tokenizer is Split(regex) then
+# ByteLevel(use_regex=False) is named by its regex: these are the splits of llama.cpp's pre-tokenizer types (its
+# llama-vocab.cpp spells the case-insensitive contractions out as '[sS]|'[tT]|...), as transformers writes them
+# (Qwen2Tokenizer's PRETOKENIZE_REGEX; Llama 3's tokenizer.json, which groups digits by up to three).
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_PUNCT_SPACE = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLIT_REGEXES = {_WORDS + r"\p{N}" + _PUNCT_SPACE: "qwen2", _WORDS + r"\p{N}{1,3}" + _PUNCT_SPACE: "llama-bpe"}
+
+
+def _split_regex(pre: dict) -> str | None:
+    """The regex of a Sequence[Split(Regex, Isolated), ByteLevel(use_regex=False)] pre-tokenizer, else None."""
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert"):
+        return None
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True):
+        return None
+    return (split.get("pattern") or {}).get("Regex")
+
+
 def _pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
     digest = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
     if digest in PRE_TOKENIZERS:
@@ -322,6 +344,8 @@ def _pre_tokenizer(tokenizer, tokenizer_json: dict) -> str:
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"  # a plain byte-level BPE splits with GPT-2's regex, as llama.cpp's "gpt-2"
+    if _split_regex(pre) in SPLIT_REGEXES:
+        return SPLIT_REGEXES[_split_regex(pre)]
     warnings.warn("GGUF export: the tokenizer's pre-tokenizer is not one llama.cpp names; writing "
                   "tokenizer.ggml.pre='default' (llama.cpp may split text differently)", stacklevel=4)
     return "default"

@@ -1,10 +1,16 @@
 """GGUF export (issue 18) against transformers' GGUF reader, gguf.GGUFReader and (where installed) llama.cpp.
 
-- Llama end to end: a tiny Llama loaded in 4-bit, fine-tuned a few steps with SFTTrainer,
-  exported with `save_pretrained_gguf` (f16, q8_0): `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`
-  gives the logits of the merged model that `save_pretrained_merged` writes (itself checked against PEFT).
-- Mistral, Qwen2, Qwen3, Gemma2, Gemma3 (text), Phi-3: tiny random transformers models (biases and norms
-  randomized) written by the same writer from their HF state dicts (they do not load in fastlora_jax yet).
+- Every text family end to end (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 text, Phi-3): a tiny random
+  transformers checkpoint (family_cases.randomize_: biases, norms and every matrix redrawn) loaded in 4-bit by
+  fastlora_jax, given LoRA (the family's default targets: Phi-3's fused qkv_proj / gate_up_proj), fine-tuned
+  4 steps with SFTTrainer, exported with `save_pretrained_gguf` (f16, q8_0):
+  `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` gives the logits of the merged model that
+  `save_pretrained_merged` writes (itself checked against PEFT in test_families.py), loaded in transformers.
+  The fine-tuning is checked to be there: every LoRA B is non-zero, every targeted weight of the merged
+  checkpoint differs from the base (the rest is equal), and the base's logits are far from the merged ones
+  (a GGUF written from unmerged weights fails).
+- The tiny configs keep what transformers' reader can carry: it has no key_length for qwen3 (it assumes
+  head_dim 128) and Gemma's reader scales attention by 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim = 256).
 - Tensor names and metadata read back with GGUFReader equal llama.cpp's for a 2-layer model, and equal what
   gguf's own name map (the one llama.cpp's convert_hf_to_gguf.py uses) gives for the HF names.
 - The adapter GGUF: llama.cpp's LoRA layout; base + alpha/r * B A equals the merged export, tensor by tensor.
@@ -19,9 +25,10 @@ files against the HF model within 2e-3 (its CPU kernels sum in a different order
 intermediate products).
 """
 
-import os
+import copy
 import sys
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,10 +38,11 @@ import transformers
 gguf = pytest.importorskip("gguf")
 
 from conftest import rel_l2  # noqa: E402
+from family_cases import FamilyCase, randomize_, write_family_checkpoint  # noqa: E402
 from fastlora_jax import FastLanguageModel  # noqa: E402
 from fastlora_jax.convert import gguf_export  # noqa: E402
 from fastlora_jax.convert.gguf_export import write_gguf, write_lora_gguf  # noqa: E402
-from fastlora_jax.tiny import write_tiny_llama, write_tiny_tokenizer  # noqa: E402
+from fastlora_jax.tiny import write_tiny_tokenizer  # noqa: E402
 
 IDS = [[1, 5, 17, 33, 80, 200, 7, 9, 311, 42, 12, 480]]
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -43,6 +51,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
 # not carry at the config defaults it assumes: Qwen3's head_dim (128: the reader has no key_length for qwen3)
 # and Gemma's query_pre_attn_scalar (256 = head_dim, as llama.cpp scales by 1/sqrt(head_dim)).
 FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(), "llama"),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(head_dim=16), "llama"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True), "qwen2"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=128, num_attention_heads=2, num_key_value_heads=1),
@@ -75,11 +84,22 @@ LAYER = {  # llama.cpp's tensor names of one layer
 }
 TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "gemma2": True, "gemma3": True,
         "phi3": False}
+# what transformers' reader builds from each arch (it reads llama.cpp's "llama" arch, Mistral included, as Llama)
+READER_CLASS = {"mistral": "LlamaForCausalLM"}
+# llama.cpp's pre-tokenizer of the tiny byte-level BPE as each family loads it: transformers 5 gives a qwen2
+# checkpoint its Qwen2Tokenizer, which splits with Qwen2's regex (single digits), llama.cpp's "qwen2"
+PRE = {"qwen2": "qwen2"}
 
 
 def expected_names(family: str) -> set[str]:
     names = {"token_embd.weight", "output_norm.weight"} | {f"blk.{i}.{t}" for i in range(2) for t in LAYER[family]}
     return names if TIED[family] else names | {"output.weight"}
+
+
+def family_case(family: str) -> FamilyCase:
+    """The family's tiny case in family_cases.py's terms (its randomization, its checkpoint writer)."""
+    config_name, model_name, overrides, _ = FAMILIES[family]
+    return FamilyCase(f"gguf_{family}", family, config_name, model_name, {**TINY, **overrides})
 
 
 def field(reader, key):
@@ -89,6 +109,10 @@ def field(reader, key):
 def logits_of(model) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(IDS)).logits.float().numpy()
+
+
+def load_hf(directory):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
 
 
 def load_gguf(directory, filename):
@@ -121,16 +145,14 @@ def tokenizer(tmp_path_factory):
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """A tiny Llama loaded in 4-bit, fine-tuned 4 steps, exported as merged HF, GGUF f16 + q8_0, the adapter as a
-    LoRA GGUF, and the base alone as an f32 GGUF."""
+def fine_tune_and_export(family: str, root):
+    """The family's tiny checkpoint loaded in 4-bit, LoRA on the default targets, fine-tuned 4 steps with
+    SFTTrainer, exported as merged HF (save_pretrained_merged) and GGUF f16 + q8_0 (save_pretrained_gguf)."""
     from fastlora_jax.data import bundled_dataset_path, load_records
     from fastlora_jax.trainer import SFTConfig, SFTTrainer
 
-    root = tmp_path_factory.mktemp("gguf-llama")
-    model_dir = write_tiny_llama(root / "base", seed=3)
-    model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=64, load_in_4bit=True)
+    base_dir = write_family_checkpoint(family_case(family), root / "base")
+    model, tok = FastLanguageModel.from_pretrained(str(base_dir), max_seq_length=64, load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False,
                                              random_state=0)
     args = SFTConfig(output_dir=str(root / "train"), per_device_train_batch_size=2, max_steps=4,
@@ -140,82 +162,82 @@ def llama(tmp_path_factory):
     model.save_pretrained_merged(root / "merged", tok)
     out = root / "gguf"
     written = model.save_pretrained_gguf(out, tok, quantization_method=["f16", "q8_0"])
-    adapter = model.save_pretrained_gguf(root / "lora", tok, quantization_method="f32", save_method="lora")
-    hf_base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    base_f32 = write_gguf(root / "base-gguf" / "base.F32.gguf", hf_base.config, hf_base.state_dict(), tok,
-                          quantization_method="f32")
-    merged_f32 = write_gguf(root / "merged-gguf" / "merged.F32.gguf", *_hf_state(root / "merged"), tok,
-                            quantization_method="f32")
-    return dict(model=model, tokenizer=tok, root=root, out=out, written=written, adapter=adapter[0],
-                base_f32=base_f32, merged_f32=merged_f32, model_dir=model_dir)
-
-
-def _hf_state(directory):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-    return hf.config, hf.state_dict()
-
-
-def random_family_model(family: str, seed: int = 0):
-    """A tiny transformers model of the family: every parameter random (biases too), norms 1 + noise (Gemma:
-    noise around 0, as its norms compute x * (1 + w))."""
-    config_name, model_name, overrides, _ = FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**TINY, **overrides})
-    config.architectures = [model_name]
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn_like(p)
-            if "norm" in name:
-                p.copy_(0.1 * noise + (0.0 if family.startswith("gemma") else 1.0))
-            else:
-                p.copy_(0.02 * noise)
-    return model
+    merged = load_hf(root / "merged")
+    return SimpleNamespace(family=family, model=model, tokenizer=tok, root=root, base_dir=base_dir, out=out,
+                           written=written, merged=merged, merged_logits=logits_of(merged),
+                           base_logits=logits_of(load_hf(base_dir)))
 
 
 @pytest.fixture(scope="module")
-def families(tmp_path_factory, tokenizer):
-    """family -> (HF model, directory with model.F16.gguf and model.Q8_0.gguf)."""
-    out = {}
-    for i, family in enumerate(FAMILIES):
-        model = random_family_model(family, seed=i)
-        directory = tmp_path_factory.mktemp(f"gguf-{family}")
-        for method in ("f16", "q8_0"):
-            write_gguf(directory / gguf_export.gguf_filename(method), model.config, model.state_dict(), tokenizer,
-                       quantization_method=method)
-        out[family] = (model, directory)
-    return out
+def exported(tmp_path_factory):
+    """exported(family): the family fine-tuned and exported (fine_tune_and_export), built once per module."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = fine_tune_and_export(family, tmp_path_factory.mktemp(f"gguf-{family}"))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def llama(exported):
+    """The fine-tuned Llama, plus its adapter as a LoRA GGUF and the base and merged models as f32 GGUFs."""
+    e = exported("llama")
+    adapter = e.model.save_pretrained_gguf(e.root / "lora", e.tokenizer, quantization_method="f32",
+                                           save_method="lora")
+    hf_base = load_hf(e.base_dir)
+    base_f32 = write_gguf(e.root / "base-gguf" / "base.F32.gguf", hf_base.config, hf_base.state_dict(),
+                          e.tokenizer, quantization_method="f32")
+    merged_f32 = write_gguf(e.root / "merged-gguf" / "merged.F32.gguf", e.merged.config, e.merged.state_dict(),
+                            e.tokenizer, quantization_method="f32")
+    return dict(model=e.model, tokenizer=e.tokenizer, root=e.root, out=e.out, written=e.written,
+                adapter=adapter[0], base_f32=base_f32, merged_f32=merged_f32, model_dir=e.base_dir,
+                merged_logits=e.merged_logits)
+
+
+def random_family_model(family: str):
+    """The family's tiny transformers model, randomized as family_cases.randomize_ does (biases, norms too)."""
+    case = family_case(family)
+    model = case.model_cls()(case.hf_config()).eval()
+    randomize_(model, case.seed)
+    return model
 
 
 # ------------------------------------------------------------------------------------------ logits
 
 
 @pytest.mark.parametrize("method", ["f16", "q8_0"])
-def test_llama_fine_tuned_export_loads_in_transformers(llama, method):
-    merged = transformers.AutoModelForCausalLM.from_pretrained(str(llama["root"] / "merged"), dtype=torch.float32)
-    name = gguf_export.gguf_filename(method)
-    assert (llama["out"] / name) in llama["written"]
-    ours = logits_of(load_gguf(llama["out"], name))
-    ref = logits_of(merged.eval())
-    tol = 1e-3 if method == "f16" else q8_0_tolerance(llama["out"] / name)
-    assert rel_l2(ours, ref) < tol, (rel_l2(ours, ref), tol)
-    # and the fine-tuning is in there: the base model's logits are farther away
-    base = logits_of(transformers.AutoModelForCausalLM.from_pretrained(str(llama["model_dir"]),
-                                                                       dtype=torch.float32).eval())
-    assert rel_l2(base, ref) > 5 * rel_l2(ours, ref)
-
-
-@pytest.mark.parametrize("method", ["f16", "q8_0"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_export_loads_in_transformers(families, family, method):
-    model, directory = families[family]
+def test_fine_tuned_export_loads_in_transformers(exported, family, method):
+    e = exported(family)
     name = gguf_export.gguf_filename(method)
-    loaded = load_gguf(directory, name)
-    # transformers reads llama.cpp's "llama" arch (Mistral included) as its Llama
-    assert type(loaded).__name__ == {"mistral": "LlamaForCausalLM"}.get(family, type(model).__name__)
-    tol = 1e-3 if method == "f16" else q8_0_tolerance(directory / name)
-    err = rel_l2(logits_of(loaded), logits_of(model))
+    assert (e.out / name) in e.written
+    loaded = load_gguf(e.out, name)
+    assert type(loaded).__name__ == READER_CLASS.get(family, FAMILIES[family][1])
+    ours = logits_of(loaded)
+    tol = 1e-3 if method == "f16" else q8_0_tolerance(e.out / name)
+    err = rel_l2(ours, e.merged_logits)
     assert err < tol, (family, method, err, tol)
+    # and the fine-tuning is in there: the base model's logits are farther away
+    assert rel_l2(e.base_logits, e.merged_logits) > 5 * err, (rel_l2(e.base_logits, e.merged_logits), err)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fine_tuning_changed_the_merged_weights(exported, family):
+    """A merge that dropped B A would export the base and still match it: every LoRA B is non-zero after the
+    steps, every targeted weight of the merged checkpoint differs from the base, every other tensor is equal."""
+    e = exported(family)
+    peft = {k: np.asarray(v) for k, v in e.model.peft_state_dict().items()}
+    b_keys = [k for k in peft if "lora_B" in k]
+    assert b_keys and all(np.abs(peft[k]).max() > 0 for k in b_keys), family
+    targets = {k.removeprefix("base_model.model.").removesuffix(".lora_B.weight") + ".weight" for k in b_keys}
+    base = load_hf(e.base_dir).state_dict()
+    merged = e.merged.state_dict()
+    assert set(merged) == set(base)
+    changed = {n for n in merged if not torch.equal(merged[n], base[n])}
+    assert changed == targets, (sorted(changed ^ targets))
 
 
 # ------------------------------------------------------------------------------------------ names, metadata
@@ -239,7 +261,7 @@ def _check_common(reader, family, arch, config, method):
         assert t.tensor_type == (T.F32 if len(t.shape) == 1 else getattr(T, method.upper())), t.name
     # the tokenizer as llama.cpp embeds a byte-level BPE
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert field(reader, "tokenizer.ggml.pre") == PRE.get(family, "gpt-2")
     assert len(field(reader, "tokenizer.ggml.tokens")) == config.vocab_size
     assert len(field(reader, "tokenizer.ggml.token_type")) == config.vocab_size
     assert len(field(reader, "tokenizer.ggml.merges")) > 100
@@ -248,23 +270,26 @@ def _check_common(reader, family, arch, config, method):
     assert "<|{{ message['role'] }}|>" in field(reader, "tokenizer.chat_template")
 
 
+@pytest.mark.parametrize("method", ["f16", "q8_0"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_names_and_metadata(families, family):
-    model, directory = families[family]
+def test_family_names_and_metadata(exported, family, method):
+    e = exported(family)
     arch = FAMILIES[family][3]
-    reader = gguf.GGUFReader(directory / "model.Q8_0.gguf")
-    _check_common(reader, family, arch, model.config, "q8_0")
+    reader = gguf.GGUFReader(e.out / gguf_export.gguf_filename(method))
+    c = e.model.config
+    _check_common(reader, family, arch, c, method)
     # every HF tensor maps where gguf's own TensorNameMap (convert_hf_to_gguf.py's) maps it
     name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 2)
-    for hf_name in model.state_dict():
+    for hf_name in e.merged.state_dict():
         if hf_name == "lm_head.weight" and TIED[family]:
             continue
         module, suffix = hf_name.rsplit(".", 1)
-        assert gguf_export.arch_for(model.config.to_dict()).gguf_name(hf_name) == \
-            f"{name_map.get_name(module)}.{suffix}", hf_name
-    c = model.config
+        assert gguf_export.arch_for(c.to_dict()).gguf_name(hf_name) == f"{name_map.get_name(module)}.{suffix}", \
+            hf_name
     per_family = {
+        "llama": {"llama.vocab_size": 512, "llama.rope.dimension_count": 16},
         "mistral": {"llama.vocab_size": 512, "llama.rope.dimension_count": 16, "llama.attention.key_length": 16},
+        "qwen2": {},
         "qwen3": {"qwen3.attention.key_length": 128, "qwen3.attention.value_length": 128},
         "gemma2": {"gemma2.attn_logit_softcapping": getattr(c, "attn_logit_softcapping", None),
                    "gemma2.final_logit_softcapping": getattr(c, "final_logit_softcapping", None),
@@ -275,27 +300,25 @@ def test_family_names_and_metadata(families, family):
                    "gemma3.attention.key_length": 256},
         "phi3": {"phi3.rope.scaling.original_context_length": getattr(c, "original_max_position_embeddings", None),
                  "phi3.rope.dimension_count": 16, "phi3.attention.sliding_window": 0},
-    }.get(family, {})
+    }[family]
     for key, value in per_family.items():
         assert field(reader, key) == pytest.approx(value), key
 
 
-def test_gemma_norms_are_stored_plus_one(families):
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_norms_are_stored_plus_one(exported, family):
     """llama.cpp stores Gemma's norm weights as w + 1; transformers' reader subtracts the 1 again."""
-    model, directory = families["gemma2"]
-    reader = gguf.GGUFReader(directory / "model.F16.gguf")
+    e = exported(family)
+    reader = gguf.GGUFReader(e.out / "model.F16.gguf")
     stored = {t.name: np.asarray(t.data) for t in reader.tensors}
-    hf = model.state_dict()
-    np.testing.assert_allclose(stored["blk.1.post_ffw_norm.weight"],
-                               hf["model.layers.1.post_feedforward_layernorm.weight"].numpy() + 1, rtol=1e-6)
-    np.testing.assert_allclose(stored["output_norm.weight"], hf["model.norm.weight"].numpy() + 1, rtol=1e-6)
-
-
-def test_llama_names_and_metadata(llama):
-    model = llama["model"]
-    reader = gguf.GGUFReader(llama["out"] / "model.F16.gguf")
-    _check_common(reader, "llama", "llama", model.config, "f16")
-    assert field(reader, "llama.vocab_size") == 512 and field(reader, "llama.rope.dimension_count") == 16
+    hf = e.merged.state_dict()
+    pairs = [("blk.1.post_ffw_norm.weight", "model.layers.1.post_feedforward_layernorm.weight"),
+             ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
+             ("output_norm.weight", "model.norm.weight")]
+    if family == "gemma3":
+        pairs.append(("blk.1.attn_k_norm.weight", "model.layers.1.self_attn.k_norm.weight"))
+    for gguf_name, hf_name in pairs:
+        np.testing.assert_allclose(stored[gguf_name], hf[hf_name].numpy() + 1, rtol=1e-6, err_msg=gguf_name)
 
 
 def test_llama_biases_and_rope_permutation(tmp_path, tokenizer):
@@ -332,13 +355,39 @@ def test_llama_biases_and_rope_permutation(tmp_path, tokenizer):
         assert rel_l2(_llama_cpp_logits(path), logits_of(hf)) < 2e-3
 
 
-def test_tokenizer_rebuilt_by_transformers(llama):
-    tok = llama["tokenizer"]
-    rebuilt = transformers.AutoTokenizer.from_pretrained(str(llama["out"]), gguf_file="model.F16.gguf")
-    for text in ["Hello there! What is the capital of France?", "The quick brown fox, 42 times.\n  Indented."]:
-        assert rebuilt(text)["input_ids"] == tok(text)["input_ids"]
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_tokenizer_rebuilt_by_transformers(exported, family):
+    """transformers' reader rebuilds the embedded byte-level BPE, tokenizing as the tokenizer we were given. Not
+    for the other archs: transformers picks its tokenizer converter by architecture, not by tokenizer.ggml.model
+    (qwen3 -> Qwen2's split regex; gemma2/3, phi3 -> SentencePiece converters that need scores), where llama.cpp
+    reads tokenizer.ggml.model / .pre (checked for every family in test_family_names_and_metadata)."""
+    e = exported(family)
+    tok = e.tokenizer
+    rebuilt = transformers.AutoTokenizer.from_pretrained(str(e.out), gguf_file="model.F16.gguf")
+    for text in ["Hello there! What is the capital of France?", "The quick brown fox, 42 times.\n  Indented.",
+                 "In 1234 cases it's 3.14159."]:
+        assert rebuilt(text)["input_ids"] == tok(text)["input_ids"], text
     assert rebuilt.chat_template == tok.chat_template
     assert rebuilt.convert_tokens_to_ids("</s>") == tok.eos_token_id == 2
+
+
+def test_pre_tokenizer_named_by_its_split_regex(tmp_path, tokenizer):
+    """A byte-level BPE of a vocabulary of its own (llama.cpp's hash table does not know it) that splits with
+    Qwen2's or Llama 3's regex (as transformers spells them) gets llama.cpp's "qwen2" / "llama-bpe"."""
+    import inspect
+    from tokenizers import Regex, pre_tokenizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    llama3 = inspect.signature(TikTokenConverter.__init__).parameters["pattern"].default
+    model = random_family_model("qwen2")
+    for regex, name in [(PRETOKENIZE_REGEX, "qwen2"), (llama3, "llama-bpe")]:
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(tokenizer.backend_tokenizer),
+                                                   bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        path = write_gguf(tmp_path / f"{name}.gguf", model.config, model.state_dict(), tok)
+        assert field(gguf.GGUFReader(path), "tokenizer.ggml.pre") == name
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -475,18 +524,16 @@ def _llama_cpp_logits(path, lora=None) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_llama_cpp_runs_the_export(families, tmp_path, tokenizer, family):
+def test_llama_cpp_runs_the_export(exported, tmp_path, family):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (compiles llama.cpp) not installed")
-    model, _ = families[family]
-    path = write_gguf(tmp_path / "model.F32.gguf", model.config, model.state_dict(), tokenizer,
-                      quantization_method="f32")
-    assert rel_l2(_llama_cpp_logits(path), logits_of(model)) < 2e-3
+    e = exported(family)
+    (path,) = e.model.save_pretrained_gguf(tmp_path, e.tokenizer, quantization_method="f32")
+    assert rel_l2(_llama_cpp_logits(path), e.merged_logits) < 2e-3
 
 
 def test_llama_cpp_applies_the_lora_gguf(llama):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (compiles llama.cpp) not installed")
-    merged = logits_of(transformers.AutoModelForCausalLM.from_pretrained(str(llama["root"] / "merged"),
-                                                                         dtype=torch.float32).eval())
+    merged = llama["merged_logits"]
     assert rel_l2(_llama_cpp_logits(llama["merged_f32"]), merged) < 2e-3
     assert rel_l2(_llama_cpp_logits(llama["base_f32"], lora=llama["adapter"]), merged) < 2e-3
 
@@ -500,8 +547,7 @@ def test_k_quant_through_llama_cpp(llama):
     assert field(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     types = {t.tensor_type for t in reader.tensors}
     assert gguf.GGMLQuantizationType.Q4_K in types or gguf.GGMLQuantizationType.Q5_0 in types, types
-    merged = logits_of(transformers.AutoModelForCausalLM.from_pretrained(str(llama["root"] / "merged"),
-                                                                         dtype=torch.float32).eval())
+    merged = llama["merged_logits"]
     assert rel_l2(_llama_cpp_logits(path), merged) < 0.2  # 4-bit: a sanity bound, not a parity check
 
 
@@ -511,8 +557,7 @@ def test_cli_export_gguf(llama, tmp_path):
     assert cli.main(["export", "--adapter", str(llama["root"] / "train"), "--output", str(out), "--merged",
                      "--gguf", "q8_0"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.Q8_0.gguf"]
-    merged = logits_of(transformers.AutoModelForCausalLM.from_pretrained(str(llama["root"] / "merged"),
-                                                                         dtype=torch.float32).eval())
+    merged = llama["merged_logits"]
     ours = logits_of(load_gguf(out, "model.Q8_0.gguf"))
     assert rel_l2(ours, merged) < q8_0_tolerance(out / "model.Q8_0.gguf")
 
