@@ -458,7 +458,6 @@ def test_ollama_modelfile(llama):
 
 
 def test_modelfile_notes_an_untranslated_template(tmp_path, tokenizer):
-    import copy
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     text = gguf_export.write_modelfile(tmp_path, "m.gguf", tok).read_text()
