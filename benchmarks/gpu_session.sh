@@ -22,6 +22,14 @@ for job in "$@"; do
               done ;;
     family-*) spec=${job#family-}; shape=${spec%:*}; batch=${spec#*:}
               python3 benchmarks/train_step.py --vs-unsloth --shape $shape --batch $batch --seq 2048 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    memdump-*) spec=${job#memdump-}; shape=${spec%:*}; batch=${spec#*:}; dump=/tmp/xla_dump_$shape
+              # XLA's buffer assignment of the compiled step (what is live at the peak), for memory work
+              XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump --xla_dump_hlo_module_re=jit_step" \
+                python3 benchmarks/train_step.py --shape $shape --batch $batch --seq 2048 --gc unsloth --steps 2 --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl"
+              mkdir -p "$OUT/memdump_$shape"
+              # the largest compiled step: its scheduled HLO and its buffer assignment
+              for f in $(ls -S $dump/*jit_step*after_optimizations.txt | head -1) $(ls -S $dump/*jit_step*after_optimizations-buffer-assignment.txt | head -1); do
+                gzip -c "$f" > "$OUT/memdump_$shape/$(basename $f).gz"; done ;;
     *) echo "unknown job $job" ;;
   esac
 done

@@ -44,7 +44,7 @@ def kernel_flags(args) -> list[str]:
 
 
 def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool,
-            profile_steps: int = 0, options=None, loss_chunk_tokens: int = 0) -> dict:
+            profile_steps: int = 0, options=None, loss_chunk_tokens: int = 0, compile_first: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -82,6 +82,15 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         return {"input_ids": ids, "labels": ids}
 
     print(f"setup done: {setup_bytes / 2 ** 30:.2f} GiB in use", file=sys.stderr, flush=True)
+    compiled_memory = {}
+    if compile_first:  # compile ahead (the autotuner allocates its own operand buffers) and read the peak then
+        compiled = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile()
+        analysis = compiled.memory_analysis()
+        compiled_memory = {
+            "compile_peak_gib": round((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2 ** 30, 3),
+            **{f"xla_{k}_gib": round(getattr(analysis, f"{k}_size_in_bytes") / 2 ** 30, 3)
+               for k in ("temp", "argument", "output", "alias")}}
+        print(f"compiled ahead: {compiled_memory}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     lora, opt_state, metrics = step(lora, opt_state, batch_arrays(), None)
     jax.block_until_ready(metrics)
@@ -119,7 +128,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention,
-        **({"profile": profile} if profile else {}),
+        **compiled_memory, **({"profile": profile} if profile else {}),
     }
 
 
@@ -180,18 +189,21 @@ def main() -> None:
     parser.add_argument("--no-lora-fold", action="store_true", help="KernelOptions(lora_fold=False), for A/B timing")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "flash"],
                         help="KernelOptions.attention (default: %(default)s)")
+    parser.add_argument("--compile-first", action="store_true",
+                        help="compile the step ahead and report the peak after compiling and XLA's memory analysis")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.shape, args.batch, args.seq, args.gc[0], args.steps, not args.no_4bit,
-                                 args.profile, kernel_options(args), args.loss_chunk_tokens)), flush=True)
+                                 args.profile, kernel_options(args), args.loss_chunk_tokens,
+                                 args.compile_first)), flush=True)
         return
     ours = {}
     for gc in args.gc:
         cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--batch", str(args.batch), "--seq",
                str(args.seq), "--gc", gc, "--steps", str(args.steps), "--profile", str(args.profile)]
         cmd += (["--no-4bit"] if args.no_4bit else []) + kernel_flags(args)
-        cmd += ["--loss-chunk-tokens", str(args.loss_chunk_tokens)]
+        cmd += ["--loss-chunk-tokens", str(args.loss_chunk_tokens)] + (["--compile-first"] if args.compile_first else [])
         head = {"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq, "gc": gc}
         row = run_config(cmd, head, args.timeout, "train_step_stderr.log")
         if row is not None:

@@ -50,7 +50,7 @@ class CausalLM:
         self.lora_meta: dict | None = None
         self.lora_layout = None
         self.training = True
-        self.loss_chunk_tokens: int | None = None  # tokens per loss chunk; None: training.default_chunk_tokens
+        self.loss_chunk_tokens: int | None = None  # tokens per loss chunk; None: the mode's default (training.output_layer_loss)
         self._loss = None  # jitted compute_loss, built on first use
         self._forward = self._make_forward()
 
@@ -114,7 +114,7 @@ class CausalLM:
         from fastlora_jax import training
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
         lean = getattr(self, "use_gradient_checkpointing", False) is not False
-        chunk = chunk_tokens or self.loss_chunk_tokens or training.default_chunk_tokens(self.cfg.vocab_size, memory_lean=lean)
+        chunk = chunk_tokens or self.loss_chunk_tokens  # None: training.output_layer_loss picks the mode's default
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         options = replace(self.kernel_options, memory_lean=lean)
         family, cfg = self.family, self.cfg
@@ -352,7 +352,7 @@ class VisionCausalLM(CausalLM):
         family, cfg = self.family, self.cfg
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
         lean = getattr(self, "use_gradient_checkpointing", False) is not False
-        chunk = chunk_tokens or self.loss_chunk_tokens or training.default_chunk_tokens(cfg.vocab_size, memory_lean=lean)
+        chunk = chunk_tokens or self.loss_chunk_tokens  # None: training.output_layer_loss picks the mode's default
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         compute_dtype = self.dtype
         options = replace(self.kernel_options, memory_lean=lean)

@@ -15,9 +15,9 @@ The base weight and the scaling are frozen: their cotangents are zeros (dropped,
 
 DoRA goes through the reference (`reference.lora_linear`), which autodiff handles.
 
-With an NF4 base and use_gradient_checkpointing=False the LoRA branch is folded into the base matmul as R
-extra contraction columns (`_folded_core`, below); the memory-lean modes (`KernelOptions.memory_lean`) keep
-it a separate branch. `KernelOptions(lora_fold=False)` turns folding off (for A/B timing). The options are a
+With an NF4 base the LoRA branch is folded into the base matmul as R extra contraction columns
+(`_folded_core`, below): one gemm per group with use_gradient_checkpointing=False, one per module in the
+memory-lean modes (`KernelOptions.memory_lean`). `KernelOptions(lora_fold=False)` turns folding off (for A/B timing). The options are a
 static argument of every op here and a non-differentiable argument of the custom VJPs, so that a backward
 rule makes the choices of its forward.
 """
@@ -137,6 +137,39 @@ def _zeros_like_tree(tree):
     return jax.tree.map(zero, tree)
 
 
+def _just_in_time(options: KernelOptions, weights, gs):
+    """The backward's base weights tied to its cotangents in the memory-lean modes.
+
+    There the layer's forward is recomputed inside the backward, and XLA merges the recompute's dequantize of
+    W with the backward's (the same op on the same input): every weight of the layer then stays dequantized
+    from the recompute until its backward gemm (Phi-4: q/k/v and o held through the MLP's backward). Tied to g
+    by an optimization barrier, the backward dequantizes W again, right before it is used."""
+    if not options.memory_lean:
+        return weights, gs
+    return lax.optimization_barrier((weights, gs))
+
+
+def _folds_lora_into_dx(weight_oi, g_to, options: KernelOptions) -> bool:
+    """The memory-lean backward of an unfolded NF4 linear computes `dx` in one gemm (`_dx_with_lora`)."""
+    return (options.memory_lean and options.lora_fold and isinstance(weight_oi, NF4Weight)
+            and not _use_nf4_kernel(g_to, weight_oi, options, transposed=True))
+
+
+def _dx_with_lora(g_to, gb_tr, weight_oi, a_ri, options: KernelOptions):
+    """`g @ deq(W) + gb @ A` as ONE gemm, `[g | gb] @ [[deq(W)]; [A]]`: A's rows below W's, written by the
+    dequantize kernel itself. Unfused, the LoRA term is a second `[tokens, in]` output (down_proj: tokens x
+    intermediate) beside the base term, both live until their add."""
+    dtype = g_to.dtype
+    if jnp.dtype(dtype).itemsize == 2 and _one_pass_dequantizes(weight_oi) and a_ri.shape[1] % 2 == 0:
+        words = jnp.concatenate([_dequantized_words(weight_oi, dtype, options.memory_lean),
+                                 _as_words(a_ri.astype(dtype))], axis=0)
+        w_ki = lax.bitcast_convert_type(words, dtype).reshape(words.shape[0], -1)
+    else:
+        w_ki = jnp.concatenate([dense_base_weight(weight_oi, dtype, options), a_ri.astype(dtype)], axis=0)
+    g_folded = jnp.concatenate([g_to, gb_tr.astype(dtype)], axis=1)
+    return jnp.einsum("tk,ki->ti", g_folded, w_ki, preferred_element_type=dtype)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lora_linear_core(options, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
     """`x_lora_ti` is None when there is no dropout (the LoRA branch reads x itself: one residual, not two).
@@ -158,13 +191,16 @@ def _core_fwd(options, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
 
 def _core_bwd(options, residuals, g_to):
     x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling, xa_tr = residuals
+    weight_oi, g_to = _just_in_time(options, weight_oi, g_to)
     x_in = x_ti if x_lora_ti is None else x_lora_ti
     s = scaling.astype(jnp.float32)
     gb_tr = (jnp.einsum("to,or->tr", g_to, b_or, preferred_element_type=jnp.float32) * s).astype(g_to.dtype)
-    dx_lora = jnp.einsum("tr,ri->ti", gb_tr, a_ri, preferred_element_type=x_ti.dtype)
     da = jnp.einsum("tr,ti->ri", gb_tr, x_in, preferred_element_type=jnp.float32).astype(a_ri.dtype)
     db = (jnp.einsum("to,tr->or", g_to, xa_tr, preferred_element_type=jnp.float32) * s).astype(b_or.dtype)
     rest = (_zeros_like_tree(weight_oi), da, db, jnp.zeros_like(scaling))  # W and scaling are frozen
+    if x_lora_ti is None and _folds_lora_into_dx(weight_oi, g_to, options):
+        return (_dx_with_lora(g_to, gb_tr, weight_oi, a_ri, options), None) + rest
+    dx_lora = jnp.einsum("tr,ri->ti", gb_tr, a_ri, preferred_element_type=x_ti.dtype)
     if x_lora_ti is None:
         return (base_matmul_t(g_to, weight_oi, options) + dx_lora, None) + rest
     return (base_matmul_t(g_to, weight_oi, options), dx_lora) + rest
@@ -249,6 +285,7 @@ def _group_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
 
 def _group_bwd(options, ranks, residuals, gs):
     x_ti, weights, a_cat, bs, scalings, xa_tR = residuals
+    weights, gs = _just_in_time(options, weights, gs)
     gbs, dbs, dx = [], [], None
     for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):
         s32 = s.astype(jnp.float32)
@@ -282,10 +319,11 @@ _group_core.defvjp(_group_fwd, _group_bwd)
 def folds_into_base(in_dim: int, modules: list[dict], options: KernelOptions = DEFAULT) -> bool:
     """Whether these LoRA linears (sharing one input of width `in_dim`) run folded into their base matmul.
 
-    Not in the memory-lean modes (`options.memory_lean`: the checkpointing modes "unsloth" and True, whose bar
-    is peak memory): the folded weight and the copy of x are extra transients in each recomputed layer
-    (Llama-8B 2 x 2048 "unsloth": 7.04 -> 7.10 GiB peak, 2% slower)."""
-    if not options.lora_fold or options.memory_lean or not all(isinstance(m["weight"], NF4Weight) for m in modules):
+    In the memory-lean modes (`options.memory_lean`: the checkpointing modes "unsloth" and True, whose bar is
+    peak memory) each module keeps its own folded weight (`_folded_fwd`): one concatenated weight for the group
+    was an extra transient per recomputed layer (Llama-8B 2 x 2048 "unsloth": 7.04 -> 7.10 GiB), while
+    unfolded, the base output, the LoRA output and their sum are three `[tokens, out]` buffers at once."""
+    if not options.lora_fold or not all(isinstance(m["weight"], NF4Weight) for m in modules):
         return False  # a 16-bit base is read in place by the gemm: a folded copy would cost a weight pass
     if options.nf4_matmul == "pallas" and jax.default_backend() == "gpu":
         return False  # the fused NF4 kernel reads the packed weight itself
@@ -344,8 +382,13 @@ def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     dtype = x_ti.dtype
     xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32)
     xa_scaled_tR = _scale_columns(xa_tR.astype(dtype), scalings, ranks, dtype)
+    x_folded_tk = _folded_columns(x_ti, xa_scaled_tR, dtype)
+    if options.memory_lean:  # one gemm and one folded weight per module: no group-sized transient
+        ys = tuple(jnp.einsum("tk,ok->to", x_folded_tk, _folded_weight([w], [b], dtype), preferred_element_type=dtype)
+                   for w, b in zip(weights, _b_blocks(bs, ranks)))
+        return ys, (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
     w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype)
-    y_tO = jnp.einsum("tk,ok->to", _folded_columns(x_ti, xa_scaled_tR, dtype), w_folded, preferred_element_type=dtype)
+    y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)
     offsets = np.cumsum([0] + [b.shape[0] for b in bs])
     ys = tuple(y_tO[:, offsets[i]:offsets[i + 1]] for i in range(len(bs)))
     return ys, (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
@@ -355,6 +398,7 @@ def _folded_bwd(options, ranks, residuals, gs):
     """Per module `g_j @ [W_j | B_j]` gives the base dx term and `g_j @ B_j` in one gemm. (One gemm over the
     concatenated g would need a copy of all the g's: measured slower.)"""
     x_ti, weights, a_cat, bs, scalings, xa_tR = residuals
+    weights, gs = _just_in_time(options, weights, gs)
     dtype, in_dim = x_ti.dtype, x_ti.shape[1]
     dx, gbs, dbs = None, [], []
     for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):

@@ -22,7 +22,7 @@ class KernelOptions:
       flash-style reference where it does not (soft-caps); "xla": the dense reference; "flash": the Mosaic GPU
       flash kernel where it supports the call, else the blockwise reference);
     - `memory_lean`: the choices of the checkpointing modes "unsloth" and True, whose bar is peak memory
-      (no LoRA folding, the select-tree NF4 lookup); `CausalLM` sets it from `use_gradient_checkpointing`.
+      (LoRA folded per module rather than per group, the select-tree NF4 lookup); `CausalLM` sets it from `use_gradient_checkpointing`.
     """
 
     nf4_matmul: str = "xla"

@@ -2,6 +2,8 @@
 its one-pass NF4 dequantization, the fused output-layer cross-entropy, and what the False checkpointing
 mode keeps for the backward pass."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from transformers import LlamaConfig
 from fastlora_jax import FastLanguageModel
 from fastlora_jax.models import llama
 from fastlora_jax.model import CausalLM
+from fastlora_jax import training
 from fastlora_jax.quant import NF4Weight
 from fastlora_jax.training import (
     IGNORE_INDEX,
@@ -48,8 +51,10 @@ def _module(rng, nf4: bool, bias: bool, out=96, inp=128, r=8):
 @pytest.mark.parametrize("nf4", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
-def test_lora_linear_value_and_gradients_match_reference(rng, nf4, dropout, bias):
+@pytest.mark.parametrize("lean", [False, True])  # lean + NF4 + no dropout: dx in one gemm (lora_op._dx_with_lora)
+def test_lora_linear_value_and_gradients_match_reference(rng, nf4, dropout, bias, lean):
     module = _module(rng, nf4, bias)
+    options = KernelOptions(memory_lean=lean)
     x = jnp.asarray(rng.standard_normal((2, 7, 128)), jnp.float32)
     key = jax.random.PRNGKey(int(rng.integers(1 << 30))) if dropout else None
     probe = jnp.asarray(rng.standard_normal((2, 7, 96)), jnp.float32)
@@ -59,7 +64,8 @@ def test_lora_linear_value_and_gradients_match_reference(rng, nf4, dropout, bias
         return jnp.sum(jnp.tanh(op(x, m, key, dropout)) * probe)
 
     args = (x, module["lora_A"], module["lora_B"], module.get("bias", jnp.zeros(96)))
-    got = jax.value_and_grad(lambda *a: loss(lora_op.lora_linear, *a), argnums=(0, 1, 2, 3))(*args)
+    op = partial(lora_op.lora_linear, options=options)
+    got = jax.value_and_grad(lambda *a: loss(op, *a), argnums=(0, 1, 2, 3))(*args)
     want = jax.value_and_grad(lambda *a: loss(reference.lora_linear, *a), argnums=(0, 1, 2, 3))(*args)
     # The outputs in a norm, the probe-weighted sum (which cancels) against the sum of its terms' magnitudes.
     assert rel_l2(lora_op.lora_linear(x, module, key, dropout), reference.lora_linear(x, module, key, dropout)) < 1e-5
@@ -68,28 +74,77 @@ def test_lora_linear_value_and_gradients_match_reference(rng, nf4, dropout, bias
         assert rel_l2(g, w) < 1e-5
 
 
-def test_lora_linear_bf16_close_to_fp32_reference(rng):
+@pytest.mark.parametrize("lean", [False, True])
+def test_lora_linear_bf16_close_to_fp32_reference(rng, lean):
+    """bf16 values and gradients (x, A, B) against the fp32 reference; with `lean` the backward's dx is one
+    gemm over `[g | gb]` and `[[deq(W)]; [A]]`, written as packed 32-bit words."""
     module = _module(rng, True, False, out=128, inp=256, r=16)
+    options = KernelOptions(memory_lean=lean)
     x = jnp.asarray(rng.standard_normal((4, 64, 256)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((4, 64, 128)), jnp.float32)
+
+    def loss(op, dtype, x, a, b):
+        m = dict(module, lora_A=a.astype(dtype), lora_B=b.astype(dtype))
+        return jnp.sum(op(x.astype(dtype), m).astype(jnp.float32) * probe)
+
+    args = (x, module["lora_A"], module["lora_B"])
+    got = jax.grad(lambda *a: loss(partial(lora_op.lora_linear, options=options), jnp.bfloat16, *a), (0, 1, 2))(*args)
+    want = jax.grad(lambda *a: loss(reference.lora_linear, jnp.float32, *a), (0, 1, 2))(*args)
     m16 = dict(module, lora_A=module["lora_A"].astype(jnp.bfloat16), lora_B=module["lora_B"].astype(jnp.bfloat16))
-    got = lora_op.lora_linear(x.astype(jnp.bfloat16), m16)
-    want = reference.lora_linear(x, module)
-    assert rel_l2(got.astype(jnp.float32), want) < 1e-2
+    y = lora_op.lora_linear(x.astype(jnp.bfloat16), m16, options=options)
+    assert rel_l2(y.astype(jnp.float32), reference.lora_linear(x, module)) < 1e-2
+    for g, w in zip(got, want):
+        assert rel_l2(g.astype(jnp.float32), w) < 2e-2
 
 
 @pytest.mark.parametrize("chunk", [5, 16, 64])
-def test_fused_cross_entropy_matches_checkpointed_chunks(rng, chunk):
+@pytest.mark.parametrize("vocab_tiles", [1, 2, 5])  # the online softmax over vocabulary tiles
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_fused_cross_entropy_matches_checkpointed_chunks(rng, chunk, vocab_tiles, softcap):
     n, d, vocab = 37, 24, 50
     h = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((vocab, d)) * 0.3, jnp.float32)
     t = rng.integers(0, vocab, n)
     t[rng.random(n) < 0.3] = IGNORE_INDEX
     t = jnp.asarray(t, jnp.int32)
-    fused = jax.value_and_grad(lambda h: fused_head_cross_entropy(h, w, t, chunk)[0])(h)
-    plain = jax.value_and_grad(lambda h: chunked_cross_entropy(h, t, lambda x: x @ w.T, chunk)[0])(h)
+
+    def logits_fn(x):  # the oracle: plain logits (capped as HF caps them), autodiff for the gradient
+        z = x @ w.T
+        return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+    fused = jax.value_and_grad(lambda h: fused_head_cross_entropy(h, w, t, chunk, softcap, vocab_tiles)[0])(h)
+    plain = jax.value_and_grad(lambda h: chunked_cross_entropy(h, t, logits_fn, chunk)[0])(h)
     assert rel_l2(fused[0], plain[0]) < 1e-6
     assert rel_l2(fused[1], plain[1]) < 1e-5
-    assert int(fused_head_cross_entropy(h, w, t, chunk)[1]) == int(jnp.sum(t != IGNORE_INDEX))
+    assert int(fused_head_cross_entropy(h, w, t, chunk, softcap, vocab_tiles)[1]) == int(jnp.sum(t != IGNORE_INDEX))
+
+
+def test_fused_cross_entropy_bf16_tiles_close_to_fp32(rng):
+    """bf16 hidden states and head, vocabulary in 8 tiles: loss and dh within bf16's 2e-2 of the fp32 math."""
+    n, d, vocab = 96, 64, 1024
+    h = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((vocab, d)) * 0.2, jnp.float32)
+    t = jnp.asarray(rng.integers(0, vocab, n), jnp.int32)
+    got = jax.value_and_grad(lambda h: fused_head_cross_entropy(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), t,
+                                                                32, None, 8)[0])(h)
+    want = jax.value_and_grad(lambda h: chunked_cross_entropy(h, t, lambda x: x @ w.T, 32)[0])(h)
+    assert rel_l2(got[0], want[0]) < 2e-2
+    assert rel_l2(got[1].astype(jnp.float32), want[1]) < 2e-2
+
+
+def test_head_vocab_tiles_rule():
+    """Memory-lean: the tiles divide the vocabulary, each tile's head rows are at most 128 MiB in bf16, and
+    there are as few tiles as that allows; tiles under 256 rows are refused (one tile); other modes: one."""
+    for vocab, hidden in [(151936, 4096), (100352, 5120), (128256, 4096), (262144, 1152), (256000, 3584),
+                          (152064, 3584), (512, 64)]:
+        tiles = training.head_vocab_tiles(vocab, hidden, True)
+        rows = vocab // tiles
+        assert vocab % tiles == 0 and rows * hidden * 2 <= 2 ** 27
+        assert not any(vocab % k == 0 and (vocab // k) * hidden * 2 <= 2 ** 27 for k in range(1, tiles))
+        assert training.head_vocab_tiles(vocab, hidden, False) == 1
+    assert training.head_vocab_tiles(1031, 2 ** 20, True) == 1  # a prime vocabulary: 1-row tiles are refused
+    with pytest.raises(ValueError, match="vocab_tiles"):
+        fused_head_cross_entropy(jnp.ones((4, 8)), jnp.ones((10, 8)), jnp.zeros(4, jnp.int32), 4, None, 3)
 
 
 def test_false_mode_keeps_no_dequantized_weight():
@@ -112,8 +167,10 @@ def test_false_mode_keeps_no_dequantized_weight():
 
 
 @pytest.mark.parametrize("nf4", [True, False])
-def test_grouped_lora_linears_match_separate_ones(rng, nf4):
+@pytest.mark.parametrize("lean", [False, True])  # NF4: folded (one gemm per group, or per module when lean)
+def test_grouped_lora_linears_match_separate_ones(rng, nf4, lean):
     """q/k/v-style modules sharing x, different output sizes and ranks, one with a bias."""
+    options = KernelOptions(memory_lean=lean)
     mods = [_module(rng, nf4, bias=False, out=96, r=8), _module(rng, nf4, bias=True, out=32, r=4),
             _module(rng, nf4, bias=False, out=64, r=8)]
     x = jnp.asarray(rng.standard_normal((2, 9, 128)), jnp.float32)
@@ -121,7 +178,7 @@ def test_grouped_lora_linears_match_separate_ones(rng, nf4):
 
     def loss(grouped, x, lora):
         ms = [dict(m, lora_A=a, lora_B=b) for m, (a, b) in zip(mods, lora)]
-        ys = lora_op.lora_linear_group(x, ms) if grouped else [reference.lora_linear(x, m) for m in ms]
+        ys = lora_op.lora_linear_group(x, ms, options=options) if grouped else [reference.lora_linear(x, m) for m in ms]
         return sum(jnp.sum(jnp.tanh(y) * p) for y, p in zip(ys, probes))
 
     lora = [(m["lora_A"], m["lora_B"]) for m in mods]
@@ -134,7 +191,8 @@ def test_grouped_lora_linears_match_separate_ones(rng, nf4):
 
 
 @pytest.mark.parametrize("outs_ranks", [[(160, 8)], [(96, 8), (32, 4), (64, 16)], [(192, 16), (192, 16)]])
-def test_lora_folded_into_nf4_matmul_matches_reference(rng, outs_ranks):
+@pytest.mark.parametrize("lean", [False, True])  # one folded gemm per group, or one per module
+def test_lora_folded_into_nf4_matmul_matches_reference(rng, outs_ranks, lean):
     """NF4 linears whose outputs are at least as wide as the input run with B folded into the base matmul's
     extra contraction columns (lora_op._folded_core): values and all gradients as PEFT's math, in fp32."""
     mods = [_module(rng, True, bias=i == 0, out=out, r=r) for i, (out, r) in enumerate(outs_ranks)]
@@ -146,8 +204,12 @@ def test_lora_folded_into_nf4_matmul_matches_reference(rng, outs_ranks):
         ms = [dict(m, lora_A=a, lora_B=b) for m, (a, b) in zip(mods, lora)]
         return sum(jnp.sum(jnp.tanh(y) * p) for y, p in zip(op(x, ms), probes))
 
+    options = KernelOptions(memory_lean=lean)
+
     def folded(x, ms):
-        return lora_op.lora_linear_group(x, ms) if len(ms) > 1 else [lora_op.lora_linear(x, ms[0])]
+        if len(ms) > 1:
+            return lora_op.lora_linear_group(x, ms, options=options)
+        return [lora_op.lora_linear(x, ms[0], options=options)]
 
     def ref(x, ms):
         return [reference.lora_linear(x, m) for m in ms]
@@ -185,9 +247,10 @@ def test_lora_folded_bf16_close_to_fp32_reference(rng, ranks):
 
 def test_lora_fold_rule():
     """Folding needs an NF4 base (a 16-bit one would be copied), outputs at least as wide as the input, and
-    is off in the memory-lean checkpointing modes."""
+    `lora_fold`; the memory-lean modes fold too (per module)."""
     rng = np.random.default_rng(1)
-    assert not lora_op.folds_into_base(128, [_module(rng, True, False, out=160)], KernelOptions(memory_lean=True))
+    assert lora_op.folds_into_base(128, [_module(rng, True, False, out=160)], KernelOptions(memory_lean=True))
+    assert not lora_op.folds_into_base(128, [_module(rng, True, False, out=160)], KernelOptions(lora_fold=False))
     assert not lora_op.folds_into_base(128, [_module(rng, True, False, out=96)])  # down_proj-like
     assert not lora_op.folds_into_base(128, [_module(rng, False, False, out=160)])  # 16-bit base
     assert lora_op.folds_into_base(128, [_module(rng, True, False, out=96), _module(rng, True, False, out=32)])
