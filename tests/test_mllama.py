@@ -598,3 +598,90 @@ def test_random_base_params_for_benchmarks(tiny):
     assert jax.tree.structure(params) == jax.tree.structure(abstract) == jax.tree.structure(tiny.params)
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(params)] == \
         [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)] == [(x.shape, x.dtype) for x in jax.tree.leaves(tiny.params)]
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_kv_cache_prefill_and_decode_match_the_full_forward(tiny):
+    """forward_cached: a prefill with the images (which stores each cross-attention layer's vision keys/values and
+    the last cross-attention mask row) and two decode steps give the logits of the whole forward pass over the
+    prompt and the new tokens, whose cross-attention mask rows repeat the prompt's last (transformers' rule)."""
+    cfg, params = tiny.cfg, tiny.params
+    batch = make_batch(tiny.processor, "left")
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    b, s = ids.shape
+    new = np.array([[100, 7], [55, 300]], np.int32)
+    cross = batch["cross_attention_mask"].numpy()
+    full_cross = np.concatenate([cross, np.repeat(cross[:, -1:], 2, axis=1)], axis=1)
+    full_ids, full_mask = np.concatenate([ids, new], 1), np.concatenate([mask, np.ones_like(new)], 1)
+    positions = np.where(full_mask == 1, np.cumsum(full_mask, axis=1) - 1, 0)
+    full = np.asarray(tiny.model(full_ids, full_mask, batch["pixel_values"], batch["aspect_ratio_ids"],
+                                 batch["aspect_ratio_mask"], full_cross, position_ids=positions).logits)
+    max_len = s + 8
+    mask_l = np.zeros((b, max_len), np.int32)
+    mask_l[:, :s] = mask
+    prep = tiny.model.prepare_inputs(ids, mask, *(batch[k] for k in VISION_KEYS))
+    cache = mllama.init_cache(cfg, b, max_len)
+    cos, sin = tiny.model.rotary_cos_sin(positions[:, :s])
+    logits, cache = mllama.forward_cached(cfg, params, jnp.asarray(ids), cos, sin, cache, 0, jnp.asarray(mask_l),
+                                          vision=prep["vision"])
+    assert set(cache) == {"k", "v", "cross_k", "cross_v", "cross_bias", "cross_row"}
+    assert cache["cross_k"].shape[:3] == (2, b, 2 * cfg.vision.max_num_tiles * cfg.vision.num_patches)
+    keep = mask.astype(bool)
+    assert rel_l2(np.asarray(logits)[keep], full[:, :s][keep]) < 1e-5
+    for step in range(2):
+        mask_l[:, s + step] = 1
+        cos, sin = tiny.model.rotary_cos_sin(positions[:, s + step:s + step + 1])
+        logits, cache = mllama.forward_cached(cfg, params, jnp.asarray(new[:, step:step + 1]), cos, sin, cache,
+                                              s + step, jnp.asarray(mask_l))
+        assert rel_l2(np.asarray(logits)[:, 0], full[:, s + step]) < 1e-5, step
+
+
+def generation_batch(processor):
+    """Two left-padded chat prompts: an image of aspect ratio (2, 1) before the question; text, then a (1, 1)
+    image."""
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 255, (60, 30, 3), dtype=np.uint8)),
+              Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8))]
+    texts = [f"{IMAGE_TOKEN}Describe this image.", f"What is in the picture? Say it {IMAGE_TOKEN}"]
+    processor.tokenizer.padding_side = "left"
+    try:
+        batch = processor(text=texts, images=[[images[0]], [images[1]]], return_tensors="pt", padding=True)
+    finally:
+        processor.tokenizer.padding_side = "right"
+    assert (batch["attention_mask"] == 0).any()
+    return batch
+
+
+def test_greedy_generation_with_images_is_transformers_through_peft(tiny):
+    """Greedy ids with images (vision and language adapters, so the image's cross-attention keys/values carry
+    LoRA) equal transformers' generate of the same model with the same adapter (PeftModel), also when a row stops
+    at eos early; text-only prompts (cross-attention layers skipped) too."""
+    model = FastVisionModel.get_peft_model(tiny.model, r=4, lora_alpha=8, init_lora_weights=False, random_state=1)
+    assert any("cross_attn.k_proj" in n for n in model.targeted_module_names)
+    adapter = tiny.tmp / "generation_adapter"
+    model.save_pretrained(adapter)
+    hf = PeftModel.from_pretrained(load_hf(tiny.dir), str(adapter)).eval()
+    batch = generation_batch(tiny.processor)
+
+    def theirs(inputs, **kwargs):
+        with torch.no_grad():
+            return hf.generate(**inputs, do_sample=False, **kwargs).numpy()
+
+    expected = theirs(batch, max_new_tokens=10)
+    got = model.generate(batch, max_new_tokens=10, do_sample=False)
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, tiny.model.generate(batch, max_new_tokens=10))  # the adapter changes the output
+    # a row that emits eos is padded afterwards, as transformers does
+    eos = int(expected[1, batch["input_ids"].shape[1] + 2])
+    stopped = model.generate(batch["input_ids"], batch["attention_mask"], *(batch[k] for k in VISION_KEYS),
+                             max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    np.testing.assert_array_equal(stopped, theirs(batch, max_new_tokens=10, eos_token_id=eos, pad_token_id=0))
+    tiny.processor.tokenizer.padding_side = "left"
+    try:
+        text = tiny.processor(text=["What is in the picture?", "Say it"], return_tensors="pt", padding=True)
+    finally:
+        tiny.processor.tokenizer.padding_side = "right"
+    text = {k: text[k] for k in ("input_ids", "attention_mask")}
+    np.testing.assert_array_equal(model.generate(text, max_new_tokens=6), theirs(text, max_new_tokens=6))
