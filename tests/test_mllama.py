@@ -685,3 +685,189 @@ def test_greedy_generation_with_images_is_transformers_through_peft(tiny):
         tiny.processor.tokenizer.padding_side = "right"
     text = {k: text[k] for k in ("input_ids", "attention_mask")}
     np.testing.assert_array_equal(model.generate(text, max_new_tokens=6), theirs(text, max_new_tokens=6))
+
+
+# ------------------------------------------------------------------------------------------ training
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def records(n, sizes=((28, 28),), seed=0, images_per=1):
+    """Chat records: solid-colour images (a little noise) and a question; the reply names the first colour."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        name = list(COLORS)[i % len(COLORS)]
+        parts = []
+        for j in range(images_per):
+            h, w = sizes[(i + j) % len(sizes)]
+            pixels = np.clip(np.array(COLORS[name]) + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+            parts.append({"type": "image", "image": Image.fromarray(pixels)})
+        out.append({"messages": [
+            {"role": "user", "content": [*parts, {"type": "text", "text": "What colour is this?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"It is {name}."}]}]})
+    return out
+
+
+def without_images(messages):
+    """The messages with each image part as a bare {"type": "image"} (what the chat template renders)."""
+    return [{"role": m["role"], "content": [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})}
+                                            for p in m["content"]]} for m in messages]
+
+
+def rendered_inputs(processor, data):
+    """(texts, nested images) as the collator hands them to the processor."""
+    texts = [processor.apply_chat_template(without_images(r["messages"]), tokenize=False) for r in data]
+    images = [[p["image"] for m in r["messages"] for p in m["content"] if p["type"] == "image"] for r in data]
+    return texts, images
+
+
+def test_collator_batch_is_the_processors(tiny):
+    """Untruncated, padded on the processor's side: every array is MllamaProcessor's for the chat-rendered texts;
+    labels are the tokens after the rendered prompt (the reply and its <|eot_id|>), -100 elsewhere."""
+    from fastlora_jax.vision_data import UnslothVisionDataCollator
+    data = records(1, sizes=((20, 50),), images_per=1) + records(1, sizes=((28, 28), (60, 30)), seed=1,
+                                                                    images_per=2)
+    batch = UnslothVisionDataCollator(tiny.model, tiny.processor)(data)
+    texts, images = rendered_inputs(tiny.processor, data)
+    theirs = tiny.processor(text=texts, images=images, padding=True, return_tensors="np")
+    assert set(batch) == {"input_ids", "attention_mask", "labels", *VISION_KEYS}
+    for key in ("input_ids", "attention_mask", *VISION_KEYS):
+        np.testing.assert_array_equal(batch[key], theirs[key], err_msg=key)
+    assert batch["pixel_values"].shape[1:3] == (2, 2) and set(batch["aspect_ratio_ids"].ravel()) == {0, 1, 2, 3}
+    for i, record in enumerate(data):
+        prompt = tiny.processor.apply_chat_template(without_images(record["messages"][:1]), tokenize=False,
+                                                    add_generation_prompt=True)
+        start = len(tiny.processor.tokenizer(prompt)["input_ids"])
+        n = int(batch["attention_mask"][i].sum())
+        expected = np.full(batch["labels"].shape[1], -100)
+        expected[start:n] = batch["input_ids"][i, start:n]
+        np.testing.assert_array_equal(batch["labels"][i], expected)
+        assert tiny.processor.tokenizer.decode(batch["input_ids"][i, start:n]).endswith("<|eot_id|>")
+
+
+def test_collator_truncation_drops_the_images_after_the_cut(tiny):
+    """max_seq_length just before an example's second <|image|>: that image is dropped, and the row is what the
+    processor makes of the text up to the cut with the first image; a padding slot stays as the image processor
+    pads (zero pixels, id 0, first tile marked)."""
+    from fastlora_jax.vision_data import UnslothVisionDataCollator
+    data = records(1, sizes=((28, 28), (60, 30)), images_per=2)
+    texts, images = rendered_inputs(tiny.processor, data)
+    full = tiny.processor(text=texts, images=images, return_tensors="np")
+    cut = int(np.flatnonzero(full["input_ids"][0] == tiny.cfg.image_token_id)[1])
+    batch = UnslothVisionDataCollator(tiny.model, tiny.processor, max_seq_length=cut)(data)
+    second = texts[0].index(IMAGE_TOKEN, texts[0].index(IMAGE_TOKEN) + 1)
+    theirs = tiny.processor(text=[texts[0][:second]], images=[images[0][:1]], return_tensors="np")
+    for key in ("input_ids", *VISION_KEYS):
+        np.testing.assert_array_equal(batch[key], theirs[key], err_msg=key)
+    two = UnslothVisionDataCollator(tiny.model, tiny.processor, max_seq_length=cut)(data + records(1, seed=2))
+    assert two["pixel_values"].shape[1] == 1  # no row keeps a second image
+    with pytest.raises(ValueError, match="all have images, or none do"):
+        UnslothVisionDataCollator(tiny.model, tiny.processor)(data + [{"messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}])
+
+
+def training_model(tiny, mode=True, dropout=0.0, **kwargs):
+    """LoRA on every linear the finetune_* flags select (all on), B random so that A gets gradients."""
+    return FastVisionModel.get_peft_model(tiny.model, r=4, lora_alpha=8, lora_dropout=dropout, random_state=0,
+                                          use_gradient_checkpointing=mode, init_lora_weights=False, **kwargs)
+
+
+def capture_gradients():
+    """An optax transformation whose state after a step is that step's (token-averaged) gradients."""
+    import optax
+    return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
+                                        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def step_gradients(model, micro_batches):
+    from fastlora_jax import training
+    step = training.make_train_step(model, capture_gradients())
+    params = jax.tree.map(jnp.array, model.lora_params)
+    _, grads, metrics = step(params, capture_gradients().init(params), micro_batches, None)
+    return grads, metrics
+
+
+def test_train_step_gradients_with_images_match_peft(tiny):
+    """Two micro-batches (one image per row; two images of other aspect ratios per row) accumulated in one step:
+    the loss and the LoRA gradients of every stack equal torch autograd through PEFT of the token-averaged loss."""
+    from fastlora_jax.vision_data import UnslothVisionDataCollator
+    model = training_model(tiny)
+    collator = UnslothVisionDataCollator(model, tiny.processor)
+    parts = [collator(records(2, sizes=((28, 28), (20, 50)), seed=1)),
+             collator(records(1, sizes=((60, 30), (28, 28)), seed=2, images_per=2))]
+    assert parts[0]["pixel_values"].shape[1] != parts[1]["pixel_values"].shape[1]
+    grads, metrics = step_gradients(model, parts)
+    model.save_pretrained(tiny.tmp / "train_adapter")
+    loaded = PeftModel.from_pretrained(load_hf(tiny.dir), str(tiny.tmp / "train_adapter"), is_trainable=True)
+    total, count = 0.0, 0
+    for part in parts:
+        batch = {k: torch.from_numpy(np.asarray(v, np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer)
+                                                else np.float32)) for k, v in part.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        out = loaded(**{k: v for k, v in batch.items() if k != "labels"}, labels=batch["labels"])
+        total = total + out.loss * n
+        count += n
+    loss = total / count
+    loss.backward()
+    assert int(metrics["tokens"]) == count
+    assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-5)
+    torch_grads = {n: p.grad for n, p in loaded.named_parameters() if p.requires_grad}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = state_numpy(get_peft_model_state_dict(loaded, state_dict=torch_grads, save_embedding_layers=False))
+    ours_grads = state_numpy(model.peft_state_dict(grads))
+    assert set(ours_grads) == set(theirs)
+    assert any("vision_model" in k for k in theirs) and any("cross_attn" in k for k in theirs)
+    for key in theirs:
+        assert np.abs(theirs[key]).max() > 0, key
+        assert rel_l2(ours_grads[key], theirs[key]) < 1e-4, key
+
+
+def test_checkpointing_modes_give_the_same_gradients(tiny):
+    from fastlora_jax.vision_data import UnslothVisionDataCollator
+    batch = [UnslothVisionDataCollator(tiny.model, tiny.processor)(records(2, sizes=((28, 28), (20, 50))))]
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "unsloth" on the CPU: no pinned host memory, recomputes as True
+        for mode in ("unsloth", True, False):
+            results[mode] = [np.asarray(x) for x in jax.tree.leaves(step_gradients(training_model(tiny, mode),
+                                                                                    batch)[0])]
+    for mode in ("unsloth", False):  # the same math; XLA may fuse (and so round) differently
+        for a, b in zip(results[mode], results[True]):
+            assert np.abs(b).max() > 0 and rel_l2(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["unsloth", True, False])
+def test_sft_trainer_with_the_vision_collator_lowers_the_loss(tiny, mode):
+    """Unsloth's vision-notebook SFTConfig in each checkpointing mode: 6 steps lower the loss; before training
+    the trainer's eval loss is compute_loss's."""
+    from fastlora_jax.trainer import SFTConfig, SFTTrainer
+    from fastlora_jax.vision_data import UnslothVisionDataCollator
+    model = training_model(tiny, mode, finetune_vision_layers=mode is not False)  # language-only in one mode
+    collator = UnslothVisionDataCollator(model, tiny.processor, pad_to_multiple_of=16)
+    data = records(4, sizes=((28, 28), (20, 50)))
+    out = tiny.tmp / f"sft_{mode}"
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=6,
+                     learning_rate=3e-2, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
+                     optim="adamw_8bit", weight_decay=0.01, seed=3407, report_to="none", save_strategy="no",
+                     remove_unused_columns=False, dataset_text_field="",
+                     dataset_kwargs={"skip_prepare_dataset": True}, disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = SFTTrainer(model=model, tokenizer=tiny.processor, data_collator=collator, train_dataset=data,
+                             eval_dataset=data[:2], args=args)
+        before = trainer.evaluate()
+        batch = collator(data[:2])
+        direct = model.compute_loss(model.lora_params, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                    *(batch[k] for k in VISION_KEYS))
+        assert before["eval_loss"] == pytest.approx(float(direct), rel=1e-5)
+        result = trainer.train()
+    losses = [h["loss"] for h in trainer.history if "loss" in h and "eval_loss" not in h]
+    assert len(losses) == 6 and result.global_step == 6
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert result.metrics["eval_loss"] < before["eval_loss"] - 0.2
+    assert (out / "adapter_model.safetensors").is_file()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == model.adapter_config()["target_modules"]
+    assert ("vision_model" in config["target_modules"]) == (mode is not False)
