@@ -871,3 +871,25 @@ def test_sft_trainer_with_the_vision_collator_lowers_the_loss(tiny, mode):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_modules"] == model.adapter_config()["target_modules"]
     assert ("vision_model" in config["target_modules"]) == (mode is not False)
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+
+def test_vl_train_step_benchmark_smoke_mllama(capsys):
+    """benchmarks/vl_train_step.py on its tiny Mllama shape, both modes, in this process (16-bit base: NF4 for this
+    family is tested above); the GPU runs the same code at --shape llama-3.2-11b-vision."""
+    import importlib.util
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("vl_train_step", root / "benchmarks" / "vl_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bench.main(["--shape", "tiny-mllama", "--steps", "1", "--seq", "128", "--no-4bit", "--in-process"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == ["vision+language", "language-only"]
+    for row in rows:
+        assert row["family"] == "mllama" and row["tokens_per_s"] > 0 and np.isfinite(row["loss"])
+        assert row["seq"] == 128 and row["image_tiles"] == 2 and row["image_tokens"] == 2 * 17
+    assert rows[0]["trainable_params"] > rows[1]["trainable_params"] > 0
