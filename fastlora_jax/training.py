@@ -284,14 +284,13 @@ def output_layer_loss(family, cfg, params, lora, hidden_bsd, labels_bs, dropout_
     softcap = getattr(cfg, "final_logit_softcap", None)
     targets = shift_labels(labels_bs)
     b, s, d = hidden_bsd.shape
-    vocab = cfg.vocab_size
     if head_is_frozen(family, cfg, lora) and set(head) == {"weight"} and not hasattr(head["weight"], "dequantize"):
         vocab = head["weight"].shape[0]
         tiles = head_vocab_tiles(vocab, d, options.memory_lean)
         chunk = chunk_tokens or default_chunk_tokens(vocab // tiles, options.memory_lean)
         return fused_head_cross_entropy(hidden_bsd.reshape(b * s, d), head["weight"], targets.reshape(b * s),
                                         chunk, softcap, tiles)
-    chunk_tokens = chunk_tokens or default_chunk_tokens(vocab, options.memory_lean)
+    chunk_tokens = chunk_tokens or default_chunk_tokens(cfg.vocab_size, options.memory_lean)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
 
     def logits_fn(h):

@@ -330,6 +330,15 @@ def linears(x, modules: list[dict], keys: list, dropout_rate: float = 0.0,
             for i, (m, k) in enumerate(zip(modules, keys))]
 
 
+
+def host_array(x) -> np.ndarray:
+    """A processor output (numpy, jax or torch, without importing torch) as numpy; torch's bfloat16, which numpy
+    has no dtype for, as float32."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        return x.float().numpy() if x.is_floating_point() else x.numpy()
+    return np.asarray(x)
+
 def keys_for(key, n):
     return [None] * n if key is None else list(jax.random.split(key, n))
 

@@ -658,15 +658,9 @@ def forward(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention
 # Inputs: the processor's arrays, checked, as the jitted forward and loss take them.
 
 
-def _numpy(x):
-    if hasattr(x, "detach"):  # a torch tensor, without importing torch (bfloat16 has no numpy dtype)
-        x = x.detach().cpu()
-        return x.float().numpy() if x.is_floating_point() else x.numpy()
-    return np.asarray(x)
-
 
 def _int_array(x, name: str) -> np.ndarray:
-    array = _numpy(x)
+    array = decoder.host_array(x)
     if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
         raise ValueError(f"{name} must hold integers (MllamaProcessor's); got dtype {array.dtype}")
     return array.astype(np.int32)
@@ -683,7 +677,7 @@ def vision_arrays(cfg: Config, batch: int, seq: int, pixel_values=None, aspect_r
             raise ValueError(f"{given} given without pixel_values: they describe images, which go together with "
                              f"their pixel_values (without images the cross-attention layers are skipped)")
         return None
-    pixels = _numpy(pixel_values)
+    pixels = decoder.host_array(pixel_values)
     if not (np.issubdtype(pixels.dtype, np.floating) or pixels.dtype.name == "bfloat16"):
         raise ValueError(f"pixel_values must be floating point; got dtype {pixels.dtype}")
     if pixels.ndim == 6 and pixels.shape[1] == 0:

@@ -441,7 +441,7 @@ def prepare_inputs(cfg: Config, input_ids, attention_mask=None, pixel_values=Non
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask has shape {mask.shape}; input_ids has {ids.shape}")
     pixels = None if pixel_values is None else _float_array(pixel_values, "pixel_values")
-    grid = None if image_grid_thw is None else np.asarray(_to_numpy(image_grid_thw), np.int64).reshape(-1, 3)
+    grid = None if image_grid_thw is None else np.asarray(decoder.host_array(image_grid_thw), np.int64).reshape(-1, 3)
     if pixels is not None and pixels.shape[0] == 0 and (grid is None or len(grid) == 0):
         pixels = grid = None  # a batch without images (a collator's empty arrays)
     if (pixels is None) != (grid is None):
@@ -465,7 +465,7 @@ def prepare_inputs(cfg: Config, input_ids, attention_mask=None, pixel_values=Non
         types = None if mm_token_type_ids is None else as_batch(mm_token_type_ids, "mm_token_type_ids")
         position_ids, _ = rope_index(cfg, ids, grid, mask, types)
     else:
-        position_ids = np.asarray(_to_numpy(position_ids))
+        position_ids = np.asarray(decoder.host_array(position_ids))
         if position_ids.ndim == 2:
             position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
         if position_ids.shape != (3,) + ids.shape:
@@ -475,15 +475,9 @@ def prepare_inputs(cfg: Config, input_ids, attention_mask=None, pixel_values=Non
             "vision": vision}
 
 
-def _to_numpy(x):
-    if hasattr(x, "detach"):  # a torch tensor, without importing torch (bfloat16 has no numpy dtype)
-        x = x.detach().cpu()
-        return x.float().numpy() if x.is_floating_point() else x.numpy()
-    return np.asarray(x)
-
 
 def _float_array(x, name: str) -> np.ndarray:
-    array = _to_numpy(x)
+    array = decoder.host_array(x)
     if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
         raise ValueError(f"{name} must be floating point; got dtype {array.dtype}")
     if array.ndim != 2:
