@@ -375,8 +375,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
     Either way gradients are summed over the micro-batches and divided by the total number of counted tokens,
     so accumulation gives the same update as one batch of all the rows; micro-batch `i` gets the dropout key
     `split(dropout_key, accum)[i]` in both forms.
+
+    On a model with a mesh (`model.mesh`, fastlora_jax.sharding) the step runs over it: the batch is the global
+    one (every process passes the same), split over the mesh's batch axes (`sharding.put_batch`); LoRA params
+    and optimizer state stay replicated, and XLA reduces the loss and the gradients over the devices.
     """
+    from fastlora_jax import sharding
     loss_fn = model.loss_sum_fn()
+    mesh = model.mesh
 
     def grads_of(base_params, lora_params, mb, key):
         extra = {k: mb[k] for k in ("position_ids", "vision") if mb.get(k) is not None}
@@ -390,6 +396,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
         updates, opt_state = optimizer.update(grads, opt_state, lora_params)
         lora_params = optax.apply_updates(lora_params, updates)
         metrics = {"loss": loss_total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        if mesh is not None:  # replicated in, replicated out: the next step reuses this compilation
+            lora_params, opt_state = jax.lax.with_sharding_constraint((lora_params, opt_state),
+                                                                      sharding.replicated(mesh))
         return lora_params, opt_state, metrics
 
     def step(base_params, lora_params, opt_state, batch, dropout_key):
@@ -418,17 +427,23 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
     jitted_update = jax.jit(update, donate_argnums=(0, 1))
 
     def train_step(lora_params, opt_state, batch, dropout_key):
+        with sharding.use_mesh(mesh):
+            return run(lora_params, opt_state, batch, dropout_key)
+
+    def run(lora_params, opt_state, batch, dropout_key):
         if isinstance(batch, (list, tuple)):
             if not batch:
                 raise ValueError("batch is an empty list of micro-batches")
             mbs = [prepare_micro_batch(model, mb) for mb in batch]
             if len(mbs) == 1:
                 stacked = {k: v if k == "vision" else v[None] for k, v in mbs[0].items()}
-                return jitted(model.base_params, lora_params, opt_state, stacked, dropout_key)
+                return jitted(model.base_params, lora_params, opt_state, sharding.put_batch(stacked, mesh, True),
+                              dropout_key)
             keys = jax.random.split(dropout_key, len(mbs)) if dropout_key is not None else None
             total = None
             for i, mb in enumerate(mbs):
-                out = jitted_grads(model.base_params, lora_params, mb, None if keys is None else keys[i])
+                out = jitted_grads(model.base_params, lora_params, sharding.put_batch(mb, mesh, False),
+                                   None if keys is None else keys[i])
                 total = out if total is None else jitted_add(total, out)
             loss_total, count, grads = total
             return jitted_update(lora_params, opt_state, grads, loss_total, count)
@@ -437,7 +452,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
             raise ValueError("a batch with images goes to the train step as a list of micro-batches "
                              "(e.g. [collator(examples)]): micro-batches with different patch counts cannot be "
                              "stacked into [accum, micro_batch, seq] arrays")
-        return jitted(model.base_params, lora_params, opt_state, batch, dropout_key)
+        return jitted(model.base_params, lora_params, opt_state, sharding.put_batch(batch, mesh, True), dropout_key)
 
     train_step.jitted = jitted  # (base, lora, opt_state, batch, key): for .lower() / HLO inspection
     return train_step
