@@ -166,6 +166,13 @@ def quantize_sharded(w_oi, dtype, double_quant: bool, mesh) -> NF4Weight:
                      dtype=jnp.dtype(dtype).name, blocksize=64, double_quant=False)
 
 
+def _linear_sharding(shape: tuple[int, ...], mesh, double_quant: bool):
+    """Where a 16-bit linear weight is read to be quantized: by rows over fsdp when its NF4 form is split
+    (`sharding.nf4_specs`), whole on every device otherwise."""
+    split = shd.nf4_specs(shape, mesh.shape[shd.FSDP], double_quant=double_quant)["packed"] != shd.P()
+    return shd.NamedSharding(mesh, shd.P(shd.FSDP, None) if split else shd.P())
+
+
 def _read_sharded(files, stored: str, shape: tuple[int, ...], sharding):
     """One stored tensor as a global array in `sharding`, each process reading only its devices' slices
     (safetensors `get_slice`; a slice two local devices share is read once)."""
@@ -229,8 +236,7 @@ def _load_one_sharded(files, in_file: dict, name: str, shape, kind: str, mesh, d
     if prequantized and kind == "linear":
         return _bnb_sharded(files, in_file, name, shape, mesh, load_in_4bit, dtype)
     if kind == "linear" and load_in_4bit:
-        split = shd.nf4_specs(tuple(shape), fsdp, double_quant=double_quant)["packed"] != shd.P()
-        rows = shd.NamedSharding(mesh, shd.P(shd.FSDP, None) if split else shd.P())
+        rows = _linear_sharding(tuple(shape), mesh, double_quant)
         return quantize_sharded(_read_sharded(files, in_file[name], shape, rows), dtype, double_quant, mesh)
     target = shd.NamedSharding(mesh, shd.dense_spec(tuple(shape), kind, fsdp))
     return _cast_fn(jnp.dtype(dtype), target)(_read_sharded(files, in_file[name], shape, target))
@@ -377,29 +383,41 @@ def abstract_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, dou
 
 
 def random_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, seed: int = 0, std: float = 0.02,
-                       double_quant: bool = True) -> dict:
-    """A base pytree of random weights drawn and quantized on the device (benchmarks: no files needed)."""
+                       double_quant: bool = True, mesh=None) -> dict:
+    """A base pytree of random weights drawn and quantized on the device (benchmarks: no files needed). With a
+    `mesh`, every tensor is drawn (and quantized) straight into its shards, as `load_base_params` places them."""
     key = jax.random.key(seed)
     # Drawn in `dtype` directly: an fp32 draw of a 128k-vocab embedding would be the run's peak.
     draw = jax.jit(lambda k, shape: jax.random.normal(k, shape, dtype) * jnp.asarray(std, dtype), static_argnums=1)
+
+    def make(k, shape, kind):
+        if mesh is None:
+            value = jnp.ones(shape, dtype) if kind == "norm" else draw(k, shape)
+            if kind == "linear" and load_in_4bit:
+                value = NF4Weight.quantize(value, blocksize=64, double_quant=double_quant)
+            return value
+        quantized = kind == "linear" and load_in_4bit
+        target = _linear_sharding(tuple(shape), mesh, double_quant) if quantized else \
+            shd.NamedSharding(mesh, shd.dense_spec(tuple(shape), kind, mesh.shape[shd.FSDP]))
+        value = _random_fn(tuple(shape), jnp.dtype(dtype), target, float(std), kind == "norm")(k)
+        return quantize_sharded(value, dtype, double_quant, mesh) if quantized else value
+
     params: dict = {}
     for n, (name, (shape, kind)) in enumerate(family.top_tensors(cfg).items()):
-        value = jnp.ones(shape, dtype) if kind == "norm" else draw(jax.random.fold_in(key, n), shape)
-        if kind == "linear" and load_in_4bit:
-            value = NF4Weight.quantize(value, blocksize=64, double_quant=double_quant)
-        set_path(params, name, value)
+        set_path(params, name, make(jax.random.fold_in(key, n), shape, kind))
     stacks = family.layer_stacks(cfg)
-    stacked = _StackedLeaves({prefix: depth for prefix, (depth, _) in stacks.items()})
+    stacked = _StackedLeaves({prefix: depth for prefix, (depth, _) in stacks.items()}, mesh)
     for s, (prefix, (depth, table)) in enumerate(stacks.items()):
         stack_key = key if s == 0 else jax.random.fold_in(key, 10 ** 6 + s)
         for i in range(depth):
             for n, (rel, (shape, kind)) in enumerate(table.items()):
-                if kind == "norm":
-                    value = jnp.ones(shape, dtype)
-                else:
-                    value = draw(jax.random.fold_in(stack_key, 1000 * (i + 1) + n), shape)
-                    if kind == "linear" and load_in_4bit:
-                        value = NF4Weight.quantize(value, blocksize=64, double_quant=double_quant)
-                stacked.put(prefix, rel, i, value)
+                stacked.put(prefix, rel, i, make(jax.random.fold_in(stack_key, 1000 * (i + 1) + n), shape, kind))
     stacked.write_into(params)
     return params
+
+
+@lru_cache(maxsize=None)
+def _random_fn(shape, dtype, sharding, std: float, ones: bool):
+    if ones:
+        return jax.jit(lambda k: jnp.ones(shape, dtype), out_shardings=sharding)
+    return jax.jit(lambda k: jax.random.normal(k, shape, dtype) * jnp.asarray(std, dtype), out_shardings=sharding)

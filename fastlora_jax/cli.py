@@ -88,6 +88,8 @@ class _SayWhereTrainingStarts:
 
 
 def train(args) -> int:
+    import jax
+
     from fastlora_jax import FastLanguageModel, sharding
     from fastlora_jax.data import bundled_dataset_path
     from fastlora_jax.tiny import write_tiny_llama
@@ -107,8 +109,12 @@ def train(args) -> int:
             raise FileNotFoundError(f"{flag} {path!r} is not a file")
     model_dir = Path(args.model).expanduser()
     if args.model == DEFAULT_MODEL_DIR and not (model_dir / "config.json").is_file():
-        print(f"building the embedded default model in {model_dir} ...")
-        write_tiny_llama(model_dir, seed=0)
+        if sharding.is_writer():  # several processes: one builds it, the others wait for it
+            print(f"building the embedded default model in {model_dir} ...")
+            write_tiny_llama(model_dir, seed=0)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("fastlora-jax: default model built")
     # An absolute path: adapter_config.json's base_model_name_or_path must resolve from anywhere.
     model_name = str(model_dir.resolve()) if model_dir.is_dir() else args.model
     model, tokenizer = FastLanguageModel.from_pretrained(model_name, max_seq_length=args.max_seq_length,

@@ -324,9 +324,11 @@ def put_batch(batch: dict, mesh: Mesh | None, stacked: bool) -> dict:
 
 
 def use_mesh(mesh: Mesh | None):
-    """The mesh as the context of the programs traced under it (`jax.set_mesh`), so that `gathered` and
-    `per_device_rows` see it; a null context without one."""
-    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    """The mesh as the context of the programs traced under it, so that `gathered`, `batch_groups` and
+    `per_device_rows` see it; a null context without one. The abstract mesh (`jax.sharding.use_abstract_mesh`),
+    not `jax.set_mesh`: it may be entered inside a trace too (`jax.grad(model.compute_loss)`); the devices come
+    from the arrays."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------ traced helpers
@@ -354,6 +356,21 @@ def gathered(weight):
     if mesh is None or mesh.shape[FSDP] == 1:
         return weight
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), weight)
+
+
+def batch_groups(rows: int) -> int:
+    """Into how many groups of rows a traced computation should fall so that each device works on its own: the
+    mesh size when it divides `rows`, else 1 (no mesh: 1)."""
+    mesh = _context_mesh()
+    return 1 if mesh is None or rows % mesh.size else mesh.size
+
+
+def split_rows(x):
+    """`x` (leading axis = `batch_groups` groups) constrained to one group per device."""
+    mesh = _context_mesh()
+    if mesh is None or x.shape[0] % mesh.size:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH, *([None] * (x.ndim - 1))))
 
 
 def local_rows(m: int) -> int:

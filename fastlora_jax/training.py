@@ -279,25 +279,37 @@ def output_layer_loss(family, cfg, params, lora, hidden_bsd, labels_bs, dropout_
     """(loss sum, counted tokens) of the output layer over the final hidden states: the fused version when
     the head is frozen and plain, the checkpointed chunks otherwise (LoRA or a trained copy on the head).
     A final-logit soft-cap (`cfg.final_logit_softcap`, Gemma 2) applies in both."""
+    from fastlora_jax import sharding
     from fastlora_jax.models.decoder import linear_module
     head = family.lm_head_module(cfg, params)
     softcap = getattr(cfg, "final_logit_softcap", None)
     targets = shift_labels(labels_bs)
     b, s, d = hidden_bsd.shape
-    vocab = cfg.vocab_size
-    if head_is_frozen(family, cfg, lora) and set(head) == {"weight"} and not hasattr(head["weight"], "dequantize"):
-        vocab = head["weight"].shape[0]
-        tiles = head_vocab_tiles(vocab, d, options.memory_lean)
-        chunk = chunk_tokens or default_chunk_tokens(vocab // tiles, options.memory_lean)
-        return fused_head_cross_entropy(hidden_bsd.reshape(b * s, d), head["weight"], targets.reshape(b * s),
-                                        chunk, softcap, tiles)
-    chunk_tokens = chunk_tokens or default_chunk_tokens(vocab, options.memory_lean)
+    frozen_plain = head_is_frozen(family, cfg, lora) and set(head) == {"weight"} and \
+        not hasattr(head["weight"], "dequantize")
+    vocab = head["weight"].shape[0] if frozen_plain else cfg.vocab_size
+    tiles = head_vocab_tiles(vocab, d, options.memory_lean) if frozen_plain else 1
+    chunk_tokens = chunk_tokens or default_chunk_tokens(vocab // tiles, options.memory_lean)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
 
     def logits_fn(h):
         return kernels.softcap(linear_module(h, head, head_key, dropout_rate, options), softcap)
 
-    return chunked_cross_entropy(hidden_bsd.reshape(b * s, d), targets.reshape(b * s), logits_fn, chunk_tokens)
+    def loss_of(h_nd, t_n):
+        if frozen_plain:  # FSDP: the (vocab- or hidden-sharded) head whole, each device multiplying its own tokens
+            return fused_head_cross_entropy(h_nd, sharding.gathered(head["weight"]), t_n, chunk_tokens, softcap,
+                                            tiles)
+        return chunked_cross_entropy(h_nd, t_n, logits_fn, chunk_tokens)
+
+    groups = sharding.batch_groups(b)
+    if groups == 1:
+        return loss_of(hidden_bsd.reshape(b * s, d), targets.reshape(b * s))
+    # Under a mesh each device takes the loss of its own rows: the chunk scan runs over each group's tokens
+    # (a scan over tokens split across devices would gather them all onto every device).
+    h_gnd = sharding.split_rows(hidden_bsd.reshape(groups, (b // groups) * s, d))
+    t_gn = sharding.split_rows(targets.reshape(groups, (b // groups) * s))
+    loss_g, count_g = jax.vmap(loss_of)(h_gnd, t_gn)
+    return jnp.sum(loss_g), jnp.sum(count_g)
 
 
 # ------------------------------------------------------------------------------------------ optimizer

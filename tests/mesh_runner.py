@@ -4,7 +4,8 @@ The test process has imported jax with one CPU device; virtual devices exist onl
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` before jax starts, which is what the tests do when they
 start this script:
 
-    python tests/mesh_runner.py equivalence OUT LLAMA_DIR VL_DIR   # 8 devices: meshes of 4 and 8 vs one device
+    python tests/mesh_runner.py equivalence OUT llama DIR          # meshes of 4 (and 8) devices vs one device
+    python tests/mesh_runner.py equivalence OUT qwen2_5_vl DIR     # the same for a vision-language model
     python tests/mesh_runner.py trainer OUT LLAMA_DIR WORK_DIR      # 4 devices: SFTTrainer on data=2 x fsdp=2
     python tests/mesh_runner.py distributed OUT LLAMA_DIR WORK_DIR  # one of 2 processes (jax.distributed env)
 
@@ -81,6 +82,33 @@ def base_facts(model, reference) -> dict:
             "max_device_fraction": max(per_device.values()) / total}
 
 
+def write_bnb_checkpoint(src: Path, dst: Path) -> Path:
+    """`src` with every projection stored as transformers writes a bnb-4bit NF4 checkpoint."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors, save_tensors
+    from fastlora_jax.quant import NF4Weight
+    dst.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, array in iter_tensors(find_checkpoint_files(src)):
+        if name.endswith("_proj.weight"):
+            for suffix, value in NF4Weight.quantize(jnp.asarray(array)).to_bnb().items():
+                state[name + ("." + suffix if suffix else "")] = value
+        else:
+            state[name] = array
+    save_tensors(state, dst)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    (dst / "config.json").write_text(json.dumps(config))
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
 def llama_batch():
     rng = np.random.default_rng(1606)
     ids = rng.integers(4, 512, (1, 8, 32)).astype(np.int32)
@@ -106,60 +134,76 @@ def image_records(n, seed=0):
     return out
 
 
-def equivalence(out: Path, llama_dir: str, vl_dir: str) -> None:
-    """Loss, LoRA gradients and logits on every mesh of MESHES against the one-device run; the base's bytes and
-    shards; the fused NF4 kernel (interpret mode) per device under a mesh."""
+def equivalence(out: Path, kind: str, model_dir: str) -> None:
+    """Loss, LoRA gradients and logits of `kind` ("llama" or "qwen2_5_vl") on every mesh of MESHES that fits the
+    devices, against the one-device run; the base's bytes and shards. With "llama" also the fused NF4 kernel's
+    per-device wrapper under a mesh."""
     import jax
     import jax.numpy as jnp
 
     from fastlora_jax import FastLanguageModel, FastVisionModel, sharding
     from fastlora_jax.vision_data import UnslothVisionDataCollator
-    arrays, facts = {}, {"timings": {}}
+    arrays, facts = {}, {"timings": {}, "meshes": []}
 
-    def run(kind, load, peft, batch, logits_of):
+    def run(load, peft, batch, logits_of, logits_on=("data2_fsdp2",)):
         t0 = time.perf_counter()
         base1 = load(None)
         model1 = peft(base1)
         loss1, grads1 = step_gradients(model1, batch)
-        arrays[f"{kind}/single/logits"] = logits_of(model1)
-        arrays[f"{kind}/single/loss"] = np.float64(loss1)
-        arrays.update({f"{kind}/single/grad/{k}": v for k, v in grads1.items()})
-        facts["timings"][f"{kind}/single"] = round(time.perf_counter() - t0, 1)
-        for name in MESHES:
+        arrays["single/logits"] = logits_of(model1)
+        arrays["single/loss"] = np.float64(loss1)
+        arrays.update({f"single/grad/{k}": v for k, v in grads1.items()})
+        facts["timings"]["single"] = round(time.perf_counter() - t0, 1)
+        for name, (data, fsdp) in MESHES.items():
+            if data * fsdp > jax.device_count():
+                continue
             t0 = time.perf_counter()
             base = load(mesh_named(name))
-            facts[f"{kind}/{name}"] = base_facts(base, base1)
+            facts[name] = base_facts(base, base1)
             model = peft(base)
             loss, grads = step_gradients(model, batch)
-            arrays[f"{kind}/{name}/logits"] = logits_of(model)
-            arrays[f"{kind}/{name}/loss"] = np.float64(loss)
-            arrays.update({f"{kind}/{name}/grad/{k}": v for k, v in grads.items()})
-            facts["timings"][f"{kind}/{name}"] = round(time.perf_counter() - t0, 1)
+            if name in logits_on:  # the forward pass (model(...)) on one mesh: each costs a compilation
+                arrays[f"{name}/logits"] = logits_of(model)
+            arrays[f"{name}/loss"] = np.float64(loss)
+            arrays.update({f"{name}/grad/{k}": v for k, v in grads.items()})
+            facts["meshes"].append(name)
+            facts["timings"][name] = round(time.perf_counter() - t0, 1)
 
     lora = dict(r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=True, init_lora_weights=False)
-    batch = llama_batch()
-    run("llama", lambda mesh: FastLanguageModel.from_pretrained(llama_dir, max_seq_length=64, load_in_4bit=True,
-                                                                 dtype="float32", mesh=mesh)[0],
-        lambda base: FastLanguageModel.get_peft_model(base, target_modules=TARGETS, **lora), batch,
-        lambda m: np.asarray(m(batch["input_ids"][0], attention_mask=batch["attention_mask"][0]).logits))
+    if kind == "llama":
+        batch = llama_batch()
+        run(lambda mesh: FastLanguageModel.from_pretrained(model_dir, max_seq_length=64, load_in_4bit=True,
+                                                           dtype="float32", mesh=mesh)[0],
+            lambda base: FastLanguageModel.get_peft_model(base, target_modules=TARGETS, **lora), batch,
+            lambda m: np.asarray(m(batch["input_ids"][0], attention_mask=batch["attention_mask"][0]).logits))
+    else:
+        _, processor = FastVisionModel.from_pretrained(model_dir, load_in_4bit=True, dtype="float32",
+                                                       max_seq_length=256)
+        collated = [UnslothVisionDataCollator(None, processor)(image_records(8))]
+        mb = collated[0]
+        run(lambda mesh: FastVisionModel.from_pretrained(model_dir, load_in_4bit=True, dtype="float32",
+                                                         max_seq_length=256, mesh=mesh)[0],
+            lambda base: FastVisionModel.get_peft_model(base, **lora), collated,
+            lambda m: np.asarray(m(mb["input_ids"], attention_mask=mb["attention_mask"], pixel_values=mb["pixel_values"],
+                                   image_grid_thw=mb["image_grid_thw"]).logits))
+    if kind != "llama":
+        np.savez(out.with_suffix(".npz"), **arrays)
+        out.with_suffix(".json").write_text(json.dumps(facts))
+        return
 
-    if vl_dir:
-        _, processor = FastVisionModel.from_pretrained(vl_dir, load_in_4bit=True, dtype="float32", max_seq_length=256)
-        records = image_records(8)
-
-        def vl_peft(base):
-            return FastVisionModel.get_peft_model(base, **lora)
-
-        def vl_batch():
-            return [UnslothVisionDataCollator(None, processor)(records)]
-
-        collated = vl_batch()
-        run("qwen2_5_vl", lambda mesh: FastVisionModel.from_pretrained(vl_dir, load_in_4bit=True, dtype="float32",
-                                                                        max_seq_length=256, mesh=mesh)[0],
-            vl_peft, collated,
-            lambda m: np.asarray(m(collated[0]["input_ids"], attention_mask=collated[0]["attention_mask"],
-                                   pixel_values=collated[0]["pixel_values"],
-                                   image_grid_thw=collated[0]["image_grid_thw"]).logits))
+    # A bnb-4bit checkpoint (written from our NF4, which is bnb's format bit for bit) on data=2 x fsdp=2: the
+    # packed bytes read by slices, the rest placed, everything equal to the one-device load.
+    t0 = time.perf_counter()
+    bnb_dir = write_bnb_checkpoint(Path(model_dir), out.parent / "llama-bnb")
+    mesh = mesh_named("data2_fsdp2")
+    one = FastLanguageModel.from_pretrained(str(bnb_dir), max_seq_length=64)[0]
+    sharded = FastLanguageModel.from_pretrained(str(bnb_dir), max_seq_length=64, mesh=mesh)[0]
+    facts["bnb"] = {**base_facts(sharded, one), "source": sharded.weights_source}
+    # greedy generation (KV cache) on the mesh
+    prompt = [[1, 17, 93, 204, 51, 7]]
+    facts["generate"] = {"single": np.asarray(one.generate(prompt, max_new_tokens=4, do_sample=False)).tolist(),
+                         "mesh": np.asarray(sharded.generate(prompt, max_new_tokens=4, do_sample=False)).tolist()}
+    facts["timings"]["bnb_and_generate"] = round(time.perf_counter() - t0, 1)
 
     # The fused NF4 kernel's wrapper as base_matmul uses it under a mesh (per_device_rows: shard_map over the rows,
     # the NF4 weight gathered from its fsdp shards). The kernel itself cannot run here: Pallas' GPU interpreter keeps
@@ -211,6 +255,14 @@ def train_run(llama_dir: str, output_dir: Path, mesh, per_device: int, callbacks
     return trainer, result, losses
 
 
+def eval_and_merge(trainer, directory: Path) -> float:
+    """The eval loss over 8 records (batches split over the mesh) and the merged 16-bit export in `directory`."""
+    from fastlora_jax.data import bundled_dataset_path, load_records
+    eval_loss = trainer.evaluate(eval_dataset=load_records(bundled_dataset_path())[24:32])["eval_loss"]
+    trainer.model.save_pretrained_merged(directory, trainer.processing_class)
+    return eval_loss
+
+
 class StopAt:
     """Raises at the end of a step: training stops there, as a killed run would (the checkpoints stay)."""
 
@@ -233,6 +285,7 @@ def trainer_scenario(out: Path, llama_dir: str, work: str) -> None:
     trainer, result, losses = train_run(llama_dir, work / "uninterrupted", mesh, per_device=2)
     facts["uninterrupted"] = {"losses": losses, "micro_batch": trainer.micro_batch,
                               "rows_per_step": trainer.rows_per_step, "mesh": sharding.describe(trainer.mesh),
+                              "eval_loss": eval_and_merge(trainer, work / "merged-mesh"),
                               "seconds": round(time.perf_counter() - t0, 1)}
     state = trainer.checkpoint_dir / "4" / "state"
     facts["checkpoint_files"] = sorted(p.name for p in state.iterdir()) if state.is_dir() else []
@@ -250,6 +303,7 @@ def trainer_scenario(out: Path, llama_dir: str, work: str) -> None:
     t0 = time.perf_counter()
     trainer, _, losses = train_run(llama_dir, work / "single", None, per_device=8)
     facts["single"] = {"losses": losses, "micro_batch": trainer.micro_batch, "mesh": sharding.describe(trainer.mesh),
+                       "eval_loss": eval_and_merge(trainer, work / "merged-single"),
                        "seconds": round(time.perf_counter() - t0, 1)}
     out.with_suffix(".json").write_text(json.dumps(facts))
 
