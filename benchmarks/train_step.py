@@ -143,7 +143,8 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "bench": "train_step", "system": "fastlora_jax", "gpu": jax.devices()[0].device_kind, "shape": shape,
         "batch": batch, "seq": seq, "gc": gc, "load_in_4bit": load_in_4bit, "tokens_per_s": round(tps, 1),
         **per_device, "step_ms": round(median * 1e3, 2), "peak_gib": round(max(peaks) / 2 ** 30, 3),
-        "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3), "mfu": round(tps / devices * flops_per_token(cfg, seq) / 784e12, 4),
+        "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3),
+        "mfu": round(tps / devices * flops_per_token(cfg, seq) / 784e12, 4),  # per device
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention,

@@ -13,14 +13,20 @@ The mesh has two axes, `("data", "fsdp")` (`make_mesh(data=N, fsdp=M)`, or the s
   kinds of the family's name table (decoder.layer_tensors / top_tensors, the same table loading and LoRA
   targeting read) and is replicated over `data`. Inside the layer scan each NF4 weight is gathered whole
   (`gathered`: an all-gather of the 4-bit bytes, one layer at a time) before it is dequantized, so no device
-  ever holds the whole model, and the gather moves 4-bit data, not bf16;
+  ever holds the whole model, and the gather moves 4-bit data, not bf16. Embeddings and lm_head are split over
+  the vocabulary (or the hidden size); the head is gathered before the loss, which each device then takes over
+  its own rows (`batch_groups`: the chunked loss scans each device's tokens, never all of them);
 - LoRA A/B, their gradients and the optimizer state are replicated: they are ~1% of the model, and keeping
   them whole makes the update one local op after XLA's all-reduce of the gradients (sharding them by size is
-  a possible later step, not done here).
+  a possible later step, not done here);
+- a vision-language model's image patches have no batch axis: they are replicated, and so is the vision tower's
+  work (every device runs it on all images of the step); its text batch is split like any other.
 
 Kernels under a mesh (kernels/): the jnp references are plain XLA ops and partition like any other. The
 fused NF4 Pallas kernel (`KernelOptions(nf4_matmul="pallas")`, GPU only) runs per device through
-`per_device_rows` (shard_map: each device multiplies its own rows with the gathered weight). The Mosaic flash
+`per_device_rows` (shard_map: each device multiplies its own rows with the gathered weight; tested on the CPU
+with the kernel's jnp reference in its place, since Pallas' GPU interpreter cannot run concurrent per-device
+calls in one process). The Mosaic flash
 attention kernel (`attention="flash"`, opt-in) falls back to its blockwise XLA reference when the program runs
 over more than one device (kernels/attention.py); cuDNN attention (jax.nn.dot_product_attention) is an XLA
 custom call with its own partitioning rule. The host-offload checkpointing policy ("unsloth") is a

@@ -68,7 +68,8 @@ def base_facts(model, reference) -> dict:
     same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                zip(jax.tree.leaves(model.base_params), jax.tree.leaves(reference.base_params)))
     fractions = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(model.base_params, is_leaf=lambda x: isinstance(x, NF4Weight)):
+    nf4 = jax.tree_util.tree_leaves_with_path(model.base_params, is_leaf=lambda x: isinstance(x, NF4Weight))
+    for path, leaf in nf4:
         if isinstance(leaf, NF4Weight):
             name = jax.tree_util.keystr(path)
             fractions[name] = [shard.data.size / leaf.packed.size for shard in leaf.packed.addressable_shards]
@@ -184,8 +185,8 @@ def equivalence(out: Path, kind: str, model_dir: str) -> None:
         run(lambda mesh: FastVisionModel.from_pretrained(model_dir, load_in_4bit=True, dtype="float32",
                                                          max_seq_length=256, mesh=mesh)[0],
             lambda base: FastVisionModel.get_peft_model(base, **lora), collated,
-            lambda m: np.asarray(m(mb["input_ids"], attention_mask=mb["attention_mask"], pixel_values=mb["pixel_values"],
-                                   image_grid_thw=mb["image_grid_thw"]).logits))
+            lambda m: np.asarray(m(mb["input_ids"], attention_mask=mb["attention_mask"],
+                                   pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"]).logits))
     if kind != "llama":
         np.savez(out.with_suffix(".npz"), **arrays)
         out.with_suffix(".json").write_text(json.dumps(facts))
