@@ -30,6 +30,8 @@ from types import ModuleType
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fastlora_jax.convert.hf_checkpoint import (CheckpointError, find_checkpoint_files, iter_tensors,
                                                 tensor_shapes)
@@ -68,7 +70,7 @@ def _sharded_writer(treedef, shardings: tuple):
 def _stacked_sharding(value):
     """The sharding of a `[depth, ...]` stack of `value` (a per-layer array on a mesh): layers never split."""
     spec = tuple(value.sharding.spec) + (None,) * (value.ndim - len(value.sharding.spec))
-    return shd.NamedSharding(value.sharding.mesh, shd.P(None, *spec))
+    return NamedSharding(value.sharding.mesh, P(None, *spec))
 
 
 class _StackedLeaves:
@@ -128,18 +130,18 @@ def _cast_fn(dtype, sharding):
 @lru_cache(maxsize=None)
 def _sharded_quantize_fn(mesh, dtype, double_quant: bool, nested_split: bool):
     """`w [out, in]` (rows split over fsdp) -> NF4 children, each device quantizing its own rows."""
-    s = partial(shd.NamedSharding, mesh)
-    local = jax.shard_map(lambda w: quantize_blocks(w.astype(dtype), 64), mesh=mesh, in_specs=shd.P(shd.FSDP, None),
-                          out_specs=(shd.P(shd.FSDP, None), shd.P(shd.FSDP)), check_vma=False)
+    s = partial(NamedSharding, mesh)
+    local = jax.shard_map(lambda w: quantize_blocks(w.astype(dtype), 64), mesh=mesh, in_specs=P(shd.FSDP, None),
+                          out_specs=(P(shd.FSDP, None), P(shd.FSDP)), check_vma=False)
     if not double_quant:
-        return jax.jit(local, out_shardings=(s(shd.P(shd.FSDP, None)), s(shd.P(shd.FSDP))))
+        return jax.jit(local, out_shardings=(s(P(shd.FSDP, None)), s(P(shd.FSDP))))
 
     def quantize(w):
         packed, absmax = local(w)
         return (packed,) + double_quantize(absmax)
 
-    nested = s(shd.P(shd.FSDP)) if nested_split else s(shd.P())
-    return jax.jit(quantize, out_shardings=(s(shd.P(shd.FSDP, None)), s(shd.P(shd.FSDP)), nested, s(shd.P())))
+    nested = s(P(shd.FSDP)) if nested_split else s(P())
+    return jax.jit(quantize, out_shardings=(s(P(shd.FSDP, None)), s(P(shd.FSDP)), nested, s(P())))
 
 
 @lru_cache(maxsize=None)
@@ -152,9 +154,9 @@ def quantize_sharded(w_oi, dtype, double_quant: bool, mesh) -> NF4Weight:
     """NF4 of a weight `[out, in]` on `mesh`, in the sharding `sharding.nf4_specs` gives it; `w_oi` is already
     in the matching layout (rows over fsdp, or replicated when the weight cannot be split on whole blocks)."""
     specs = shd.nf4_specs(tuple(w_oi.shape), mesh.shape[shd.FSDP], double_quant=double_quant)
-    if specs["packed"] == shd.P():
+    if specs["packed"] == P():
         return _replicated_quantize_fn(mesh, jnp.dtype(dtype), double_quant)(w_oi)
-    out = _sharded_quantize_fn(mesh, jnp.dtype(dtype), double_quant, specs["nested_absmax"] == shd.P(shd.FSDP))(w_oi)
+    out = _sharded_quantize_fn(mesh, jnp.dtype(dtype), double_quant, specs["nested_absmax"] == P(shd.FSDP))(w_oi)
     rep = shd.replicated(mesh)
     if double_quant:
         packed, absmax, nested, offset = out
@@ -169,8 +171,8 @@ def quantize_sharded(w_oi, dtype, double_quant: bool, mesh) -> NF4Weight:
 def _linear_sharding(shape: tuple[int, ...], mesh, double_quant: bool):
     """Where a 16-bit linear weight is read to be quantized: by rows over fsdp when its NF4 form is split
     (`sharding.nf4_specs`), whole on every device otherwise."""
-    split = shd.nf4_specs(shape, mesh.shape[shd.FSDP], double_quant=double_quant)["packed"] != shd.P()
-    return shd.NamedSharding(mesh, shd.P(shd.FSDP, None) if split else shd.P())
+    split = shd.nf4_specs(shape, mesh.shape[shd.FSDP], double_quant=double_quant)["packed"] != P()
+    return NamedSharding(mesh, P(shd.FSDP, None) if split else P())
 
 
 def _read_sharded(files, stored: str, shape: tuple[int, ...], sharding):
@@ -219,13 +221,13 @@ def _bnb_sharded(files, in_file: dict, name: str, shape, mesh, load_in_4bit: boo
             children.append(None)
         elif key == "packed":
             children.append(_read_sharded(files, in_file[name], ((n + 1) // 2, 1),
-                                          shd.NamedSharding(mesh, specs["packed"])))
+                                          NamedSharding(mesh, specs["packed"])))
         else:
-            children.append(jax.device_put(np.asarray(value), shd.NamedSharding(mesh, specs[key])))
+            children.append(jax.device_put(np.asarray(value), NamedSharding(mesh, specs[key])))
     weight = NF4Weight.tree_unflatten(weight._aux(), children)
     if load_in_4bit:
         return weight
-    dense = shd.NamedSharding(mesh, shd.dense_spec(tuple(shape), "linear", mesh.shape[shd.FSDP]))
+    dense = NamedSharding(mesh, shd.dense_spec(tuple(shape), "linear", mesh.shape[shd.FSDP]))
     return jax.jit(lambda w: w.dequantize(dtype), out_shardings=dense)(weight)
 
 
@@ -238,7 +240,7 @@ def _load_one_sharded(files, in_file: dict, name: str, shape, kind: str, mesh, d
     if kind == "linear" and load_in_4bit:
         rows = _linear_sharding(tuple(shape), mesh, double_quant)
         return quantize_sharded(_read_sharded(files, in_file[name], shape, rows), dtype, double_quant, mesh)
-    target = shd.NamedSharding(mesh, shd.dense_spec(tuple(shape), kind, fsdp))
+    target = NamedSharding(mesh, shd.dense_spec(tuple(shape), kind, fsdp))
     return _cast_fn(jnp.dtype(dtype), target)(_read_sharded(files, in_file[name], shape, target))
 
 
@@ -398,7 +400,7 @@ def random_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, seed:
             return value
         quantized = kind == "linear" and load_in_4bit
         target = _linear_sharding(tuple(shape), mesh, double_quant) if quantized else \
-            shd.NamedSharding(mesh, shd.dense_spec(tuple(shape), kind, mesh.shape[shd.FSDP]))
+            NamedSharding(mesh, shd.dense_spec(tuple(shape), kind, mesh.shape[shd.FSDP]))
         value = _random_fn(tuple(shape), jnp.dtype(dtype), target, float(std), kind == "norm")(k)
         return quantize_sharded(value, dtype, double_quant, mesh) if quantized else value
 

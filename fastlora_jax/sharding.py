@@ -55,9 +55,11 @@ AXES = (DATA, FSDP)
 BATCH = (DATA, FSDP)  # the batch dimension is split over both axes
 DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
-__all__ = ["AXES", "BATCH", "DATA", "FSDP", "make_mesh", "parse_mesh", "resolve_mesh", "initialize_distributed",
-           "partition_specs", "base_shardings", "place", "replicated", "put_batch", "use_mesh", "gathered",
-           "per_device_rows", "to_host", "is_writer"]
+__all__ = ["AXES", "BATCH", "DATA", "FSDP", "RULES", "make_mesh", "parse_mesh", "resolve_mesh", "is_none_spec",
+           "describe", "same_mesh", "initialize_distributed", "dense_spec", "nf4_specs", "partition_specs",
+           "tensor_table", "base_shardings", "place", "replicated", "batch_sharding", "put_batch", "use_mesh",
+           "multi_device", "gathered", "batch_groups", "split_rows", "local_rows", "per_device_rows", "to_host",
+           "is_writer"]
 
 
 # ------------------------------------------------------------------------------------------ the mesh

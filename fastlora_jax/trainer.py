@@ -230,12 +230,9 @@ class TrainingArguments:
         normalize_report_to(self.report_to)  # unknown names fail here, with the accepted ones
         if self.mesh is not None:
             from jax.sharding import Mesh
-
-            from fastlora_jax.sharding import parse_mesh
-            from fastlora_jax.sharding import is_none_spec
             if isinstance(self.mesh, str):
-                if not is_none_spec(self.mesh):
-                    parse_mesh(self.mesh)  # a malformed spec fails here, naming it
+                if not sharding.is_none_spec(self.mesh):
+                    sharding.parse_mesh(self.mesh)  # a malformed spec fails here, naming it
             elif not isinstance(self.mesh, Mesh):
                 bad("mesh", "use None (the model's mesh, or every device on data), a spec such as "
                             "'data=2,fsdp=2', 'auto', 'none' (one device) or a jax.sharding.Mesh")
