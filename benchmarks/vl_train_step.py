@@ -1,18 +1,24 @@
-"""Vision-language QLoRA train-step benchmark (Qwen2.5-VL): one JSON line per config.
+"""Vision-language QLoRA train-step benchmark (Qwen2.5-VL, Llama 3.2 Vision): one JSON line per config.
 
     python benchmarks/vl_train_step.py --shape qwen2.5-vl-7b --seq 2048 --image 448 --gc unsloth
+    python benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth
 
 Random weights are drawn and NF4-quantized on the device (no files; `convert.load.random_base_params` over the
-family's two stacks). The batch is one row: a random 448x448 image (grid [1, 32, 32] patches -> 256 image tokens
-after the 2x2 merge) inside random text, `--seq` tokens in all, labels = the text tokens (image tokens -100, as
-the collator makes them). LoRA r=16, alpha=16 on every linear the finetune_* flags select, AdamW, and two modes:
+family's stacks). The batch is one row, `--seq` tokens in all, labels = the text tokens (image tokens -100, as the
+collator makes them):
+- Qwen2.5-VL: a random `--image` px square image (448: grid [1, 32, 32] patches -> 256 image tokens after the
+  2x2 merge) inside random text;
+- Llama 3.2 Vision: one image of `--tiles` tiles (4: the 2x2 arrangement of 560 px tiles, 4 x 1601 vision tokens
+  the cross-attention layers attend to) whose `<|image|>` token follows 16 text tokens, as MllamaProcessor lays
+  it out (the tokens before it have an empty cross-attention mask, every later one sees all the tiles).
+LoRA r=16, alpha=16 on every linear the finetune_* flags select, AdamW, and two modes:
 
-- `vision+language`: FastVisionModel.get_peft_model with every finetune_* flag True (vision blocks too);
+- `vision+language`: FastVisionModel.get_peft_model with every finetune_* flag True (vision layers too);
 - `language-only`: finetune_vision_layers=False.
 
 Each config runs in its own process so that peak memory is its own. tokens/s is the median step after two
-warm-up steps (plus the compiling one). `--shape tiny` is a CPU smoke test of the same code (the test suite runs
-`--shape tiny --no-4bit --in-process`).
+warm-up steps (plus the compiling one). `--shape tiny` / `--shape tiny-mllama` are CPU smoke tests of the same code
+(the test suite runs them with `--no-4bit --in-process`).
 """
 
 from __future__ import annotations
@@ -45,6 +51,23 @@ SHAPES = {
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
         tie_word_embeddings=False),
 }
+# meta-llama/Llama-3.2-11B-Vision-Instruct's config.json (the text and vision fields that shape the model).
+LLAMA32_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+MLLAMA_SHAPES = {
+    "llama-3.2-11b-vision": dict(
+        text_config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+                         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, hidden_act="silu",
+                         cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], max_position_embeddings=131072,
+                         rope_parameters=LLAMA32_ROPE, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+                         pad_token_id=128004, tie_word_embeddings=False),
+        vision_config=dict(hidden_size=1280, attention_heads=16, intermediate_size=5120, num_hidden_layers=32,
+                           num_global_layers=8, image_size=560, patch_size=14, max_num_tiles=4, num_channels=3,
+                           norm_eps=1e-5, vision_output_dim=7680, intermediate_layers_indices=[3, 7, 15, 23, 30],
+                           supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+                           hidden_act="gelu"),
+        image_token_index=128256),
+}
 MODES = {"vision+language": True, "language-only": False}  # mode -> finetune_vision_layers
 
 
@@ -56,6 +79,18 @@ def tiny_shape() -> dict:
     )
     return dict(text_config=dict(TINY_QWEN_VL_TEXT), vision_config=dict(TINY_QWEN_VL_VISION["qwen2_5_vl"]),
                 tie_word_embeddings=False, **TINY_QWEN_VL_TOKENS)
+
+
+def tiny_mllama_shape() -> dict:
+    """tiny_mllama's checkpoint shape (two cross-attention layers, 2 tiles of 28 px) with a 512-token vocabulary."""
+    from fastlora_jax.tiny_mllama import TINY_MLLAMA_TEXT, TINY_MLLAMA_VISION, supported_aspect_ratios
+    vision = dict(TINY_MLLAMA_VISION, supported_aspect_ratios=supported_aspect_ratios(TINY_MLLAMA_VISION["max_num_tiles"]))
+    return dict(text_config=dict(TINY_MLLAMA_TEXT, vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                vision_config=vision, image_token_index=512)
+
+
+def is_mllama(shape: str) -> bool:
+    return shape == "tiny-mllama" or shape in MLLAMA_SHAPES
 
 
 def make_batch(cfg, hf_config, seq: int, side: int, seed: int = 0) -> tuple[dict, int]:
@@ -84,33 +119,71 @@ def make_batch(cfg, hf_config, seq: int, side: int, seed: int = 0) -> tuple[dict
             "image_grid_thw": grid.astype(np.int32)}, n_image
 
 
+def make_mllama_batch(cfg, seq: int, tiles: int, seed: int = 0) -> tuple[dict, int]:
+    """One row as MllamaProcessor (and the collator) lay it out: 16 text tokens, <|image|>, text up to `seq`; one
+    image of `tiles` tiles in the most square supported arrangement; random pixels. Returns the batch and the
+    number of vision tokens the cross-attention layers attend to (all tiles' patches, padding tiles included)."""
+    import numpy as np
+
+    from fastlora_jax.tiny_mllama import supported_aspect_ratios
+    v = cfg.vision
+    if not 1 <= tiles <= v.max_num_tiles:
+        raise ValueError(f"--tiles {tiles}: the model takes 1..{v.max_num_tiles} tiles per image")
+    ratios = supported_aspect_ratios(v.max_num_tiles)
+    arrangement = min((r for r in ratios if r[0] * r[1] == tiles), key=lambda r: abs(r[0] - r[1]), default=None)
+    if arrangement is None:
+        raise ValueError(f"--tiles {tiles} is no supported arrangement of {v.max_num_tiles} tiles: {ratios}")
+    prefix = 16
+    if seq < prefix + 17:
+        raise ValueError(f"--seq {seq} leaves no room for the image token plus text")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(20, min(cfg.vocab_size, 128000), seq)  # ordinary tokens (Llama 3's specials are above)
+    ids[prefix] = cfg.image_token_id
+    labels = np.where(ids == cfg.image_token_id, -100, ids)
+    pixels = rng.standard_normal((1, 1, v.max_num_tiles, v.num_channels, v.image_size, v.image_size))
+    ratio_mask = (np.arange(v.max_num_tiles) < tiles).astype(np.int32)[None, None]
+    cross = np.zeros((1, seq, 1, v.max_num_tiles), np.int32)
+    cross[0, prefix:, 0, :tiles] = 1
+    batch = {"input_ids": ids[None].astype(np.int32), "attention_mask": np.ones((1, seq), np.int32),
+             "labels": labels[None].astype(np.int32), "pixel_values": pixels.astype(np.float32),
+             "aspect_ratio_ids": np.array([[ratios.index(arrangement) + 1]], np.int32),
+             "aspect_ratio_mask": ratio_mask, "cross_attention_mask": cross}
+    return batch, v.max_num_tiles * v.num_patches
+
+
 @functools.cache
 def random_base(shape: str, load_in_4bit: bool):
-    """(HF config, family config, compute dtype, random base pytree); one per process (--in-process shares it)."""
+    """(family, HF config, family config, compute dtype, random base pytree); one per process (--in-process
+    shares it)."""
     import jax
     import jax.numpy as jnp
     from fastlora_jax.convert.load import random_base_params
-    from transformers import Qwen2_5_VLConfig
+    from transformers import MllamaConfig, Qwen2_5_VLConfig
 
-    from fastlora_jax.models import qwen2_vl
-    hf_config = Qwen2_5_VLConfig(**(tiny_shape() if shape == "tiny" else SHAPES[shape]))
-    hf_config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    cfg = qwen2_vl.config(hf_config)
+    from fastlora_jax.models import mllama, qwen2_vl
+    if is_mllama(shape):
+        family, hf_config = mllama, MllamaConfig(**(tiny_mllama_shape() if shape == "tiny-mllama"
+                                                    else MLLAMA_SHAPES[shape]))
+        hf_config.architectures = ["MllamaForConditionalGeneration"]
+    else:
+        family, hf_config = qwen2_vl, Qwen2_5_VLConfig(**(tiny_shape() if shape == "tiny" else SHAPES[shape]))
+        hf_config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    cfg = family.config(hf_config)
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    return hf_config, cfg, dtype, random_base_params(qwen2_vl, cfg, dtype, load_in_4bit)
+    return family, hf_config, cfg, dtype, random_base_params(family, cfg, dtype, load_in_4bit)
 
 
-def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, load_in_4bit: bool) -> dict:
+def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, load_in_4bit: bool,
+            tiles: int | None = None) -> dict:
     import jax
     import numpy as np
 
     from fastlora_jax import FastVisionModel
-    from fastlora_jax.models import qwen2_vl
     from fastlora_jax.model import VisionCausalLM
     from fastlora_jax.training import make_optimizer, make_train_step
 
-    hf_config, cfg, dtype, base = random_base(shape, load_in_4bit)
-    model = VisionCausalLM(hf_config, qwen2_vl, cfg, base, dtype, name_or_path=shape, max_seq_length=seq)
+    family, hf_config, cfg, dtype, base = random_base(shape, load_in_4bit)
+    model = VisionCausalLM(hf_config, family, cfg, base, dtype, name_or_path=shape, max_seq_length=seq)
     checkpointing = {"unsloth": "unsloth", "true": True, "false": False}[gc]
     model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
                                            finetune_vision_layers=MODES[mode], finetune_language_layers=True,
@@ -121,7 +194,14 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     lora = model.lora_params
     opt_state = optimizer.init(lora)
     step = make_train_step(model, optimizer)
-    raw, n_image = make_batch(model.cfg, hf_config, seq, side)
+    if is_mllama(shape):
+        tiles = tiles or cfg.vision.max_num_tiles
+        raw, n_image = make_mllama_batch(model.cfg, seq, tiles)
+        image = {"image_tiles": tiles, "tile_px": cfg.vision.image_size,
+                 "image_patches": tiles * (cfg.vision.num_patches - 1)}
+    else:
+        raw, n_image = make_batch(model.cfg, hf_config, seq, side)
+        image = {"image_px": side, "image_patches": int(raw["pixel_values"].shape[0])}
     micro = jax.device_put(model.prepare_training_batch(raw))  # host-side index arrays, computed once
     jax.block_until_ready((lora, opt_state, micro))
     setup_stats = jax.devices()[0].memory_stats() or {}  # CPU: no stats
@@ -144,8 +224,8 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     stats = jax.devices()[0].memory_stats() or {"peak_bytes_in_use": 0}
     return {
         "bench": "vl_train_step", "system": "fastlora_jax", "gpu": jax.devices()[0].device_kind, "shape": shape,
-        "mode": mode, "gc": gc, "load_in_4bit": load_in_4bit, "seq": seq, "image_px": side,
-        "image_patches": int(raw["pixel_values"].shape[0]), "image_tokens": n_image,
+        "family": family.__name__.rsplit(".", 1)[-1], "mode": mode, "gc": gc, "load_in_4bit": load_in_4bit,
+        "seq": seq, **image, "image_tokens": n_image,
         "trainable_params": int(trainable), "all_params": int(total), "tokens_per_s": round(seq / median, 1),
         "step_ms": round(median * 1e3, 2), "peak_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3),
         "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3),
@@ -155,9 +235,11 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="qwen2.5-vl-7b", choices=["tiny", *SHAPES])
+    parser.add_argument("--shape", default="qwen2.5-vl-7b", choices=["tiny", "tiny-mllama", *SHAPES, *MLLAMA_SHAPES])
     parser.add_argument("--seq", type=int, default=2048, help="tokens in the row, image tokens included")
-    parser.add_argument("--image", type=int, default=448, help="image side in pixels (a multiple of 28)")
+    parser.add_argument("--image", type=int, default=448, help="Qwen-VL: image side in pixels (a multiple of 28)")
+    parser.add_argument("--tiles", type=int, default=None,
+                        help="Llama 3.2 Vision: tiles of the image (default: the model's max_num_tiles, 4 for 11B)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--gc", default="unsloth", choices=["unsloth", "true", "false"])
     parser.add_argument("--steps", type=int, default=5)
@@ -170,14 +252,16 @@ def main(argv=None) -> None:
     if args.one or args.in_process:
         for mode in args.modes[:1] if args.one else args.modes:
             print(json.dumps(run_one(args.shape, args.seq, args.image, mode, args.gc, args.steps,
-                                     not args.no_4bit)), flush=True)
+                                     not args.no_4bit, args.tiles)), flush=True)
         return
     for mode in args.modes:
         cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--seq", str(args.seq), "--image",
-               str(args.image), "--modes", mode, "--gc", args.gc, "--steps", str(args.steps)]
+               str(args.image), *(["--tiles", str(args.tiles)] if args.tiles else []), "--modes", mode, "--gc", args.gc, "--steps",
+               str(args.steps)]
         cmd += ["--no-4bit"] if args.no_4bit else []
         head = {"bench": "vl_train_step", "shape": args.shape, "mode": mode, "gc": args.gc, "seq": args.seq}
         run_config(cmd, head, args.timeout, "vl_train_step_stderr.log")
+
 
 if __name__ == "__main__":
     main()

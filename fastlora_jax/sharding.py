@@ -313,9 +313,11 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...], axis: int) -> NamedShardi
 
 
 def put_batch(batch: dict, mesh: Mesh | None, stacked: bool) -> dict:
-    """A train/eval batch on the mesh: `[B, S]` arrays (`[accum, B, S]` when `stacked`; position_ids one axis
-    more) split over the batch axes, the vision inputs (patches of all images, no batch axis) replicated. The
-    same global batch on every process; None leaves the batch as it is."""
+    """A train/eval batch on the mesh: the arrays ending in `[B, S]` (input_ids, labels, attention_mask and
+    position_ids, whatever leads: an accumulation axis, Qwen-VL's 3 position axes) split over the batch axes along
+    B, the vision inputs replicated (Qwen-VL's patches of all images have no batch axis). The same global batch on
+    every process; a mesh of None leaves the batch as it is. (`stacked` is kept for the callers' clarity: the
+    batch axis is found from the shapes.)"""
     if mesh is None:
         return batch
     out = {}
@@ -326,8 +328,7 @@ def put_batch(batch: dict, mesh: Mesh | None, stacked: bool) -> dict:
             out[key] = jax.tree.map(lambda v: _put_leaf(np.asarray(v), replicated(mesh)), value)
         else:
             array = value if isinstance(value, jax.Array) and not value.is_fully_addressable else np.asarray(value)
-            axis = (1 if stacked else 0) + (1 if key == "position_ids" else 0)
-            out[key] = _put_leaf(array, batch_sharding(mesh, np.shape(array), axis))
+            out[key] = _put_leaf(array, batch_sharding(mesh, np.shape(array), max(np.ndim(array) - 2, 0)))
     return out
 
 
