@@ -92,7 +92,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
 
     def batch_arrays():  # `batch` rows on every device (the train step splits them over the mesh)
         ids = rng.integers(0, cfg.vocab_size, (1, batch * devices, seq)).astype(np.int32)
-        return sharding.put_batch({"input_ids": ids, "labels": ids}, mesh, True) if mesh is not None else \
+        return sharding.put_batch({"input_ids": ids, "labels": ids}, mesh) if mesh is not None else \
             {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids)}
 
     print(f"setup done: {setup_bytes / 2 ** 30:.2f} GiB in use", file=sys.stderr, flush=True)

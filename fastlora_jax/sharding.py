@@ -312,12 +312,11 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...], axis: int) -> NamedShardi
     return NamedSharding(mesh, P(*spec))
 
 
-def put_batch(batch: dict, mesh: Mesh | None, stacked: bool) -> dict:
+def put_batch(batch: dict, mesh: Mesh | None) -> dict:
     """A train/eval batch on the mesh: the arrays ending in `[B, S]` (input_ids, labels, attention_mask and
     position_ids, whatever leads: an accumulation axis, Qwen-VL's 3 position axes) split over the batch axes along
     B, the vision inputs replicated (Qwen-VL's patches of all images have no batch axis). The same global batch on
-    every process; a mesh of None leaves the batch as it is. (`stacked` is kept for the callers' clarity: the
-    batch axis is found from the shapes.)"""
+    every process; a mesh of None leaves the batch as it is."""
     if mesh is None:
         return batch
     out = {}

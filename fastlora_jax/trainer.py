@@ -555,7 +555,7 @@ class SFTTrainer:
 
             def run(lp, batch):
                 with sharding.use_mesh(model.mesh):
-                    mb = sharding.put_batch(training.prepare_micro_batch(model, batch), model.mesh, False)
+                    mb = sharding.put_batch(training.prepare_micro_batch(model, batch), model.mesh)
                     return jitted(model.base_params, lp, mb)
 
             cache[key] = run

@@ -449,12 +449,12 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
             mbs = [prepare_micro_batch(model, mb) for mb in batch]
             if len(mbs) == 1:
                 stacked = {k: v if k == "vision" else v[None] for k, v in mbs[0].items()}
-                return jitted(model.base_params, lora_params, opt_state, sharding.put_batch(stacked, mesh, True),
+                return jitted(model.base_params, lora_params, opt_state, sharding.put_batch(stacked, mesh),
                               dropout_key)
             keys = jax.random.split(dropout_key, len(mbs)) if dropout_key is not None else None
             total = None
             for i, mb in enumerate(mbs):
-                out = jitted_grads(model.base_params, lora_params, sharding.put_batch(mb, mesh, False),
+                out = jitted_grads(model.base_params, lora_params, sharding.put_batch(mb, mesh),
                                    None if keys is None else keys[i])
                 total = out if total is None else jitted_add(total, out)
             loss_total, count, grads = total
@@ -464,7 +464,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
             raise ValueError("a batch with images goes to the train step as a list of micro-batches "
                              "(e.g. [collator(examples)]): micro-batches with different patch counts cannot be "
                              "stacked into [accum, micro_batch, seq] arrays")
-        return jitted(model.base_params, lora_params, opt_state, sharding.put_batch(batch, mesh, True), dropout_key)
+        return jitted(model.base_params, lora_params, opt_state, sharding.put_batch(batch, mesh), dropout_key)
 
     train_step.jitted = jitted  # (base, lora, opt_state, batch, key): for .lower() / HLO inspection
     return train_step
