@@ -1,10 +1,16 @@
 """LoRA / QLoRA train-step benchmark on the GPU: one JSON line per config.
 
     python benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 8192 --gc unsloth true false
+    python benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 4096 --mesh data=2,fsdp=4
 
 Random weights are drawn and NF4-quantized on the GPU (no files). LoRA r=16, alpha=16 on the 7
 projections, AdamW, random tokens with labels = inputs (the ANCHORS.md workload). Each config runs in
 its own process so that peak memory is its own. tokens/s is the median step after warm-up.
+
+`--mesh data=N,fsdp=M` (fastlora_jax.sharding) runs the step over N x M devices: the base drawn straight into
+its FSDP shards, `--batch` rows on every device (so the step has batch x N x M rows). The line then adds
+`tokens_per_s_per_device` and `peak_gib_per_device` (each local device's `memory_stats()`); `peak_gib` is their
+maximum.
 """
 
 from __future__ import annotations
@@ -44,7 +50,11 @@ def kernel_flags(args) -> list[str]:
 
 
 def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool,
-            profile_steps: int = 0, options=None, loss_chunk_tokens: int = 0, compile_first: bool = False) -> dict:
+            profile_steps: int = 0, options=None, loss_chunk_tokens: int = 0, compile_first: bool = False,
+            mesh_spec: str | None = None) -> dict:
+    from fastlora_jax import sharding
+    mesh = sharding.resolve_mesh(mesh_spec)  # first: jax.distributed (if its variables are set) before any device use
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -60,8 +70,9 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     family = family_for(hf_config, where=f"shape {shape!r}")
     cfg = family.config(hf_config)
     dtype = jnp.bfloat16
-    base = random_base_params(family, cfg, dtype, load_in_4bit)
-    model = CausalLM(hf_config, family, cfg, base, dtype, name_or_path=shape, max_seq_length=seq,
+    devices = 1 if mesh is None else mesh.size
+    base = random_base_params(family, cfg, dtype, load_in_4bit, mesh=mesh)
+    model = CausalLM(hf_config, family, cfg, base, dtype, name_or_path=shape, max_seq_length=seq, mesh=mesh,
                      **({} if options is None else {"kernel_options": options}))
     mode = {"unsloth": "unsloth", "true": True, "false": False}[gc]
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
@@ -70,21 +81,25 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     optimizer = make_optimizer(learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0)
     lora = model.lora_params
     opt_state = optimizer.init(lora)
+    if mesh is not None:
+        opt_state = sharding.place(opt_state, sharding.replicated(mesh))
     step = make_train_step(model, optimizer)
     rng = np.random.default_rng(0)
     jax.block_until_ready((lora, opt_state))
-    setup_stats = jax.devices()[0].memory_stats() or {}  # CPU: no stats
-    setup_bytes = setup_stats.get("bytes_in_use", 0)
-    setup_peak = setup_stats.get("peak_bytes_in_use", 0)  # drawing and quantizing the random base
+    setup_stats = [d.memory_stats() or {} for d in jax.local_devices()[:devices]]  # CPU: no stats
+    setup_bytes = max(s.get("bytes_in_use", 0) for s in setup_stats)
+    setup_peak = max(s.get("peak_bytes_in_use", 0) for s in setup_stats)  # drawing and quantizing the random base
 
-    def batch_arrays():
-        ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, batch, seq)), dtype=jnp.int32)
-        return {"input_ids": ids, "labels": ids}
+    def batch_arrays():  # `batch` rows on every device (the train step splits them over the mesh)
+        ids = rng.integers(0, cfg.vocab_size, (1, batch * devices, seq)).astype(np.int32)
+        return sharding.put_batch({"input_ids": ids, "labels": ids}, mesh) if mesh is not None else \
+            {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids)}
 
     print(f"setup done: {setup_bytes / 2 ** 30:.2f} GiB in use", file=sys.stderr, flush=True)
     compiled_memory = {}
     if compile_first:  # compile ahead (the autotuner allocates its own operand buffers) and read the peak then
-        compiled = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile()
+        with sharding.use_mesh(mesh):
+            compiled = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile()
         analysis = compiled.memory_analysis()
         compiled_memory = {
             "compile_peak_gib": round((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2 ** 30, 3),
@@ -114,17 +129,22 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
             jax.block_until_ready(metrics)
         profile = summarize_trace(trace_dir, profile_steps)
         if os.environ.get("OUT") and shape != "tiny":  # the compiled HLO, to map kernel names to ops
-            hlo = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile().as_text()
+            with sharding.use_mesh(mesh):
+                hlo = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile().as_text()
             Path(os.environ["OUT"], f"hlo_{shape}_{gc}.txt").write_text(hlo)
     median = float(np.median(times))
-    tokens = batch * seq
-    stats = jax.devices()[0].memory_stats() or {"peak_bytes_in_use": 0}
+    tokens = batch * seq * devices
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()[:devices]]
     tps = tokens / median
+    per_device = {} if mesh is None else {
+        "mesh": sharding.describe(mesh), "devices": devices, "tokens_per_s_per_device": round(tps / devices, 1),
+        "peak_gib_per_device": [round(p / 2 ** 30, 3) for p in peaks]}
     return {
         "bench": "train_step", "system": "fastlora_jax", "gpu": jax.devices()[0].device_kind, "shape": shape,
         "batch": batch, "seq": seq, "gc": gc, "load_in_4bit": load_in_4bit, "tokens_per_s": round(tps, 1),
-        "step_ms": round(median * 1e3, 2), "peak_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3),
-        "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3), "mfu": round(tps * flops_per_token(cfg, seq) / 784e12, 4),
+        **per_device, "step_ms": round(median * 1e3, 2), "peak_gib": round(max(peaks) / 2 ** 30, 3),
+        "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3),
+        "mfu": round(tps / devices * flops_per_token(cfg, seq) / 784e12, 4),  # per device
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention,
@@ -191,12 +211,14 @@ def main() -> None:
                         help="KernelOptions.attention (default: %(default)s)")
     parser.add_argument("--compile-first", action="store_true",
                         help="compile the step ahead and report the peak after compiling and XLA's memory analysis")
+    parser.add_argument("--mesh", default=None, metavar="data=N,fsdp=M",
+                        help="run over a mesh of N x M devices (fastlora_jax.sharding); --batch rows per device")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.shape, args.batch, args.seq, args.gc[0], args.steps, not args.no_4bit,
                                  args.profile, kernel_options(args), args.loss_chunk_tokens,
-                                 args.compile_first)), flush=True)
+                                 args.compile_first, args.mesh)), flush=True)
         return
     ours = {}
     for gc in args.gc:
@@ -204,7 +226,9 @@ def main() -> None:
                str(args.seq), "--gc", gc, "--steps", str(args.steps), "--profile", str(args.profile)]
         cmd += (["--no-4bit"] if args.no_4bit else []) + kernel_flags(args)
         cmd += ["--loss-chunk-tokens", str(args.loss_chunk_tokens)] + (["--compile-first"] if args.compile_first else [])
-        head = {"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq, "gc": gc}
+        cmd += ["--mesh", args.mesh] if args.mesh else []
+        head = {"bench": "train_step", "shape": args.shape, "batch": args.batch, "seq": args.seq, "gc": gc,
+                **({"mesh": args.mesh} if args.mesh else {})}
         row = run_config(cmd, head, args.timeout, "train_step_stderr.log")
         if row is not None:
             ours[gc] = row

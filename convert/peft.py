@@ -107,7 +107,9 @@ def load_peft_state_dict(layout: LoraLayout, lora_params: dict, state: dict, whe
 
 
 def to_numpy(value) -> np.ndarray:
-    return np.asarray(jax.device_get(value))
+    """A host copy; an array sharded over processes is gathered (every process must call this)."""
+    from fastlora_jax.sharding import to_host
+    return to_host(value)
 
 
 CONFIG_DIGEST = "fastlora_adapter_config_sha256"
@@ -151,6 +153,9 @@ def save_adapter(directory, layout: LoraLayout, lora_params: dict, config_dict: 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: to_numpy(v) for k, v in peft_state_dict(layout, lora_params).items()}
     state.update(extra_tensors or {})
+    from fastlora_jax.sharding import is_writer
+    if not is_writer():  # a multi-process run: process 0 writes the files
+        return directory
     metadata = {"format": "pt", CONFIG_DIGEST: config_digest(config_dict)}
     commit_files(directory, {
         ADAPTER_WEIGHTS: lambda: deterministic_safetensors(
@@ -299,6 +304,11 @@ def save_merged(model, directory, tokenizer=None, max_shard_bytes: int = 5 * 102
     if unties_head(model):
         config["tie_word_embeddings"] = False
     config["dtype"] = model.dtype.name
+    from fastlora_jax.sharding import is_writer
+    if not is_writer():  # a multi-process run: every process takes part in gathering sharded tensors; 0 writes
+        for _ in renamed:
+            pass
+        return directory
     with staged_directory(directory, replace_if=_is_export, what="merged export directory") as tmp:
         save_tensors(renamed, tmp, max_shard_bytes)
         atomic_write_bytes(tmp / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

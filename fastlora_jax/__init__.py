@@ -14,12 +14,14 @@ Where things are (two hops from here):
 - kernels (fastlora_jax.kernels, from ./kernels): the ops the families call, each with a jnp reference;
   `KernelOptions` (kernels/options.py) is the kernel choice, a static argument passed down to the ops.
 - convert (fastlora_jax.convert, from ./convert): HF checkpoint <-> pytree.
+- Several devices and hosts: sharding.py (`make_mesh(data=N, fsdp=M)`, the FSDP rules, jax.distributed); the
+  mesh goes to from_pretrained(mesh=...) / SFTConfig(mesh=...).
 """
 
 from fastlora_jax.quant import NF4Weight
 
 __all__ = ["NF4Weight", "FastLanguageModel", "FastVisionModel", "CausalLM", "VisionCausalLM", "SFTTrainer",
-           "SFTConfig"]
+           "SFTConfig", "make_mesh"]
 __version__ = "0.1.0"
 
 
@@ -34,4 +36,7 @@ def __getattr__(name):
     if name in ("SFTTrainer", "SFTConfig"):
         from fastlora_jax import trainer
         return getattr(trainer, name)
+    if name == "make_mesh":
+        from fastlora_jax.sharding import make_mesh
+        return make_mesh
     raise AttributeError(f"module 'fastlora_jax' has no attribute {name!r}")

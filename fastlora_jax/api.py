@@ -148,6 +148,8 @@ def get_peft_model(model: CausalLM, r=16, target_modules=DEFAULT_TARGETS, lora_a
         peft_model.base_params = new_base
         peft_model.weights_source = "loftq"
     peft_model.lora_params, peft_model.lora_meta, peft_model.lora_layout = lora_params, lora_meta, layout
+    if model.mesh is not None:  # LoRA replicated on the mesh (and a LoftQ base back in its shards)
+        peft_model.shard(model.mesh)
     peft_model.use_gradient_checkpointing = use_gradient_checkpointing
     peft_model._loss = None
     if max_seq_length is not None:
@@ -206,14 +208,22 @@ class FastLanguageModel:
 
     @staticmethod
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
-                        token=None, revision=None, cache_dir=None, double_quant: bool = True, **kwargs):
+                        token=None, revision=None, cache_dir=None, double_quant: bool = True, mesh=None, **kwargs):
         """Load a Hugging Face causal LM as `(model, tokenizer)`.
 
         `load_in_4bit` quantizes every decoder-layer linear weight to NF4 on the device exactly as
         transformers + bitsandbytes would (double quantization on, as Unsloth asks for); a checkpoint
         that transformers saved in bnb 4-bit loads as stored. `dtype=None` is bfloat16 on a GPU and
         float32 elsewhere; embeddings, norms and lm_head are kept in it.
+
+        `mesh`: None (one device, as always), a `jax.sharding.Mesh` with axes ("data", "fsdp")
+        (`fastlora_jax.make_mesh(data=N, fsdp=M)`) or its spec string ("data=2,fsdp=2"; "auto": every device on
+        data). The base is then loaded straight into its FSDP shards (fastlora_jax.sharding: each process reads
+        only the slices its devices hold) and every program of the model runs over the mesh. A spec string
+        initializes `jax.distributed` first when the multi-host environment variables are set.
         """
+        from fastlora_jax import sharding
+        mesh = sharding.resolve_mesh(mesh)  # before anything starts a JAX backend (jax.distributed comes first)
         unknown = set(kwargs) - {"device_map", "trust_remote_code", "use_gradient_checkpointing",
                                  "load_in_8bit", "full_finetuning", "local_files_only", "fast_inference"}
         if unknown:
@@ -228,7 +238,7 @@ class FastLanguageModel:
         if (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file():
             return _load_with_adapter(directory, max_seq_length=max_seq_length, dtype=compute_dtype,
                                       load_in_4bit=load_in_4bit, token=token, cache_dir=cache_dir,
-                                      double_quant=double_quant)
+                                      double_quant=double_quant, mesh=mesh)
 
         config_dict = read_config_dict(directory)
         from transformers import AutoConfig
@@ -236,9 +246,10 @@ class FastLanguageModel:
         hf_config = AutoConfig.from_pretrained(directory)
         cfg = family.config(hf_config)
         params, info = load_base_params(directory, family, cfg, config_dict, compute_dtype,
-                                        load_in_4bit=load_in_4bit, double_quant=double_quant)
+                                        load_in_4bit=load_in_4bit, double_quant=double_quant, mesh=mesh)
         model = model_class(family)(hf_config, family, cfg, params, compute_dtype, name_or_path=str(model_name),
-                                    weights_source=info["source"], max_seq_length=max_seq_length, model_dir=directory)
+                                    weights_source=info["source"], max_seq_length=max_seq_length, model_dir=directory,
+                                    mesh=mesh)
         return model, load_tokenizer(directory)
 
     @staticmethod
@@ -326,7 +337,7 @@ class FastVisionModel:
 
     @staticmethod
     def from_pretrained(model_name: str, load_in_4bit: bool = True, dtype=None, max_seq_length: int = 2048,
-                        token=None, revision=None, cache_dir=None, double_quant: bool = True, **kwargs):
+                        token=None, revision=None, cache_dir=None, double_quant: bool = True, mesh=None, **kwargs):
         """Load a Hugging Face vision-language model as `(model, processor)`.
 
         As FastLanguageModel.from_pretrained (4-bit quantizes every nn.Linear but lm_head, vision tower and
@@ -335,15 +346,19 @@ class FastVisionModel:
         processor, None when it has neither). `model(input_ids, attention_mask=None, *image_inputs)` returns an
         object with `.logits`; the image inputs are the processor's (the family's `IMAGE_INPUTS`: Qwen-VL's
         pixel_values, image_grid_thw, mm_token_type_ids; Mllama's pixel_values, aspect_ratio_ids,
-        aspect_ratio_mask, cross_attention_mask), by name or in that order.
+        aspect_ratio_mask, cross_attention_mask), by name or in that order. `mesh`: as
+        FastLanguageModel.from_pretrained's (the image inputs are replicated over the mesh, the text batch split).
         """
+        from fastlora_jax import sharding
+        mesh = sharding.resolve_mesh(mesh)
         check_load_flags(load_in_4bit, double_quant, kwargs)
         directory = resolve_model_dir(model_name, token=token, revision=revision, cache_dir=cache_dir)
         if (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file():
             return _load_with_adapter(directory, processor=True, max_seq_length=max_seq_length, dtype=dtype,
                                       load_in_4bit=load_in_4bit, token=token, cache_dir=cache_dir,
-                                      double_quant=double_quant)
+                                      double_quant=double_quant, mesh=mesh)
         model, _ = FastLanguageModel.from_pretrained(directory, max_seq_length=max_seq_length, dtype=dtype,
-                                                     load_in_4bit=load_in_4bit, double_quant=double_quant, **kwargs)
+                                                     load_in_4bit=load_in_4bit, double_quant=double_quant, mesh=mesh,
+                                                     **kwargs)
         model.name_or_path = str(model_name)
         return model, load_processor(directory)

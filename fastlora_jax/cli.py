@@ -88,23 +88,37 @@ class _SayWhereTrainingStarts:
 
 
 def train(args) -> int:
-    from fastlora_jax import FastLanguageModel
+    import jax
+
+    from fastlora_jax import FastLanguageModel, sharding
     from fastlora_jax.data import bundled_dataset_path
     from fastlora_jax.tiny import write_tiny_llama
     from fastlora_jax.trainer import SFTConfig, SFTTrainer, train_on_responses_only
 
+    # A multi-host run (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID set): jax.distributed first.
+    sharding.initialize_distributed()
+    mesh = None
+    if args.mesh is not None:
+        try:
+            mesh = sharding.resolve_mesh(args.mesh)
+        except ValueError as err:
+            raise ValueError(f"--mesh {args.mesh!r}: {err}") from None
     data = args.data or str(bundled_dataset_path())
     for flag, path in (("--data", data), ("--eval-data", args.eval_data)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path!r} is not a file")
     model_dir = Path(args.model).expanduser()
     if args.model == DEFAULT_MODEL_DIR and not (model_dir / "config.json").is_file():
-        print(f"building the embedded default model in {model_dir} ...")
-        write_tiny_llama(model_dir, seed=0)
+        if sharding.is_writer():  # several processes: one builds it, the others wait for it
+            print(f"building the embedded default model in {model_dir} ...")
+            write_tiny_llama(model_dir, seed=0)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("fastlora-jax: default model built")
     # An absolute path: adapter_config.json's base_model_name_or_path must resolve from anywhere.
     model_name = str(model_dir.resolve()) if model_dir.is_dir() else args.model
     model, tokenizer = FastLanguageModel.from_pretrained(model_name, max_seq_length=args.max_seq_length,
-                                                         dtype=args.dtype, load_in_4bit=args.load_in_4bit)
+                                                         dtype=args.dtype, load_in_4bit=args.load_in_4bit, mesh=mesh)
     targets = "all-linear" if args.target_modules.strip() == "all-linear" else \
         [t.strip() for t in args.target_modules.split(",") if t.strip()]
     model = FastLanguageModel.get_peft_model(
@@ -120,7 +134,7 @@ def train(args) -> int:
         packing=args.packing, dataset_text_field=args.dataset_text_field,
         eval_strategy="steps" if args.eval_data and args.eval_steps else "no", eval_steps=args.eval_steps,
         max_seq_length=args.max_seq_length, disable_tqdm=args.quiet,
-        report_to=[t.strip() for t in args.report_to.split(",") if t.strip()])
+        report_to=[t.strip() for t in args.report_to.split(",") if t.strip()], mesh=mesh)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, eval_dataset=args.eval_data,
                          args=config)
     if args.train_on_responses_only or args.response_part:
@@ -128,7 +142,7 @@ def train(args) -> int:
     model.print_trainable_parameters()
     d = trainer.train_data
     print(f"data: {d.num_examples} examples -> {d.num_rows} rows of {d.seq_len} tokens; "
-          f"{trainer.max_steps} steps of {config.train_batch_size} rows")
+          f"{trainer.max_steps} steps of {trainer.rows_per_step} rows; mesh {sharding.describe(trainer.mesh)}")
     resume = args.resume
     resume = True if resume == "last" else resume
     trainer.callbacks.append(_SayWhereTrainingStarts())
@@ -213,6 +227,10 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report-to", default="none",
                    help="none, tensorboard, wandb, all, or a comma-separated list (SFTConfig.report_to)")
+    p.add_argument("--mesh", default=None, metavar="data=N,fsdp=M",
+                   help="devices: data parallel x FSDP (e.g. data=2,fsdp=2; auto: every device on data). Default: "
+                        "every device on data, the base loaded on one device first; with --mesh it loads straight "
+                        "into its shards. Multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
     p.set_defaults(func=train)
 
     p = sub.add_parser("export", help="save an adapter as a merged 16-bit Hugging Face checkpoint",

@@ -32,7 +32,7 @@ class CausalLMOutput:
 class CausalLM:
     def __init__(self, hf_config, family: ModuleType, cfg, base_params: dict, dtype, name_or_path: str,
                  weights_source: str = "16bit", max_seq_length: int = 2048, model_dir=None,
-                 kernel_options: KernelOptions = DEFAULT_OPTIONS):
+                 kernel_options: KernelOptions = DEFAULT_OPTIONS, mesh=None):
         self.config = hf_config
         self.family = family
         self.cfg = cfg
@@ -45,6 +45,9 @@ class CausalLM:
         # The kernel choices of every traced program (forward, loss, generation); the loss adds the
         # checkpointing mode's memory_lean. Benchmarks set it from their flags.
         self.kernel_options = kernel_options
+        # The jax.sharding.Mesh the base is sharded over (fastlora_jax.sharding), or None (one device). Every
+        # traced program of the model runs under it (`sharding.use_mesh`).
+        self.mesh = mesh
         # LoRA (get_peft_model): the trainable tree, its static arrays and its resolved PEFT layout.
         self.lora_params: dict | None = None
         self.lora_meta: dict | None = None
@@ -64,6 +67,28 @@ class CausalLM:
                                   dropout_key, dropout_rate, options=options)
 
         return jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate", "options"))
+
+    # ------------------------------------------------------------------ mesh
+    def shard(self, mesh) -> "CausalLM":
+        """Place the model on `mesh` (a `jax.sharding.Mesh` with axes ("data", "fsdp"), or a spec such as
+        "data=2,fsdp=2"): the base by `sharding.base_shardings`' rules, LoRA replicated. Returns the model.
+        `from_pretrained(..., mesh=)` loads straight into the shards instead (never whole on one device)."""
+        from fastlora_jax import sharding
+        mesh = sharding.resolve_mesh(mesh)
+        if mesh is None:
+            raise ValueError("shard(mesh=None): give a jax.sharding.Mesh or a spec such as 'data=2,fsdp=2'")
+        self.base_params = sharding.place(self.base_params,
+                                          sharding.base_shardings(self.family, self.cfg, self.base_params, mesh))
+        if self.lora_params is not None:
+            self.lora_params = sharding.place(self.lora_params, sharding.replicated(mesh))
+            self.lora_meta = sharding.place(self.lora_meta, sharding.replicated(mesh))
+        self.mesh = mesh
+        self._loss = None
+        return self
+
+    def _on_mesh(self):
+        from fastlora_jax import sharding
+        return sharding.use_mesh(self.mesh)
 
     # ------------------------------------------------------------------ rope
     def rotary_cos_sin(self, position_ids_bs) -> tuple[jax.Array, jax.Array]:
@@ -92,11 +117,13 @@ class CausalLM:
             position_ids = self.default_position_ids(input_ids)
         cos, sin = self.rotary_cos_sin(position_ids)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
-        return self._forward(self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
-                             jnp.asarray(input_ids), cos, sin,
-                             None if attention_mask is None else jnp.asarray(attention_mask), dropout_key,
-                             compute_dtype=self.dtype, dropout_rate=dropout_rate if dropout_key is not None else 0.0,
-                             options=self.kernel_options)
+        with self._on_mesh():
+            return self._forward(self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
+                                 jnp.asarray(input_ids), cos, sin,
+                                 None if attention_mask is None else jnp.asarray(attention_mask), dropout_key,
+                                 compute_dtype=self.dtype,
+                                 dropout_rate=dropout_rate if dropout_key is not None else 0.0,
+                                 options=self.kernel_options)
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -142,7 +169,8 @@ class CausalLM:
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {labels.shape}; input_ids has {input_ids.shape}")
         mask = None if attention_mask is None else jnp.asarray(as_batch(attention_mask, "attention_mask"))
-        return self._loss(self.base_params, lora_params, input_ids, labels, mask, dropout_key)
+        with self._on_mesh():
+            return self._loss(self.base_params, lora_params, input_ids, labels, mask, dropout_key)
 
     # ------------------------------------------------------------------ tensors by HF name
     def tensor_names(self) -> list[str]:
@@ -163,7 +191,8 @@ class CausalLM:
             value = jax.tree.map(lambda x: x[index], value)
         if isinstance(value, NF4Weight):
             value = value.dequantize(self.dtype)
-        return np.asarray(jax.device_get(value), dtype=np.float32)
+        from fastlora_jax.sharding import to_host
+        return np.asarray(to_host(value), dtype=np.float32)
 
     # ------------------------------------------------------------------ LoRA (PEFT's attributes and files)
     def _require_lora(self, what: str):
@@ -259,7 +288,8 @@ class CausalLM:
         if hasattr(input_ids, "keys") and "input_ids" in input_ids:
             kwargs.setdefault("attention_mask", input_ids.get("attention_mask"))
             input_ids = input_ids["input_ids"]
-        return generate(self, input_ids, **kwargs)
+        with self._on_mesh():
+            return generate(self, input_ids, **kwargs)
 
 
 def _mean(loss_sum, count):
@@ -344,12 +374,14 @@ class VisionCausalLM(CausalLM):
         batch = self.prepare_inputs(input_ids, attention_mask, *images, position_ids=position_ids, **named_images)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         mask = batch["attention_mask"]
-        return self._forward(self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
-                             jnp.asarray(batch["input_ids"]), jnp.asarray(batch["position_ids"]),
-                             None if mask is None else jnp.asarray(mask), batch["vision"],
-                             *self._rope(batch["position_ids"]), dropout_key,
-                             compute_dtype=self.dtype, dropout_rate=dropout_rate if dropout_key is not None else 0.0,
-                             options=self.kernel_options)
+        with self._on_mesh():
+            return self._forward(self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
+                                 jnp.asarray(batch["input_ids"]), jnp.asarray(batch["position_ids"]),
+                                 None if mask is None else jnp.asarray(mask), batch["vision"],
+                                 *self._rope(batch["position_ids"]), dropout_key,
+                                 compute_dtype=self.dtype,
+                                 dropout_rate=dropout_rate if dropout_key is not None else 0.0,
+                                 options=self.kernel_options)
 
     def rotary_cos_sin(self, position_ids) -> tuple[jax.Array, jax.Array]:
         """cos/sin `[batch, seq, head_dim]` in fp32 of the family's positions (Qwen-VL: `[3, batch, seq]`
@@ -412,9 +444,10 @@ class VisionCausalLM(CausalLM):
         if labels.shape != batch["input_ids"].shape:
             raise ValueError(f"labels has shape {labels.shape}; input_ids has {batch['input_ids'].shape}")
         mask = batch["attention_mask"]
-        return self._loss(self.base_params, lora_params, jnp.asarray(batch["input_ids"]), labels,
-                          None if mask is None else jnp.asarray(mask), dropout_key,
-                          jnp.asarray(batch["position_ids"]), batch["vision"])
+        with self._on_mesh():
+            return self._loss(self.base_params, lora_params, jnp.asarray(batch["input_ids"]), labels,
+                              None if mask is None else jnp.asarray(mask), dropout_key,
+                              jnp.asarray(batch["position_ids"]), batch["vision"])
 
     def prepare_training_batch(self, batch) -> dict:
         """A collator's batch (`UnslothVisionDataCollator`: `input_ids`, `attention_mask`, `labels` and the
@@ -452,5 +485,6 @@ class VisionCausalLM(CausalLM):
             given = self.image_inputs(images, named, "generate()")
             named = {k: given.get(k, inputs.get(k)) for k in names}
             images = ()
-        return generate(self, input_ids, attention_mask=attention_mask, **self.image_inputs(images, named, "generate()"),
-                        **kwargs)
+        with self._on_mesh():
+            return generate(self, input_ids, attention_mask=attention_mask,
+                            **self.image_inputs(images, named, "generate()"), **kwargs)

@@ -62,6 +62,8 @@ __all__ = [
     "dequantize_nf4",
     "dequantize_absmax",
     "torch_cpu_sum",
+    "quantize_blocks",
+    "double_quantize",
 ]
 
 # The 16 NF4 values, bit for bit as bitsandbytes.functional.get_4bit_type("nf4") returns them.
@@ -349,10 +351,28 @@ def _quantize_jit(w, *, blocksize: int, double_quant: bool, sum_lanes: int, sum_
     packed = ((q[0::2] << 4) | q[1::2]).reshape(-1, 1)
     if not double_quant:
         return packed, absmax, None, None
+    qabsmax, nested_absmax, offset = double_quantize(absmax, sum_lanes, sum_threads)
+    return packed, qabsmax, nested_absmax, offset
+
+
+def quantize_blocks(w, blocksize: int = 64) -> tuple[jax.Array, jax.Array]:
+    """The 4-bit step alone: `(packed uint8 [ceil(n/2), 1], absmax float32 [blocks])` of `w` (its dtype cast to
+    float32 exactly). Traceable. Rows of a row-major weight whose element count is a multiple of `blocksize`
+    give exactly the bytes and scales of those rows in the whole weight: what one device of an FSDP mesh
+    quantizes of its shard (fastlora_jax.sharding)."""
+    packed, absmax, _, _ = _quantize_jit(w, blocksize=_check_blocksize(blocksize), double_quant=False, sum_lanes=8,
+                                         sum_threads=1)
+    return packed, absmax
+
+
+def double_quantize(absmax, sum_lanes: int = 8, sum_threads: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """bnb's double quantization of float32 absmax `[blocks]`: `(uint8 codes [blocks], nested absmax
+    [ceil(blocks/256)], offset [])`, the offset being torch's `absmax.mean()` (see `torch_cpu_sum`). Traceable;
+    every op is exact, so the result is the same however XLA partitions it over devices."""
     nblocks = absmax.shape[0]
     offset = _div_rn(torch_cpu_sum(absmax, sum_lanes, sum_threads), jnp.float32(nblocks))  # torch mean
     qabsmax, nested_absmax = _quantize_blockwise_dynamic(absmax - offset, NESTED_BLOCKSIZE)
-    return packed, qabsmax, nested_absmax, offset
+    return qabsmax, nested_absmax, offset
 
 
 def _quantize_blockwise_dynamic(x: jax.Array, blocksize: int = NESTED_BLOCKSIZE):
@@ -646,11 +666,14 @@ class NF4Weight:
         return out
 
     @classmethod
-    def from_bnb(cls, tensors: Mapping[str, Any]) -> "NF4Weight":
+    def from_bnb(cls, tensors: Mapping[str, Any], *, host: bool = False) -> "NF4Weight":
         """Build from one Linear4bit weight's checkpoint tensors, keyed by suffix ("" = packed weight).
 
-        Values may be numpy arrays, jax arrays or torch tensors.  Only NF4 is accepted.
+        Values may be numpy arrays, jax arrays or torch tensors.  Only NF4 is accepted.  `host=True` keeps
+        the children as numpy arrays (nothing goes to a device): a loader then places each one itself, e.g.
+        sharded over a mesh.
         """
+        put = (lambda x: x) if host else jnp.asarray
         qs_keys = [k for k in tensors if k.startswith("quant_state.")]
         if _QS_KEY not in tensors:
             other = [k for k in qs_keys if k != _QS_KEY]
@@ -694,7 +717,7 @@ class NF4Weight:
         if absmax.shape[0] != nblocks:
             raise ValueError(f"tensors['absmax'] has {absmax.shape[0]} blocks, shape {shape} at blocksize "
                              f"{blocksize} needs {nblocks}")
-        children = [jnp.asarray(packed), None, jnp.asarray(quant_map), None, None, None]
+        children = [put(packed), None, put(quant_map), None, None, None]
         nested_blocksize = NESTED_BLOCKSIZE
         if double_quant:
             for k in ("nested_blocksize", "nested_offset"):
@@ -714,11 +737,11 @@ class NF4Weight:
             nested_map = _to_numpy(tensors["nested_quant_map"], "nested_quant_map").astype(np.float32).reshape(-1)
             if nested_map.shape != (256,):
                 raise ValueError(f"tensors['nested_quant_map'] has shape {nested_map.shape}, expected (256,)")
-            children[1] = jnp.asarray(absmax)
-            children[3] = jnp.asarray(nested_absmax)
-            children[4] = jnp.asarray(nested_map)
-            children[5] = jnp.asarray(np.float32(meta["nested_offset"]))
+            children[1] = put(absmax)
+            children[3] = put(nested_absmax)
+            children[4] = put(nested_map)
+            children[5] = put(np.asarray(np.float32(meta["nested_offset"])))
         else:
-            children[1] = jnp.asarray(absmax.astype(np.float32))
+            children[1] = put(absmax.astype(np.float32))
         return cls(*children, shape=shape, dtype=dname, blocksize=blocksize, nested_blocksize=nested_blocksize,
                    double_quant=double_quant)

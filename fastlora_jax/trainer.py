@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax import training
+from fastlora_jax import sharding, training
 from fastlora_jax.data import IGNORE_INDEX, DataOptions, SFTData, build_rows, load_records, pad_token_id_of, \
     tokenize_records
 
@@ -102,6 +102,11 @@ class TrainingArguments:
     (the compute dtype is the model's; records are never stripped of columns).
     `dataset_kwargs={"skip_prepare_dataset": True}` and `dataset_text_field=""` are what Unsloth's vision
     notebooks set along with a `data_collator`: the records go to the collator untouched.
+    `mesh` (fastlora_jax.sharding): None trains on the model's mesh (`from_pretrained(mesh=...)`), or, for a model
+    loaded without one, on every device along the data axis (one device: nothing changes); a spec such as
+    "data=2,fsdp=2" or a `jax.sharding.Mesh` names it (the model is then placed on it, `CausalLM.shard`); "none"
+    is one device even where there are several. As in HF, `per_device_*_batch_size` is per device: a step's
+    micro-batch is that times the mesh size.
     """
     output_dir: str = "trainer_output"
     per_device_train_batch_size: int = 8
@@ -143,6 +148,8 @@ class TrainingArguments:
     # reporting (reporting.py): "none", "tensorboard", "wandb", "all" or a list of them
     report_to: Any = "none"
     logging_dir: str | None = None
+    # devices (fastlora_jax.sharding): None, "data=N,fsdp=M", "auto", "none" or a jax.sharding.Mesh
+    mesh: Any = None
     # accepted for compatibility, ignored
     fp16: bool = False
     bf16: bool = False
@@ -221,6 +228,14 @@ class TrainingArguments:
             bad("dataset_kwargs", "must be a dict such as {'skip_prepare_dataset': True} or None")
         from fastlora_jax.reporting import normalize_report_to
         normalize_report_to(self.report_to)  # unknown names fail here, with the accepted ones
+        if self.mesh is not None:
+            from jax.sharding import Mesh
+            if isinstance(self.mesh, str):
+                if not sharding.is_none_spec(self.mesh):
+                    sharding.parse_mesh(self.mesh)  # a malformed spec fails here, naming it
+            elif not isinstance(self.mesh, Mesh):
+                bad("mesh", "use None (the model's mesh, or every device on data), a spec such as "
+                            "'data=2,fsdp=2', 'auto', 'none' (one device) or a jax.sharding.Mesh")
 
     @staticmethod
     def _check_interval(name, v):
@@ -369,8 +384,11 @@ class SFTTrainer:
         self.processing_class = processing_class if processing_class is not None else tokenizer
         self.formatting_func = formatting_func
         self.data_collator = data_collator
+        self.mesh = self._resolve_mesh(model, args)
         from fastlora_jax import reporting
-        self.callbacks = reporting.callbacks_for(args) + list(callbacks or [])  # report_to writers, loss.png
+        # report_to writers and loss.png: process 0's (one event file per run, not one per host)
+        reporters = reporting.callbacks_for(args) if sharding.is_writer() else []
+        self.callbacks = reporters + list(callbacks or [])
         self.max_seq_length = args.resolved_max_seq_length(model)
         self.data_options = None if data_collator is not None else DataOptions(
             dataset_text_field=args.dataset_text_field or "text", formatting_func=formatting_func,
@@ -378,6 +396,37 @@ class SFTTrainer:
         self._raw_train, self._raw_eval = train_dataset, eval_dataset
         self._prepare_data()
         self.state = TrainerState()
+
+    @staticmethod
+    def _resolve_mesh(model, args):
+        """The mesh training runs on (see TrainingArguments.mesh); the model is placed on it if it is not yet."""
+        requested = sharding.resolve_mesh(args.mesh)
+        if sharding.is_none_spec(args.mesh):
+            if model.mesh is not None:
+                raise ValueError(f"SFTConfig(mesh='none') asks for one device, but the model was loaded on the mesh "
+                                 f"{sharding.describe(model.mesh)}; load it without mesh= to train on one device")
+            return None
+        if model.mesh is not None:
+            if requested is not None and not sharding.same_mesh(requested, model.mesh):
+                raise ValueError(f"SFTConfig(mesh={args.mesh!r}) is {sharding.describe(requested)}, but the model was "
+                                 f"loaded on the mesh {sharding.describe(model.mesh)}; give from_pretrained(mesh=...) "
+                                 f"and SFTConfig the same mesh, or leave SFTConfig.mesh unset (the model's is used)")
+            return model.mesh
+        if requested is None and jax.device_count() > 1:
+            requested = sharding.make_mesh()  # every device on the data axis
+        if requested is not None:
+            model.shard(requested)
+        return requested
+
+    @property
+    def world(self) -> int:
+        """Devices a step's batch is split over (1 without a mesh)."""
+        return 1 if self.mesh is None else self.mesh.size
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows of one micro-batch: per_device_train_batch_size on each device."""
+        return self.args.per_device_train_batch_size * self.world
 
     # ---------------------------------------------------------------- data
     def _prepare_data(self) -> None:
@@ -390,7 +439,7 @@ class SFTTrainer:
             return data
         if self.data_collator is not None:
             collated = CollatedData(data, self.data_collator, name)
-            first = collated.collate(collated.step_rows(0, self.args.per_device_train_batch_size, 1, self.data_seed),
+            first = collated.collate(collated.step_rows(0, self.micro_batch, 1, self.data_seed),
                                      where=f"{name}: the first batch")
             training.prepare_micro_batch(self.model, first)  # the batch fits the model (image tokens, shapes)
             return collated
@@ -434,7 +483,7 @@ class SFTTrainer:
     # ---------------------------------------------------------------- plan
     @property
     def rows_per_step(self) -> int:
-        return self.args.train_batch_size
+        return self.args.train_batch_size * self.world
 
     @property
     def data_seed(self) -> int:
@@ -477,7 +526,7 @@ class SFTTrainer:
         """The jitted train step for this model and optimizer; kept on the model (it closes over it), so a new
         trainer for the same model and settings reuses the compiled step instead of compiling again."""
         key = (tuple(sorted(self._optimizer_kwargs(total).items())),
-               repr(getattr(self.model, "use_gradient_checkpointing", False)))
+               repr(getattr(self.model, "use_gradient_checkpointing", False)), id(self.model.mesh))
         cache = self.model.__dict__.setdefault("_sft_train_steps", {})
         if key not in cache:
             cache[key] = training.make_train_step(self.model, optimizer)
@@ -492,7 +541,7 @@ class SFTTrainer:
     # ---------------------------------------------------------------- evaluation
     def _eval_loss_fn(self):
         """`f(lora_params, batch) -> (loss sum, counted tokens)` of one batch (`training.prepare_micro_batch`'s)."""
-        key = ("eval", repr(getattr(self.model, "use_gradient_checkpointing", False)))
+        key = ("eval", repr(getattr(self.model, "use_gradient_checkpointing", False)), id(self.model.mesh))
         cache = self.model.__dict__.setdefault("_sft_train_steps", {})
         if key not in cache:
             loss_sum = self.model.loss_sum_fn()
@@ -503,7 +552,13 @@ class SFTTrainer:
 
             jitted = jax.jit(one)
             model = self.model
-            cache[key] = lambda lp, batch: jitted(model.base_params, lp, training.prepare_micro_batch(model, batch))
+
+            def run(lp, batch):
+                with sharding.use_mesh(model.mesh):
+                    mb = sharding.put_batch(training.prepare_micro_batch(model, batch), model.mesh)
+                    return jitted(model.base_params, lp, mb)
+
+            cache[key] = run
         return cache[key]
 
     def evaluate(self, eval_dataset=None, lora_params=None) -> dict:
@@ -516,7 +571,7 @@ class SFTTrainer:
         fn = self._eval_loss_fn()
         start = time.perf_counter()
         total, count = 0.0, 0
-        for batch in data.eval_batches(self.args.per_device_eval_batch_size):
+        for batch in data.eval_batches(self.args.per_device_eval_batch_size * self.world):
             s, c = fn(params, batch)
             total += float(s)
             count += int(c)
@@ -642,7 +697,8 @@ class SFTTrainer:
         """Warn about settings that differ from the checkpoint's: training continues, but not as the
         uninterrupted run would have."""
         expected = {"data_fingerprint": self.train_data.fingerprint, "rows_per_step": self.rows_per_step,
-                    "micro_batch": self.args.per_device_train_batch_size, "data_seed": self.data_seed,
+                    **({"mesh": sharding.describe(self.mesh)} if "mesh" in meta else {}),
+                    "micro_batch": self.micro_batch, "data_seed": self.data_seed,
                     "seed": self.args.seed, "max_steps": self.max_steps}
         step = int(meta["global_step"])
         if meta.get("next_dropout_key") != self._key_data(step + 1):
@@ -671,7 +727,7 @@ class SFTTrainer:
 
         args, data = self.args, self.train_data
         total = self.max_steps
-        micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        micro, accum = self.micro_batch, args.gradient_accumulation_steps
         log_every = args.interval(args.logging_steps, total)
         eval_every = args.interval(args.eval_steps if args.eval_steps is not None else args.logging_steps, total)
         save_every = args.interval(args.save_steps, total) if args.save_strategy == "steps" else None
@@ -681,15 +737,23 @@ class SFTTrainer:
         # The step donates its inputs: train on a copy, so model.lora_params stays valid until the end.
         params = jax.tree.map(jnp.array, self.model.lora_params)
         opt_state = optimizer.init(params)
+        if self.mesh is not None:  # replicated on the mesh, as the step keeps them
+            params, opt_state = sharding.place((params, opt_state), sharding.replicated(self.mesh))
         start, loss_sum, history = 0, 0.0, []
         self.resumed_from = None
         resume = self._resolve_resume(resume_from_checkpoint)
         if resume is not None:
             root, step = resume
-            state, meta = self._restore(root, step, _host_copy({"lora_params": params, "opt_state": opt_state}))
+            template = {"lora_params": params, "opt_state": opt_state}
+            # On a mesh: restored straight into the arrays' shardings (orbax reads each process's shards).
+            template = _abstract(template) if self.mesh is not None else _host_copy(template)
+            state, meta = self._restore(root, step, template)
             self._check_resume_meta(meta, root / str(step))
-            params = jax.tree.map(jnp.asarray, state["lora_params"])
-            opt_state = jax.tree.map(jnp.asarray, state["opt_state"])
+            if self.mesh is None:
+                params = jax.tree.map(jnp.asarray, state["lora_params"])
+                opt_state = jax.tree.map(jnp.asarray, state["opt_state"])
+            else:
+                params, opt_state = state["lora_params"], state["opt_state"]
             start, loss_sum, history = int(meta["global_step"]), float(meta["loss_sum"]), list(meta["log_history"])
             self.resumed_from = (root / str(step), start)
             if start > total:
@@ -708,8 +772,8 @@ class SFTTrainer:
                               f"(pass resume_from_checkpoint=True to continue that run instead)", stacklevel=2)
                 for s in stale:
                     manager.delete(s)
-        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=args.disable_tqdm,
-                   dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, desc="train", unit="step",
+                   disable=args.disable_tqdm or not sharding.is_writer(), dynamic_ncols=True)
         for cb in self.callbacks:
             _call(cb, "on_train_begin", self)
         t_start = time.perf_counter()
@@ -770,9 +834,10 @@ class SFTTrainer:
         if self.eval_data is not None:
             metrics.update(self.evaluate())
         self.state.log_history.append({"step": total, **metrics})
-        _atomic_json(output_dir / TRAINER_STATE, {"global_step": total, "max_steps": total,
-                                                   "log_history": self.state.log_history,
-                                                   "args": args.to_dict()})
+        if sharding.is_writer():
+            _atomic_json(output_dir / TRAINER_STATE, {"global_step": total, "max_steps": total,
+                                                       "log_history": self.state.log_history,
+                                                       "args": args.to_dict()})
         output = TrainOutput(total, metrics["train_loss"], metrics)
         for cb in self.callbacks:
             _call(cb, "on_train_end", self, output)
@@ -785,7 +850,7 @@ class SFTTrainer:
 
     def _log(self, logs: dict, bar) -> None:
         self.state.log_history.append(logs)
-        if not self.args.disable_tqdm:
+        if not self.args.disable_tqdm and sharding.is_writer():
             bar.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()}))
         for cb in self.callbacks:
             _call(cb, "on_log", self, logs)
@@ -795,14 +860,16 @@ class SFTTrainer:
         epoch, in_epoch = self.train_data.position(step, self.rows_per_step)  # where the next step reads
         meta = {"version": CHECKPOINT_VERSION, "global_step": step, "max_steps": self.max_steps,
                 "epoch": epoch, "step_in_epoch": in_epoch, "rows_per_step": self.rows_per_step,
-                "micro_batch": self.args.per_device_train_batch_size, "num_rows": self.train_data.num_rows,
+                "micro_batch": self.micro_batch, "num_rows": self.train_data.num_rows,
                 "data_fingerprint": self.train_data.fingerprint, "data_seed": self.data_seed,
                 "seed": self.args.seed, "rng": "dropout key of step s = fold_in(key(seed), s)",
                 "next_dropout_key": self._key_data(step + 1),
                 "loss_sum": loss_sum, "log_history": self.state.log_history,
                 "lora_config": self.lora_config_record(), "model": self.model_identity(),
-                "optimizer": self.optimizer_record()}
-        state = _host_copy({"lora_params": params, "opt_state": opt_state})
+                "optimizer": self.optimizer_record(), "mesh": sharding.describe(self.mesh)}
+        # On a mesh the arrays go to orbax as they are (each process writes its shards; a replicated array once).
+        state = {"lora_params": params, "opt_state": opt_state}
+        state = _host_copy(state) if self.mesh is None else state
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(_jsonable(meta))), force=force)
         for cb in self.callbacks:
@@ -811,8 +878,9 @@ class SFTTrainer:
     def save_model(self, output_dir=None) -> Path:
         """The adapter (`adapter_config.json`, `adapter_model.safetensors`) and the tokenizer."""
         output_dir = Path(output_dir or self.args.output_dir)
-        self.model.save_pretrained(output_dir)
-        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+        self.model.save_pretrained(output_dir)  # written by process 0 (from every process's LoRA, replicated)
+        if sharding.is_writer() and self.processing_class is not None and hasattr(self.processing_class,
+                                                                                "save_pretrained"):
             self.processing_class.save_pretrained(output_dir)
         return output_dir
 
@@ -966,6 +1034,11 @@ def _call(cb, name: str, *args):
 def _host_copy(tree):
     """A numpy copy (never a view of a device buffer: the train step donates its inputs)."""
     return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _abstract(tree):
+    """`jax.ShapeDtypeStruct`s with the arrays' shardings: the restore template of a mesh run."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def _latest_step(root: Path) -> int | None:

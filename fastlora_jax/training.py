@@ -279,24 +279,37 @@ def output_layer_loss(family, cfg, params, lora, hidden_bsd, labels_bs, dropout_
     """(loss sum, counted tokens) of the output layer over the final hidden states: the fused version when
     the head is frozen and plain, the checkpointed chunks otherwise (LoRA or a trained copy on the head).
     A final-logit soft-cap (`cfg.final_logit_softcap`, Gemma 2) applies in both."""
+    from fastlora_jax import sharding
     from fastlora_jax.models.decoder import linear_module
     head = family.lm_head_module(cfg, params)
     softcap = getattr(cfg, "final_logit_softcap", None)
     targets = shift_labels(labels_bs)
     b, s, d = hidden_bsd.shape
-    if head_is_frozen(family, cfg, lora) and set(head) == {"weight"} and not hasattr(head["weight"], "dequantize"):
-        vocab = head["weight"].shape[0]
-        tiles = head_vocab_tiles(vocab, d, options.memory_lean)
-        chunk = chunk_tokens or default_chunk_tokens(vocab // tiles, options.memory_lean)
-        return fused_head_cross_entropy(hidden_bsd.reshape(b * s, d), head["weight"], targets.reshape(b * s),
-                                        chunk, softcap, tiles)
-    chunk_tokens = chunk_tokens or default_chunk_tokens(cfg.vocab_size, options.memory_lean)
+    frozen_plain = head_is_frozen(family, cfg, lora) and set(head) == {"weight"} and \
+        not hasattr(head["weight"], "dequantize")
+    vocab = head["weight"].shape[0] if frozen_plain else cfg.vocab_size
+    tiles = head_vocab_tiles(vocab, d, options.memory_lean) if frozen_plain else 1
+    chunk_tokens = chunk_tokens or default_chunk_tokens(vocab // tiles, options.memory_lean)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
 
     def logits_fn(h):
         return kernels.softcap(linear_module(h, head, head_key, dropout_rate, options), softcap)
 
-    return chunked_cross_entropy(hidden_bsd.reshape(b * s, d), targets.reshape(b * s), logits_fn, chunk_tokens)
+    def loss_of(h_nd, t_n):
+        if frozen_plain:  # FSDP: the (vocab- or hidden-sharded) head whole, each device multiplying its own tokens
+            return fused_head_cross_entropy(h_nd, sharding.gathered(head["weight"]), t_n, chunk_tokens, softcap,
+                                            tiles)
+        return chunked_cross_entropy(h_nd, t_n, logits_fn, chunk_tokens)
+
+    groups = sharding.batch_groups(b)
+    if groups == 1:
+        return loss_of(hidden_bsd.reshape(b * s, d), targets.reshape(b * s))
+    # Under a mesh each device takes the loss of its own rows: the chunk scan runs over each group's tokens
+    # (a scan over tokens split across devices would gather them all onto every device).
+    h_gnd = sharding.split_rows(hidden_bsd.reshape(groups, (b // groups) * s, d))
+    t_gn = sharding.split_rows(targets.reshape(groups, (b // groups) * s))
+    loss_g, count_g = jax.vmap(loss_of)(h_gnd, t_gn)
+    return jnp.sum(loss_g), jnp.sum(count_g)
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -374,8 +387,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
     Either way gradients are summed over the micro-batches and divided by the total number of counted tokens,
     so accumulation gives the same update as one batch of all the rows; micro-batch `i` gets the dropout key
     `split(dropout_key, accum)[i]` in both forms.
+
+    On a model with a mesh (`model.mesh`, fastlora_jax.sharding) the step runs over it: the batch is the global
+    one (every process passes the same), split over the mesh's batch axes (`sharding.put_batch`); LoRA params
+    and optimizer state stay replicated, and XLA reduces the loss and the gradients over the devices.
     """
+    from fastlora_jax import sharding
     loss_fn = model.loss_sum_fn()
+    mesh = model.mesh
 
     def grads_of(base_params, lora_params, mb, key):
         extra = {k: mb[k] for k in ("position_ids", "vision") if mb.get(k) is not None}
@@ -389,6 +408,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
         updates, opt_state = optimizer.update(grads, opt_state, lora_params)
         lora_params = optax.apply_updates(lora_params, updates)
         metrics = {"loss": loss_total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        if mesh is not None:  # replicated in, replicated out: the next step reuses this compilation
+            lora_params, opt_state = jax.lax.with_sharding_constraint((lora_params, opt_state),
+                                                                      sharding.replicated(mesh))
         return lora_params, opt_state, metrics
 
     def step(base_params, lora_params, opt_state, batch, dropout_key):
@@ -417,17 +439,23 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
     jitted_update = jax.jit(update, donate_argnums=(0, 1))
 
     def train_step(lora_params, opt_state, batch, dropout_key):
+        with sharding.use_mesh(mesh):
+            return run(lora_params, opt_state, batch, dropout_key)
+
+    def run(lora_params, opt_state, batch, dropout_key):
         if isinstance(batch, (list, tuple)):
             if not batch:
                 raise ValueError("batch is an empty list of micro-batches")
             mbs = [prepare_micro_batch(model, mb) for mb in batch]
             if len(mbs) == 1:
                 stacked = {k: v if k == "vision" else v[None] for k, v in mbs[0].items()}
-                return jitted(model.base_params, lora_params, opt_state, stacked, dropout_key)
+                return jitted(model.base_params, lora_params, opt_state, sharding.put_batch(stacked, mesh),
+                              dropout_key)
             keys = jax.random.split(dropout_key, len(mbs)) if dropout_key is not None else None
             total = None
             for i, mb in enumerate(mbs):
-                out = jitted_grads(model.base_params, lora_params, mb, None if keys is None else keys[i])
+                out = jitted_grads(model.base_params, lora_params, sharding.put_batch(mb, mesh),
+                                   None if keys is None else keys[i])
                 total = out if total is None else jitted_add(total, out)
             loss_total, count, grads = total
             return jitted_update(lora_params, opt_state, grads, loss_total, count)
@@ -436,7 +464,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
             raise ValueError("a batch with images goes to the train step as a list of micro-batches "
                              "(e.g. [collator(examples)]): micro-batches with different patch counts cannot be "
                              "stacked into [accum, micro_batch, seq] arrays")
-        return jitted(model.base_params, lora_params, opt_state, batch, dropout_key)
+        return jitted(model.base_params, lora_params, opt_state, sharding.put_batch(batch, mesh), dropout_key)
 
     train_step.jitted = jitted  # (base, lora, opt_state, batch, key): for .lower() / HLO inspection
     return train_step

@@ -6,7 +6,9 @@ The reference (`reference.attention_reference`) is what the fused paths are chec
 Soft-capped logits (Gemma 2) run on the GPU on `flash_attention.flash_attention_reference` (blockwise
 online softmax, blockwise backward: never an O(S^2) score matrix); the Mosaic GPU forward kernel beside it is
 opt-in (`impl="flash"`, `KernelOptions(attention="flash")`) until an interpret-mode deadlock in one of its
-tests is understood. On the kernel path rows with no visible key (padding queries) come out as zeros; their
+tests is understood; under a mesh of several devices "flash" runs the blockwise reference (XLA partitions it;
+the kernel has no shard_map wrapper yet), while cuDNN, an XLA custom call with its own partitioning rule, runs
+per device as it is. On the kernel path rows with no visible key (padding queries) come out as zeros; their
 outputs feed no loss.
 """
 
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 
 from fastlora_jax.kernels import flash_attention as flash
 from fastlora_jax.kernels.reference import attention_reference, cached_attention_reference
+from fastlora_jax.sharding import multi_device
 
 IMPLS = ("auto", "xla", "cudnn", "flash")
 
@@ -34,6 +37,11 @@ def attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale: float, *, logit_
     why_not = _cudnn_why_not(q_bshd, logit_softcap)
     if impl == "cudnn" and why_not:
         raise ValueError(f"impl='cudnn' cannot run this call: {why_not}; use impl='auto' or 'xla'")
+    if impl == "flash" and multi_device():
+        # Under a mesh of several devices the Mosaic kernel is not wrapped in a shard_map (yet): its blockwise
+        # XLA reference runs instead, which the SPMD partitioner splits over the batch like any jnp code.
+        return flash.flash_attention_reference(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale,
+                                               logit_softcap=logit_softcap, sliding_window=sliding_window)
     if impl == "flash":
         return flash.flash_attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, logit_softcap=logit_softcap,
                                      sliding_window=sliding_window)

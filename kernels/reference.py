@@ -10,12 +10,15 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax.quant import NF4Weight
+from fastlora_jax.sharding import gathered
 
 MASK_VALUE = -1e30  # finite, so a fully masked row (a padded query) gives a uniform softmax, not NaN
 
 
 def dense_weight(weight, dtype) -> jax.Array:
-    """A linear weight `[out, in]` as a plain array in `dtype`, dequantizing NF4."""
+    """A linear weight `[out, in]` as a plain array in `dtype`, dequantizing NF4 (gathered whole first when it is
+    FSDP-sharded over a mesh: fastlora_jax.sharding.gathered)."""
+    weight = gathered(weight)
     if isinstance(weight, NF4Weight):
         return weight.dequantize(dtype)
     return weight.astype(dtype)
