@@ -167,8 +167,7 @@ def _rope_tables(model, seq_len: int):
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool | None = None,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id=None,
-             seed: int = 0, return_dict: bool = False, pixel_values=None, image_grid_thw=None,
-             mm_token_type_ids=None):
+             seed: int = 0, return_dict: bool = False, **image_inputs):
     """Generate up to `max_new_tokens` tokens after each (left-padded) prompt.
 
     Returns int32 numpy ids `[batch, prompt_len + new]` (new < max_new_tokens when every row stopped at eos
@@ -181,9 +180,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     - `eos_token_id` (int or list; default: the model config's) ends a row; later tokens of that row are
       `pad_token_id` (default: the config's pad token, else the first eos, else 0).
     - `seed` makes sampling reproducible (the same seed, inputs and settings give the same ids).
-    - `pixel_values`, `image_grid_thw`, `mm_token_type_ids` (a vision-language model, as its processor makes
-      them): the images enter at prefill; the prompt's positions are the family's (`generation_inputs`: multimodal
-      ones for Qwen-VL) and new tokens continue from the prompt's largest position (transformers' `rope_deltas`).
+    - `**image_inputs`: a vision-language model's image inputs as its processor makes them (the family's
+      `IMAGE_INPUTS`: Qwen-VL's `pixel_values`, `image_grid_thw`, `mm_token_type_ids`; Mllama's `pixel_values`,
+      `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`): the images enter at prefill; the prompt's
+      positions are the family's (`generation_inputs`: multimodal ones for Qwen-VL) and new tokens continue from
+      the prompt's largest position (transformers' `rope_deltas`). Mllama's cross-attention keys and values of
+      the images are computed at prefill and kept in the cache.
     """
     check_prompt_not_empty(input_ids)
     ids = as_batch(input_ids, "input_ids")
@@ -194,9 +196,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
     check_token_ids(eos_token_id, pad_token_id, model.cfg.vocab_size)
     check_positions(prompt_len, max_new_tokens, _config_token(model.config, "max_position_embeddings"))
 
-    vocab = model.cfg.vocab_size
-    if ids.min() < 0 or ids.max() >= vocab:
-        raise ValueError(f"input_ids must be in [0, {vocab}); got values in [{ids.min()}, {ids.max()}]")
+    rows = getattr(model.cfg, "embedding_rows", model.cfg.vocab_size)  # Mllama's image token is row vocab_size
+    if ids.min() < 0 or ids.max() >= rows:
+        raise ValueError(f"input_ids must be in [0, {rows}); got values in [{ids.min()}, {ids.max()}]")
 
     config = model.config
     eos = _token_list(_config_token(config, "eos_token_id") if eos_token_id is None else eos_token_id)
@@ -237,8 +239,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, do
 
     # the family's positions of the prompt (HF's: cumsum of the mask - 1, 0 on padding; Qwen-VL's multimodal
     # [3, batch, seq]) and its images; each new token is a row's last position + 1, + 2, ...
+    allowed = getattr(model.family, "IMAGE_INPUTS", ())
+    unknown = sorted(set(image_inputs) - set(allowed))
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments {unknown}" + (
+            f"; this model's image inputs are {list(allowed)}" if allowed else
+            " (image inputs need a vision-language model: FastVisionModel.from_pretrained)"))
     positions, vision, last_position = model.family.generation_inputs(
-        model.cfg, ids, mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        model.cfg, ids, mask, **{k: v for k, v in image_inputs.items() if v is not None})
     last_host = np.asarray(last_position)
     max_len = -(-(prompt_len + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
     mask_full = np.zeros((batch, max_len), np.int32)

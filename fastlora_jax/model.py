@@ -280,74 +280,97 @@ def as_batch(ids, name: str) -> np.ndarray:
 
 
 class VisionCausalLM(CausalLM):
-    """What `FastVisionModel.from_pretrained` returns for an image-text family (Qwen2-VL, Qwen2.5-VL).
+    """What `FastVisionModel.from_pretrained` returns for an image-text family (Qwen2-VL, Qwen2.5-VL, Llama 3.2
+    Vision).
 
     A CausalLM: LoRA (get_peft_model), counts, adapter files, `peft_state_dict` and merged export work
-    unchanged, driven by the family's name table and its two stacks. What differs is the forward pass, which
-    takes the processor's image inputs (`pixel_values`, `image_grid_thw`) and multimodal rotary positions.
-    `prepare_inputs` does the host-side part (index arrays, positions, checks); the jitted part takes arrays.
+    unchanged, driven by the family's name table and its stacks. What differs is the forward pass, which takes
+    the processor's image inputs, the family's `IMAGE_INPUTS` (Qwen-VL: `pixel_values`, `image_grid_thw`,
+    `mm_token_type_ids`; Mllama: `pixel_values`, `aspect_ratio_ids`, `aspect_ratio_mask`, `cross_attention_mask`),
+    by name or positionally after `attention_mask` in that order, and its rotary positions. `prepare_inputs` does
+    the host-side part (index arrays, positions, checks); the jitted part takes arrays.
     """
 
     def _make_forward(self):
         family, cfg = self.family, self.cfg
 
-        def forward(base, lora, meta, input_ids, position_ids, attention_mask, vision, dropout_key, *,
-                    compute_dtype, dropout_rate, options):
+        def forward(base, lora, meta, input_ids, position_ids, attention_mask, vision, inv_freq, scaling, dropout_key,
+                    *, compute_dtype, dropout_rate, options):
             params = combine(base, lora, meta)
-            cos, sin = family.mrope_cos_sin(cfg, position_ids)
+            cos, sin = family.position_cos_sin(cfg, inv_freq, scaling, position_ids)
             return family.forward(cfg, params, input_ids, cos, sin, attention_mask, compute_dtype, dropout_key,
                                   dropout_rate, vision=vision, options=options)
 
         return jax.jit(forward, static_argnames=("compute_dtype", "dropout_rate", "options"))
 
     # ------------------------------------------------------------------ inputs
-    def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                       mm_token_type_ids=None, position_ids=None) -> dict:
-        """The processor's outputs as the arrays the jitted forward and loss take (the family's
-        `prepare_inputs`, e.g. qwen2_vl.prepare_inputs: `input_ids`, `attention_mask`, multimodal
-        `position_ids [3, B, S]` and `vision`)."""
-        return self.family.prepare_inputs(self.cfg, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                          mm_token_type_ids, position_ids)
+    def image_inputs(self, args=(), kwargs=None, where: str = "the model") -> dict:
+        """{name: value} of the family's image inputs given positionally (`args`, in `IMAGE_INPUTS` order) and by
+        name (`kwargs`); an unknown or repeated name is a TypeError naming the accepted ones."""
+        names = tuple(self.family.IMAGE_INPUTS)
+        if len(args) > len(names):
+            raise TypeError(f"{where} takes at most {len(names)} image inputs after attention_mask ({list(names)}); "
+                            f"got {len(args)} positional ones")
+        images = dict(zip(names, args))
+        for key, value in (kwargs or {}).items():
+            if key not in names:
+                raise TypeError(f"{where} got an unexpected keyword argument {key!r}; this model's image inputs are "
+                                f"{list(names)}")
+            if key in images:
+                raise TypeError(f"{where} got multiple values for {key!r}")
+            images[key] = value
+        return images
+
+    def prepare_inputs(self, input_ids, attention_mask=None, *images, position_ids=None, **named_images) -> dict:
+        """The processor's outputs as the arrays the jitted forward and loss take (the family's `prepare_inputs`,
+        e.g. qwen2_vl.prepare_inputs: `input_ids`, `attention_mask`, `position_ids` and `vision`)."""
+        return self.family.prepare_inputs(self.cfg, input_ids, attention_mask, position_ids=position_ids,
+                                          **self.image_inputs(images, named_images, "prepare_inputs()"))
+
+    def _rope(self, position_ids):
+        """The family's rotary tables for these positions (host side: the variant may depend on the longest)."""
+        inv_freq, scaling = self.family.rope_tables(self.config, self.cfg, int(np.max(position_ids)) + 1)
+        return jnp.asarray(inv_freq), jnp.asarray(scaling, jnp.float32)
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 mm_token_type_ids=None, position_ids=None) -> CausalLMOutput:
+    def __call__(self, input_ids, attention_mask=None, *images, position_ids=None, **named_images) -> CausalLMOutput:
         """Logits with the current adapter (if any), without dropout: the HF model in eval mode."""
-        return CausalLMOutput(logits=self.apply(self.lora_params, input_ids, attention_mask, pixel_values,
-                                                image_grid_thw, mm_token_type_ids, position_ids))
+        return CausalLMOutput(logits=self.apply(self.lora_params, input_ids, attention_mask, *images,
+                                                position_ids=position_ids, **named_images))
 
-    def apply(self, lora_params, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-              mm_token_type_ids=None, position_ids=None, dropout_key=None):
+    def apply(self, lora_params, input_ids, attention_mask=None, *images, position_ids=None, dropout_key=None,
+              **named_images):
         """Logits for a given LoRA pytree (None: the base alone). `dropout_key` turns on LoRA dropout."""
-        batch = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
-                                    position_ids)
+        batch = self.prepare_inputs(input_ids, attention_mask, *images, position_ids=position_ids, **named_images)
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         mask = batch["attention_mask"]
         return self._forward(self.base_params, lora_params, self.lora_meta if lora_params is not None else None,
                              jnp.asarray(batch["input_ids"]), jnp.asarray(batch["position_ids"]),
-                             None if mask is None else jnp.asarray(mask), batch["vision"], dropout_key,
+                             None if mask is None else jnp.asarray(mask), batch["vision"],
+                             *self._rope(batch["position_ids"]), dropout_key,
                              compute_dtype=self.dtype, dropout_rate=dropout_rate if dropout_key is not None else 0.0,
                              options=self.kernel_options)
 
     def rotary_cos_sin(self, position_ids) -> tuple[jax.Array, jax.Array]:
-        """cos/sin `[batch, seq, head_dim]` in fp32 of `[3, batch, seq]` multimodal (or `[batch, seq]`) positions."""
+        """cos/sin `[batch, seq, head_dim]` in fp32 of the family's positions (Qwen-VL: `[3, batch, seq]`
+        multimodal ones, or `[batch, seq]`)."""
         position_ids = np.asarray(position_ids)
-        if position_ids.ndim == 2:
-            position_ids = np.broadcast_to(position_ids, (3,) + position_ids.shape)
-        return self.family.mrope_cos_sin(self.cfg, position_ids)
+        return self.family.position_cos_sin(self.cfg, *self._rope(position_ids), jnp.asarray(position_ids))
 
     def __repr__(self) -> str:
         c = self.cfg
         quant = "nf4" if self.is_4bit else self.dtype.name
-        return (f"VisionCausalLM({self.family.__name__.rsplit('.', 1)[-1]}/{c.vision.variant}, "
-                f"vision_blocks={c.vision.depth}, layers={c.num_layers}, hidden={c.hidden_size}, weights={quant}, "
-                f"compute={self.dtype.name}, from={self.name_or_path!r})")
+        name = self.family.__name__.rsplit(".", 1)[-1]
+        variant = getattr(c.vision, "variant", None)
+        stacks = ", ".join(f"{key.removeprefix('model.')}={depth}" for key, depth in self.stacks.items())
+        return (f"VisionCausalLM({name}{'/' + variant if variant and variant != name else ''}, {stacks}, "
+                f"hidden={c.hidden_size}, weights={quant}, compute={self.dtype.name}, from={self.name_or_path!r})")
 
     # ------------------------------------------------------------------ loss
     def loss_sum_fn(self, chunk_tokens: int | None = None):
         """`f(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None, position_ids=None,
         vision=None) -> (loss_sum, counted_tokens)`, traceable, with the model's checkpointing mode.
-        `position_ids [3, B, S]` and `vision` are `prepare_inputs`' (None: text only, positions `arange(seq)`)."""
+        `position_ids` and `vision` are `prepare_inputs`' (None: text only, positions `arange(seq)`)."""
         from fastlora_jax import training
         family, cfg = self.family, self.cfg
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
@@ -356,13 +379,16 @@ class VisionCausalLM(CausalLM):
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         compute_dtype = self.dtype
         options = replace(self.kernel_options, memory_lean=lean)
+        hf_config = self.config
 
         def loss_sum(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None,
                      position_ids=None, vision=None):
             if position_ids is None:
-                position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32),
-                                                (3,) + input_ids.shape)
-            cos, sin = family.mrope_cos_sin(cfg, position_ids)
+                position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+            # the tables of a static rope (every vision family's) do not depend on the length
+            inv_freq, scaling = family.rope_tables(hf_config, cfg, input_ids.shape[1])
+            cos, sin = family.position_cos_sin(cfg, jnp.asarray(inv_freq), jnp.asarray(scaling, jnp.float32),
+                                               position_ids)
             meta = self.lora_meta if lora_params is not None else None
             params = combine(base_params, lora_params, meta)
             rate = dropout_rate if dropout_key is not None else 0.0
@@ -373,15 +399,15 @@ class VisionCausalLM(CausalLM):
 
         return loss_sum
 
-    def compute_loss(self, lora_params, input_ids, labels, attention_mask=None, pixel_values=None,
-                     image_grid_thw=None, mm_token_type_ids=None, dropout_key=None):
+    def compute_loss(self, lora_params, input_ids, labels, attention_mask=None, *images, dropout_key=None,
+                     **named_images):
         """The HF model's `.loss` for these labels (shifted inside, -100 ignored, mean over counted tokens),
         computed in chunks so full fp32 logits never exist. Differentiable w.r.t. `lora_params`."""
         if self._loss is None:
             fn = self.loss_sum_fn()
             self._loss = jax.jit(lambda base, lp, ids, lab, mask, key, pos, vision:
                                  _mean(*fn(base, lp, ids, lab, mask, key, pos, vision)))
-        batch = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        batch = self.prepare_inputs(input_ids, attention_mask, *images, **named_images)
         labels = jnp.asarray(as_batch(labels, "labels"))
         if labels.shape != batch["input_ids"].shape:
             raise ValueError(f"labels has shape {labels.shape}; input_ids has {batch['input_ids'].shape}")
@@ -391,14 +417,14 @@ class VisionCausalLM(CausalLM):
                           jnp.asarray(batch["position_ids"]), batch["vision"])
 
     def prepare_training_batch(self, batch) -> dict:
-        """A collator's batch (`UnslothVisionDataCollator`: `input_ids`, `attention_mask`, `labels`,
-        `pixel_values`, `image_grid_thw`, `mm_token_type_ids`; numpy or torch) as one micro-batch of the train
-        step and the loss: `prepare_inputs`' arrays plus `labels [B, S]` int32."""
+        """A collator's batch (`UnslothVisionDataCollator`: `input_ids`, `attention_mask`, `labels` and the
+        family's image inputs; numpy or torch) as one micro-batch of the train step and the loss:
+        `prepare_inputs`' arrays plus `labels [B, S]` int32."""
         if batch.get("input_ids") is None or batch.get("labels") is None:
             raise ValueError(f"the batch needs input_ids and labels; got keys {sorted(batch)}")
-        out = self.prepare_inputs(batch["input_ids"], batch.get("attention_mask"), batch.get("pixel_values"),
-                                  batch.get("image_grid_thw"), batch.get("mm_token_type_ids"),
-                                  batch.get("position_ids"))
+        images = {k: batch[k] for k in self.family.IMAGE_INPUTS if batch.get(k) is not None}
+        out = self.prepare_inputs(batch["input_ids"], batch.get("attention_mask"),
+                                  position_ids=batch.get("position_ids"), **images)
         labels = as_batch(batch["labels"], "labels")
         if labels.shape != out["input_ids"].shape:
             raise ValueError(f"labels has shape {labels.shape}; input_ids has {out['input_ids'].shape}")
@@ -406,23 +432,25 @@ class VisionCausalLM(CausalLM):
                 "position_ids": out["position_ids"], "vision": out["vision"]}
 
     # ------------------------------------------------------------------ generation
-    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 mm_token_type_ids=None, **kwargs):
+    def generate(self, input_ids=None, attention_mask=None, *images, **kwargs):
         """Token ids `[batch, prompt + new]` (numpy int32) with a KV cache, LoRA unmerged, the images entering
-        once at prefill; the other keyword arguments are `fastlora_jax.generation.generate`'s (max_new_tokens,
-        do_sample, temperature, top_p, top_k, eos_token_id, pad_token_id, seed, return_dict). `input_ids` may
-        be what the processor returns (a mapping with input_ids, attention_mask, pixel_values, ...).
+        once at prefill; the keyword arguments are the family's image inputs and
+        `fastlora_jax.generation.generate`'s (max_new_tokens, do_sample, temperature, top_p, top_k, eos_token_id,
+        pad_token_id, seed, return_dict). `input_ids` may be what the processor returns (a mapping with
+        input_ids, attention_mask and the image inputs).
 
-        As transformers' generate: left-padded prompts, multimodal positions of the prompt from
-        `prepare_inputs`, and each new token at the prompt's largest position + 1, + 2, ... on all three axes."""
+        As transformers' generate: left-padded prompts, the family's positions of the prompt (Qwen-VL's
+        multimodal ones, `rope_deltas`), each new token at the prompt's largest position + 1, + 2, ...; Mllama's
+        new tokens take the cross-attention mask row of the prompt's last token."""
         from fastlora_jax.generation import generate
+        names = tuple(self.family.IMAGE_INPUTS)
+        named = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         if hasattr(input_ids, "keys") and "input_ids" in input_ids:
             inputs = input_ids
             input_ids = inputs["input_ids"]
             attention_mask = inputs.get("attention_mask") if attention_mask is None else attention_mask
-            pixel_values = inputs.get("pixel_values") if pixel_values is None else pixel_values
-            image_grid_thw = inputs.get("image_grid_thw") if image_grid_thw is None else image_grid_thw
-            mm_token_type_ids = inputs.get("mm_token_type_ids") if mm_token_type_ids is None else mm_token_type_ids
-        return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                        image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs)
-
+            given = self.image_inputs(images, named, "generate()")
+            named = {k: given.get(k, inputs.get(k)) for k in names}
+            images = ()
+        return generate(self, input_ids, attention_mask=attention_mask, **self.image_inputs(images, named, "generate()"),
+                        **kwargs)

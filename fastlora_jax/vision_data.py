@@ -109,7 +109,7 @@ class VisionDataCollator:
         self.image_token_id = getattr(processor, "image_token_id", None)
         if self.image_token_id is None:
             raise ValueError(f"{type(processor).__name__} has no image_token_id; VisionDataCollator supports "
-                             f"processors that expand one image token per image (Qwen2-VL, Qwen2.5-VL)")
+                             f"processors with one image token per image (Qwen2-VL, Qwen2.5-VL, Mllama)")
         if (instruction_part is None) != (response_part is None):
             raise ValueError(f"instruction_part={instruction_part!r} and response_part={response_part!r}: give both "
                              f"(as Unsloth's train_on_responses_only takes them) or neither")
@@ -153,8 +153,13 @@ class VisionDataCollator:
         self.vision_start_id = self._special_id("<|vision_start|>")
         self.vision_end_id = self._special_id("<|vision_end|>")
         image_processor = processor.image_processor
-        self.merge_size = int(image_processor.merge_size)
-        self.patch_dim = 3 * int(image_processor.temporal_patch_size) * int(image_processor.patch_size) ** 2
+        # Mllama's processor tiles each image and keeps its one <|image|> token; Qwen-VL's expands it into patches
+        self.tiled = hasattr(image_processor, "max_image_tiles")
+        if self.tiled:
+            self.max_image_tiles = int(image_processor.max_image_tiles)
+        else:
+            self.merge_size = int(image_processor.merge_size)
+            self.patch_dim = 3 * int(image_processor.temporal_patch_size) * int(image_processor.patch_size) ** 2
         self._renderer = _Renderer(processor)
         self._check_model(model)
 
@@ -175,6 +180,9 @@ class VisionDataCollator:
                 raise ValueError(f"the model's config has {key}={theirs} but the processor's tokenizer gives {ours}; "
                                  f"the model and the processor do not belong together")
         vocab = _config_value(_config_value(config, "text_config"), "vocab_size") or _config_value(config, "vocab_size")
+        rows = getattr(getattr(model, "cfg", None), "embedding_rows", None)  # Mllama: the image token is row vocab
+        if rows is not None:
+            vocab = rows
         if vocab is not None and len(self.tokenizer) > int(vocab):
             raise ValueError(f"the processor's tokenizer has {len(self.tokenizer)} tokens but the model's "
                              f"vocab_size is {vocab}; the model and the processor do not belong together")
@@ -307,6 +315,8 @@ class VisionDataCollator:
             texts.append(text)
             spans.append(self._spans(messages, text))
             images_per.append(images)
+        if self.tiled:
+            return self._collate_tiled(texts, spans, images_per)
         flat_images = [im for ims in images_per for im in ims]
         out = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="np")
         if flat_images:
@@ -344,6 +354,27 @@ class VisionDataCollator:
             warnings.warn(f"{missing} of {len(texts)} examples have no assistant reply to train on: their labels are "
                           f"all {self.ignore_index}", stacklevel=2)
 
+        input_ids, labels, attention_mask, slices = self._pad(rows)
+        mm_types = np.zeros(input_ids.shape, np.int32)
+        for r, (_, _, types) in enumerate(rows):
+            if types is not None:
+                mm_types[r, slices[r]] = types
+        if keep_images:
+            pixel_values = np.concatenate([pixels[patch_start[k]:patch_end[k]] for k in keep_images])
+            image_grid_thw = grids[keep_images].astype(np.int32)
+        else:
+            pixel_values = np.zeros((0, pixels.shape[-1] if pixels.ndim == 2 else self.patch_dim), np.float32)
+            image_grid_thw = np.zeros((0, 3), np.int32)
+        result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                  "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        if has_types:
+            result["mm_token_type_ids"] = mm_types
+        return result
+
+    def _pad(self, rows):
+        """`(input_ids, labels, attention_mask [B, S] int32, each row's slice)` of `rows` = [(ids, labels, ...)]:
+        padded to the longest, rounded up to pad_to_multiple_of, at most max_seq_length (padding="max_length":
+        always it), on padding_side."""
         longest = max(len(r[0]) for r in rows)
         seq = longest
         if self.pad_to_multiple_of:
@@ -355,25 +386,69 @@ class VisionDataCollator:
         input_ids = np.full((batch, seq), self.tokenizer.pad_token_id, np.int32)
         labels = np.full((batch, seq), self.ignore_index, np.int32)
         attention_mask = np.zeros((batch, seq), np.int32)
-        mm_types = np.zeros((batch, seq), np.int32)
-        for r, (ids, lab, types) in enumerate(rows):
+        slices = []
+        for r, (ids, lab, *_) in enumerate(rows):
             n = len(ids)
             sl = slice(0, n) if self.padding_side == "right" else slice(seq - n, seq)
             input_ids[r, sl] = ids
             labels[r, sl] = lab
             attention_mask[r, sl] = 1
-            if types is not None:
-                mm_types[r, sl] = types
-        if keep_images:
-            pixel_values = np.concatenate([pixels[patch_start[k]:patch_end[k]] for k in keep_images])
-            image_grid_thw = grids[keep_images].astype(np.int32)
-        else:
-            pixel_values = np.zeros((0, pixels.shape[-1] if pixels.ndim == 2 else self.patch_dim), np.float32)
-            image_grid_thw = np.zeros((0, 3), np.int32)
-        result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                  "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-        if has_types:
-            result["mm_token_type_ids"] = mm_types
+            slices.append(sl)
+        return input_ids, labels, attention_mask, slices
+
+    def _collate_tiled(self, texts, spans, images_per) -> dict[str, np.ndarray]:
+        """Mllama: each image is one `<|image|>` token and a slot of `[images, tiles, C, H, W]` pixels.
+
+        The processor makes the batch (one call, as for Qwen-VL); after the collator's truncation and padding the
+        image slots are those of the kept images (an image whose token is cut off is dropped, and with it its
+        slot; padding slots as the image processor pads them: zero pixels, aspect ratio id 0, first tile
+        marked), and `cross_attention_mask` is recomputed from the final ids with transformers' own
+        `get_cross_attention_token_mask` / `convert_sparse_cross_attention_mask_to_dense`, so an untruncated
+        batch padded on the processor's side is exactly the processor's."""
+        from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                                   get_cross_attention_token_mask)
+        counts = [len(ims) for ims in images_per]
+        if any(counts) and not all(counts):
+            raise ValueError(f"examples {[i for i, n in enumerate(counts) if not n]} have no image while the others "
+                             f"of the batch have some: MllamaProcessor takes a batch whose examples all have images, "
+                             f"or none do (batch the text-only examples separately, or use batch size 1)")
+        images = images_per if any(counts) else None
+        out = self.processor(text=texts, images=images, padding=True, return_tensors="np")
+        rows, kept_counts, missing = [], [], 0
+        for i, text in enumerate(texts):
+            mask = np.asarray(out["attention_mask"][i]).astype(bool)
+            ids = np.asarray(out["input_ids"][i])[mask].astype(np.int64)
+            trained, _ = self._token_mask(text, spans[i], ids, [1] * counts[i], i)
+            if spans[i] is not None and not trained.any():
+                missing += 1
+            labels = np.where(trained, ids, self.ignore_index)
+            labels[ids == self.image_token_id] = self.ignore_index
+            if self.max_seq_length is not None:
+                ids, labels = ids[:self.max_seq_length], labels[:self.max_seq_length]
+            rows.append((ids, labels))
+            kept_counts.append(int((ids == self.image_token_id).sum()))
+        if missing:
+            warnings.warn(f"{missing} of {len(texts)} examples have no assistant reply to train on: their labels are "
+                          f"all {self.ignore_index}", stacklevel=3)
+        input_ids, labels, attention_mask, _ = self._pad(rows)
+        result = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        slots = max(kept_counts)
+        if slots == 0:
+            return result  # text only (or every image cut off): the cross-attention layers are skipped
+        pixel_values = np.zeros((len(rows), slots) + out["pixel_values"].shape[2:], np.float32)
+        ratio_ids = np.zeros((len(rows), slots), np.int32)
+        ratio_mask = np.zeros((len(rows), slots, self.max_image_tiles), np.int32)
+        ratio_mask[:, :, 0] = 1
+        for i, k in enumerate(kept_counts):
+            pixel_values[i, :k] = out["pixel_values"][i, :k]
+            ratio_ids[i, :k] = out["aspect_ratio_ids"][i, :k]
+            ratio_mask[i, :k] = out["aspect_ratio_mask"][i, :k]
+        token_masks = [get_cross_attention_token_mask(list(row), self.image_token_id) for row in input_ids]
+        num_tiles = [[int(ratio_mask[i, j].sum()) for j in range(k)] for i, k in enumerate(kept_counts)]
+        cross = convert_sparse_cross_attention_mask_to_dense(token_masks, num_tiles, self.max_image_tiles,
+                                                             input_ids.shape[1])
+        result.update(pixel_values=pixel_values, aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask,
+                      cross_attention_mask=cross.astype(np.int32))
         return result
 
     def _token_mask(self, text: str, spans, ids: np.ndarray, run_lengths: list[int], i: int):

@@ -42,6 +42,7 @@ from fastlora_jax.models import decoder
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 VISION = True  # FastVisionModel's family: the model takes pixel_values / image_grid_thw
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")  # the processor's, in this order
 EMBED_TOKENS = "model.language_model.embed_tokens"
 OUTPUT_LAYER = "lm_head"
 VISION_STACK = "model.visual.blocks"
