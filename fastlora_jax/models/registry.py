@@ -22,10 +22,10 @@ from __future__ import annotations
 import re
 from types import ModuleType
 
-from fastlora_jax.models import decoder, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen2_vl, qwen3
+from fastlora_jax.models import decoder, gemma2, gemma3, gemma3_vl, llama, mistral, phi3, qwen2, qwen2_vl, qwen3
 
 TEXT_FAMILIES = (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3)
-FAMILY_MODULES = TEXT_FAMILIES + (qwen2_vl,)
+FAMILY_MODULES = TEXT_FAMILIES + (qwen2_vl, gemma3_vl)
 FAMILIES: dict[str, ModuleType] = {arch: family for family in FAMILY_MODULES for arch in family.ARCHITECTURES}
 
 for _family in TEXT_FAMILIES:  # a text family is the shared decoder plus its config translation
