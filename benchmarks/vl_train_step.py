@@ -1,18 +1,21 @@
-"""Vision-language QLoRA train-step benchmark (Qwen2.5-VL): one JSON line per config.
+"""Vision-language QLoRA train-step benchmark (Qwen2.5-VL, Gemma 3): one JSON line per config.
 
     python benchmarks/vl_train_step.py --shape qwen2.5-vl-7b --seq 2048 --image 448 --gc unsloth
+    python benchmarks/vl_train_step.py --shape gemma-3-4b --seq 2048 --gc unsloth
 
 Random weights are drawn and NF4-quantized on the device (no files; `convert.load.random_base_params` over the
-family's two stacks). The batch is one row: a random 448x448 image (grid [1, 32, 32] patches -> 256 image tokens
-after the 2x2 merge) inside random text, `--seq` tokens in all, labels = the text tokens (image tokens -100, as
-the collator makes them). LoRA r=16, alpha=16 on every linear the finetune_* flags select, AdamW, and two modes:
+family's two stacks). The batch is one row: one random image inside random text, `--seq` tokens in all, labels =
+the text tokens (image tokens -100, as the collator makes them). Qwen2.5-VL: a 448x448 image (grid [1, 32, 32]
+patches -> 256 image tokens after the 2x2 merge). Gemma 3: the SigLIP tower's fixed 896x896 (4096 patches ->
+256 soft tokens between <start_of_image> and <end_of_image>, bidirectional among themselves; `--image` is not
+read). LoRA r=16, alpha=16 on every linear the finetune_* flags select, AdamW, and two modes:
 
 - `vision+language`: FastVisionModel.get_peft_model with every finetune_* flag True (vision blocks too);
 - `language-only`: finetune_vision_layers=False.
 
 Each config runs in its own process so that peak memory is its own. tokens/s is the median step after two
-warm-up steps (plus the compiling one). `--shape tiny` is a CPU smoke test of the same code (the test suite runs
-`--shape tiny --no-4bit --in-process`).
+warm-up steps (plus the compiling one). `--shape tiny` / `--shape tiny-gemma3` are CPU smoke tests of the same code (the test suite runs them
+with `--no-4bit --in-process`).
 """
 
 from __future__ import annotations
@@ -44,18 +47,55 @@ SHAPES = {
                            tokens_per_second=2),
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
         tie_word_embeddings=False),
+    # google/gemma-3-4b-it's config.json: SigLIP so400m at 896 px, 34 decoder layers (every 6th global), 256 soft
+    # tokens per image, a tied 262k vocabulary.
+    "gemma-3-4b": dict(
+        text_config=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                         sliding_window=1024, rms_norm_eps=1e-6, max_position_embeddings=131072,
+                         hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                         rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           image_size=896, patch_size=14, num_channels=3, layer_norm_eps=1e-6,
+                           hidden_act="gelu_pytorch_tanh", vision_use_head=False),
+        mm_tokens_per_image=256, image_token_index=262144, boi_token_index=255999, eoi_token_index=256000,
+        tie_word_embeddings=True),
 }
+FAMILY = {"tiny": "qwen2_5_vl", "qwen2.5-vl-7b": "qwen2_5_vl", "tiny-gemma3": "gemma3", "gemma-3-4b": "gemma3"}
 MODES = {"vision+language": True, "language-only": False}  # mode -> finetune_vision_layers
 
 
-def tiny_shape() -> dict:
-    from fastlora_jax.tiny import (
-        TINY_QWEN_VL_TEXT,
-        TINY_QWEN_VL_TOKENS,
-        TINY_QWEN_VL_VISION,
-    )
-    return dict(text_config=dict(TINY_QWEN_VL_TEXT), vision_config=dict(TINY_QWEN_VL_VISION["qwen2_5_vl"]),
-                tie_word_embeddings=False, **TINY_QWEN_VL_TOKENS)
+def shape_config(shape: str) -> dict:
+    if shape == "tiny":
+        from fastlora_jax.tiny import TINY_QWEN_VL_TEXT, TINY_QWEN_VL_TOKENS, TINY_QWEN_VL_VISION
+        return dict(text_config=dict(TINY_QWEN_VL_TEXT), vision_config=dict(TINY_QWEN_VL_VISION["qwen2_5_vl"]),
+                    tie_word_embeddings=False, **TINY_QWEN_VL_TOKENS)
+    if shape == "tiny-gemma3":  # tiny_gemma3's shapes and its tokenizer's ids (boi 6, eoi 7, soft token 8)
+        from fastlora_jax.tiny_gemma3 import TINY_GEMMA3_TEXT, TINY_GEMMA3_VISION, TINY_MM_TOKENS
+        return dict(text_config=dict(TINY_GEMMA3_TEXT, vocab_size=512), vision_config=dict(TINY_GEMMA3_VISION),
+                    mm_tokens_per_image=TINY_MM_TOKENS, image_token_index=8, boi_token_index=6, eoi_token_index=7)
+    return SHAPES[shape]
+
+
+def make_gemma3_batch(cfg, hf_config, seq: int, seed: int = 0) -> tuple[dict, int]:
+    """One row as UnslothVisionDataCollator lays it out for Gemma 3: text, <start_of_image>, the soft tokens,
+    <end_of_image>, text up to `seq`; `token_type_ids` 1 on the soft tokens; `pixel_values` random."""
+    import numpy as np
+    n_image, prefix = cfg.mm_tokens_per_image, 16
+    if seq < prefix + n_image + 2 + 16:
+        raise ValueError(f"--seq {seq} leaves no room for {n_image} image tokens plus text")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(20, min(cfg.vocab_size, 150000), seq)  # ordinary tokens (Gemma's image specials are above)
+    ids[prefix] = hf_config.boi_token_id
+    ids[prefix + 1:prefix + 1 + n_image] = cfg.image_token_id
+    ids[prefix + 1 + n_image] = hf_config.eoi_token_id
+    labels = np.where(ids == cfg.image_token_id, -100, ids)
+    v = cfg.vision
+    pixels = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+    return {"input_ids": ids[None].astype(np.int32), "attention_mask": np.ones((1, seq), np.int32),
+            "labels": labels[None].astype(np.int32), "pixel_values": pixels,
+            "token_type_ids": (ids == cfg.image_token_id).astype(np.int32)[None]}, n_image
 
 
 def make_batch(cfg, hf_config, seq: int, side: int, seed: int = 0) -> tuple[dict, int]:
@@ -90,14 +130,19 @@ def random_base(shape: str, load_in_4bit: bool):
     import jax
     import jax.numpy as jnp
     from fastlora_jax.convert.load import random_base_params
-    from transformers import Qwen2_5_VLConfig
+    from transformers import Gemma3Config, Qwen2_5_VLConfig
 
-    from fastlora_jax.models import qwen2_vl
-    hf_config = Qwen2_5_VLConfig(**(tiny_shape() if shape == "tiny" else SHAPES[shape]))
-    hf_config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    cfg = qwen2_vl.config(hf_config)
+    from fastlora_jax.models.registry import family_for
+    if FAMILY[shape] == "gemma3":
+        hf_config = Gemma3Config(**shape_config(shape))
+        hf_config.architectures = ["Gemma3ForConditionalGeneration"]
+    else:
+        hf_config = Qwen2_5_VLConfig(**shape_config(shape))
+        hf_config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    family = family_for(hf_config, where="--shape")
+    cfg = family.config(hf_config)
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    return hf_config, cfg, dtype, random_base_params(qwen2_vl, cfg, dtype, load_in_4bit)
+    return hf_config, family, cfg, dtype, random_base_params(family, cfg, dtype, load_in_4bit)
 
 
 def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, load_in_4bit: bool) -> dict:
@@ -105,12 +150,11 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     import numpy as np
 
     from fastlora_jax import FastVisionModel
-    from fastlora_jax.models import qwen2_vl
     from fastlora_jax.model import VisionCausalLM
     from fastlora_jax.training import make_optimizer, make_train_step
 
-    hf_config, cfg, dtype, base = random_base(shape, load_in_4bit)
-    model = VisionCausalLM(hf_config, qwen2_vl, cfg, base, dtype, name_or_path=shape, max_seq_length=seq)
+    hf_config, family, cfg, dtype, base = random_base(shape, load_in_4bit)
+    model = VisionCausalLM(hf_config, family, cfg, base, dtype, name_or_path=shape, max_seq_length=seq)
     checkpointing = {"unsloth": "unsloth", "true": True, "false": False}[gc]
     model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
                                            finetune_vision_layers=MODES[mode], finetune_language_layers=True,
@@ -121,7 +165,11 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     lora = model.lora_params
     opt_state = optimizer.init(lora)
     step = make_train_step(model, optimizer)
-    raw, n_image = make_batch(model.cfg, hf_config, seq, side)
+    if FAMILY[shape] == "gemma3":
+        raw, n_image = make_gemma3_batch(model.cfg, hf_config, seq)
+        side = model.cfg.vision.image_size
+    else:
+        raw, n_image = make_batch(model.cfg, hf_config, seq, side)
     micro = jax.device_put(model.prepare_training_batch(raw))  # host-side index arrays, computed once
     jax.block_until_ready((lora, opt_state, micro))
     setup_stats = jax.devices()[0].memory_stats() or {}  # CPU: no stats
@@ -145,7 +193,7 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     return {
         "bench": "vl_train_step", "system": "fastlora_jax", "gpu": jax.devices()[0].device_kind, "shape": shape,
         "mode": mode, "gc": gc, "load_in_4bit": load_in_4bit, "seq": seq, "image_px": side,
-        "image_patches": int(raw["pixel_values"].shape[0]), "image_tokens": n_image,
+        "family": FAMILY[shape], "image_patches": image_patches(model.cfg, raw), "image_tokens": n_image,
         "trainable_params": int(trainable), "all_params": int(total), "tokens_per_s": round(seq / median, 1),
         "step_ms": round(median * 1e3, 2), "peak_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3),
         "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3),
@@ -153,9 +201,15 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     }
 
 
+def image_patches(cfg, raw) -> int:
+    """Patches the vision tower runs over (Qwen-VL: the rows of pixel_values; Gemma 3: images x patches)."""
+    pixels = raw["pixel_values"]
+    return int(pixels.shape[0]) if pixels.ndim == 2 else int(pixels.shape[0]) * cfg.vision.num_patches
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="qwen2.5-vl-7b", choices=["tiny", *SHAPES])
+    parser.add_argument("--shape", default="qwen2.5-vl-7b", choices=list(FAMILY))
     parser.add_argument("--seq", type=int, default=2048, help="tokens in the row, image tokens included")
     parser.add_argument("--image", type=int, default=448, help="image side in pixels (a multiple of 28)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))

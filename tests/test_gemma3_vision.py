@@ -594,3 +594,24 @@ def test_sft_trainer_with_the_collator_lowers_the_loss(tiny, tmp_path):
         result = trainer.train()
     losses = [h["loss"] for h in trainer.history if "loss" in h and "eval_loss" not in h]
     assert result.global_step == 6 and losses[-1] < losses[0] - 0.3, losses
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+
+def test_vl_train_step_benchmark_smoke_on_gemma3(capsys):
+    """benchmarks/vl_train_step.py on its tiny Gemma 3 shape, both modes, in this process (16-bit base)."""
+    import importlib.util
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("vl_train_step", root / "benchmarks" / "vl_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bench.main(["--shape", "tiny-gemma3", "--steps", "1", "--seq", "96", "--no-4bit", "--in-process"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["mode"] for r in rows] == ["vision+language", "language-only"]
+    for row in rows:
+        assert row["family"] == "gemma3" and row["tokens_per_s"] > 0 and np.isfinite(row["loss"])
+        assert row["image_tokens"] == 16 and row["image_patches"] == 64 and row["seq"] == 96
+    assert rows[0]["trainable_params"] > rows[1]["trainable_params"] > 0
