@@ -615,3 +615,27 @@ def test_vl_train_step_benchmark_smoke_on_gemma3(capsys):
         assert row["family"] == "gemma3" and row["tokens_per_s"] > 0 and np.isfinite(row["loss"])
         assert row["image_tokens"] == 16 and row["image_patches"] == 64 and row["seq"] == 96
     assert rows[0]["trainable_params"] > rows[1]["trainable_params"] > 0
+
+
+# ------------------------------------------------------------------------------------------ notebook
+
+
+@pytest.mark.slow
+def test_vision_quickstart_notebook_runs_on_gemma3(tmp_path, monkeypatch):
+    """notebooks/vision_quickstart.ipynb with FASTLORA_MODEL set to a tiny Gemma 3 checkpoint (its processor
+    saved with it): 4-bit load, LoRA on both stacks, the collator, SFTTrainer, generate with an image, save."""
+    nbformat = pytest.importorskip("nbformat")
+    client = pytest.importorskip("nbclient").NotebookClient
+    model_dir = write_tiny_gemma3_vl(tmp_path / "tiny-gemma3", seed=0)
+    monkeypatch.setenv("FASTLORA_MODEL", str(model_dir))
+    monkeypatch.setenv("FASTLORA_MAX_STEPS", "4")
+    monkeypatch.setenv("FASTLORA_OUTPUT_DIR", str(tmp_path / "adapter"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = nbformat.read(Path(__file__).resolve().parent.parent / "notebooks" / "vision_quickstart.ipynb", as_version=4)
+    client(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "trainable params:" in outputs and "model.vision_tower.encoder.layers.0.self_attn" in outputs
+    assert "4 steps; logged losses:" in outputs and "token_type_ids" in outputs
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "vision_tower" in config["target_modules"] and "language_model" in config["target_modules"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
