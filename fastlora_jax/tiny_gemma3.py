@@ -10,7 +10,7 @@ No model hub is reachable, so both are made here:
 
 The special tokens take the first ids, Gemma's four in Gemma's order (`<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>`
 3); `gemma3_config_fields` gives the config values (token ids, vocab size, image geometry) a model must use to
-agree with the processor. Needs torch, torchvision (the image processor) and pillow.
+agree with the processor. Needs torch, and for the processor torchvision and pillow.
 """
 
 from __future__ import annotations
@@ -145,6 +145,10 @@ def gemma3_config_fields(processor, vocab_size: int | None = None) -> dict:
     image_processor = getattr(processor, "image_processor", None)
     if tokenizer is None or image_processor is None or not hasattr(processor, "full_image_sequence"):
         raise TypeError(f"processor must be a Gemma3Processor or its directory; got {type(processor).__name__}")
+    return _config_fields(tokenizer, int(image_processor.size["height"]), int(processor.image_seq_length), vocab_size)
+
+
+def _config_fields(tokenizer, image_size: int, mm_tokens: int, vocab_size: int | None) -> dict:
     n_tokens = len(tokenizer)
     if vocab_size is None:
         vocab_size = -(-n_tokens // 64) * 64
@@ -154,11 +158,11 @@ def gemma3_config_fields(processor, vocab_size: int | None = None) -> dict:
         "image_token_index": int(tokenizer.image_token_id),
         "boi_token_index": int(tokenizer.convert_tokens_to_ids(BOI)),
         "eoi_token_index": int(tokenizer.convert_tokens_to_ids(EOI)),
-        "mm_tokens_per_image": int(processor.image_seq_length),
+        "mm_tokens_per_image": int(mm_tokens),
         "text_config": {"vocab_size": int(vocab_size), "bos_token_id": int(tokenizer.bos_token_id),
                         "eos_token_id": int(tokenizer.eos_token_id),
                         "pad_token_id": int(tokenizer.pad_token_id)},
-        "vision_config": {"image_size": int(image_processor.size["height"])},
+        "vision_config": {"image_size": int(image_size)},
     }
 
 
@@ -194,7 +198,8 @@ def write_tiny_gemma3_vl(directory, seed: int = 0, dtype: str = "float32", proce
     `processor=True`) the tiny processor, whose token ids and image geometry the config takes.
 
     `text_config=` / `vision_config=` dicts are merged into the tiny defaults; other overrides go to
-    `Gemma3Config` (e.g. `tie_word_embeddings=False`). Every parameter is random (`randomize_`). Needs torch."""
+    `Gemma3Config` (e.g. `tie_word_embeddings=False`). Every parameter is random (`randomize_`). Needs torch
+    (and, with `processor=True`, torchvision)."""
     import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -203,9 +208,12 @@ def write_tiny_gemma3_vl(directory, seed: int = 0, dtype: str = "float32", proce
     text = {**TINY_GEMMA3_TEXT, **overrides.pop("text_config", {})}
     vision = {**TINY_GEMMA3_VISION, **overrides.pop("vision_config", {})}
     mm_tokens = overrides.pop("mm_tokens_per_image", TINY_MM_TOKENS)
-    proc = write_tiny_gemma3_processor(directory if processor else None, image_size=vision["image_size"],
-                                       mm_tokens=mm_tokens)
-    fields = gemma3_config_fields(proc, vocab_size=text.pop("vocab_size", None))
+    vocab_size = text.pop("vocab_size", None)
+    if processor:
+        proc = write_tiny_gemma3_processor(directory, image_size=vision["image_size"], mm_tokens=mm_tokens)
+        fields = gemma3_config_fields(proc, vocab_size=vocab_size)
+    else:  # the tokenizer's ids only: no image processor, no torchvision needed
+        fields = _config_fields(write_tiny_gemma3_tokenizer(None), vision["image_size"], mm_tokens, vocab_size)
     text.update(fields.pop("text_config"))
     vision.update(fields.pop("vision_config"))
     config = Gemma3Config(text_config=text, vision_config=vision, **{**fields, **overrides})
