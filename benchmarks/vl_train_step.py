@@ -126,7 +126,8 @@ def make_batch(cfg, hf_config, seq: int, side: int, seed: int = 0) -> tuple[dict
 
 @functools.cache
 def random_base(shape: str, load_in_4bit: bool):
-    """(HF config, family config, compute dtype, random base pytree); one per process (--in-process shares it)."""
+    """(family, HF config, family config, compute dtype, random base pytree); one per process (--in-process
+    shares it)."""
     import jax
     import jax.numpy as jnp
     from fastlora_jax.convert.load import random_base_params
@@ -142,7 +143,7 @@ def random_base(shape: str, load_in_4bit: bool):
     family = family_for(hf_config, where="--shape")
     cfg = family.config(hf_config)
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    return hf_config, family, cfg, dtype, random_base_params(family, cfg, dtype, load_in_4bit)
+    return family, hf_config, cfg, dtype, random_base_params(family, cfg, dtype, load_in_4bit)
 
 
 def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, load_in_4bit: bool) -> dict:
@@ -153,7 +154,7 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     from fastlora_jax.model import VisionCausalLM
     from fastlora_jax.training import make_optimizer, make_train_step
 
-    hf_config, family, cfg, dtype, base = random_base(shape, load_in_4bit)
+    family, hf_config, cfg, dtype, base = random_base(shape, load_in_4bit)
     model = VisionCausalLM(hf_config, family, cfg, base, dtype, name_or_path=shape, max_seq_length=seq)
     checkpointing = {"unsloth": "unsloth", "true": True, "false": False}[gc]
     model = FastVisionModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0,
@@ -193,7 +194,8 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     return {
         "bench": "vl_train_step", "system": "fastlora_jax", "gpu": jax.devices()[0].device_kind, "shape": shape,
         "mode": mode, "gc": gc, "load_in_4bit": load_in_4bit, "seq": seq, "image_px": side,
-        "family": FAMILY[shape], "image_patches": image_patches(model.cfg, raw), "image_tokens": n_image,
+        "family": family.__name__.rsplit(".", 1)[-1], "image_patches": image_patches(model.cfg, raw),
+        "image_tokens": n_image,
         "trainable_params": int(trainable), "all_params": int(total), "tokens_per_s": round(seq / median, 1),
         "step_ms": round(median * 1e3, 2), "peak_gib": round(stats["peak_bytes_in_use"] / 2 ** 30, 3),
         "setup_gib": round(setup_bytes / 2 ** 30, 3), "setup_peak_gib": round(setup_peak / 2 ** 30, 3),

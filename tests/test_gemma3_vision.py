@@ -612,7 +612,7 @@ def test_vl_train_step_benchmark_smoke_on_gemma3(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["mode"] for r in rows] == ["vision+language", "language-only"]
     for row in rows:
-        assert row["family"] == "gemma3" and row["tokens_per_s"] > 0 and np.isfinite(row["loss"])
+        assert row["family"] == "gemma3_vl" and row["tokens_per_s"] > 0 and np.isfinite(row["loss"])
         assert row["image_tokens"] == 16 and row["image_patches"] == 64 and row["seq"] == 96
     assert rows[0]["trainable_params"] > rows[1]["trainable_params"] > 0
 

@@ -25,12 +25,23 @@ from types import ModuleType
 from fastlora_jax.models import decoder, gemma2, gemma3, gemma3_vl, llama, mistral, phi3, qwen2, qwen2_vl, qwen3
 
 TEXT_FAMILIES = (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3)
-FAMILY_MODULES = TEXT_FAMILIES + (qwen2_vl, gemma3_vl)
+VISION_FAMILIES = (qwen2_vl, gemma3_vl)
+FAMILY_MODULES = TEXT_FAMILIES + VISION_FAMILIES
 FAMILIES: dict[str, ModuleType] = {arch: family for family in FAMILY_MODULES for arch in family.ARCHITECTURES}
+
+# What a vision family provides beyond a text family's API: its processor's image inputs, in the order the
+# model's methods take them positionally after attention_mask (model.VisionCausalLM), and their preparation.
+# (CausalLM's text-only rope helpers, rope_cos_sin / rotary_cos_sin, are not needed: VisionCausalLM goes through
+# rope_tables and position_cos_sin.)
+VISION_API = ("VISION", "IMAGE_INPUTS", "prepare_inputs")
 
 for _family in TEXT_FAMILIES:  # a text family is the shared decoder plus its config translation
     _missing = [n for n in decoder.FAMILY_API + ("ARCHITECTURES", "MODEL_TYPES", "DEFAULT_TARGET_MODULES", "config")
                 if not hasattr(_family, n)]
+    assert not _missing, f"{_family.__name__} lacks {_missing}"
+for _family in VISION_FAMILIES:
+    _missing = [n for n in decoder.FAMILY_API + VISION_API + ("ARCHITECTURES", "MODEL_TYPES", "config")
+                if not hasattr(_family, n) and n not in ("rope_cos_sin", "rotary_cos_sin")]
     assert not _missing, f"{_family.__name__} lacks {_missing}"
 
 
