@@ -577,6 +577,7 @@ def test_train_step_with_the_collator_matches_peft_autograd(tiny, tmp_path):
         assert rel_l2(ours_grads[key], theirs[key]) < 1e-4, key
 
 
+@pytest.mark.slow
 def test_sft_trainer_with_the_collator_lowers_the_loss(tiny, tmp_path):
     from fastlora_jax.trainer import SFTConfig, SFTTrainer
     from fastlora_jax.vision_data import UnslothVisionDataCollator
@@ -599,6 +600,7 @@ def test_sft_trainer_with_the_collator_lowers_the_loss(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------ benchmark
 
 
+@pytest.mark.slow
 def test_vl_train_step_benchmark_smoke_on_gemma3(capsys):
     """benchmarks/vl_train_step.py on its tiny Gemma 3 shape, both modes, in this process (16-bit base)."""
     import importlib.util
