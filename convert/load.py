@@ -5,6 +5,9 @@ tensors exist, their shapes, and which are linear weights that `load_in_4bit` qu
 bitsandbytes do: every nn.Linear but the output layer; embeddings, norms, convolutions and lm_head stay in
 `dtype`). Checkpoint tensor names go through the family's `LOAD_RENAMES` (transformers writes Qwen-VL as
 `visual.*` / `model.layers.*` while its modules are `model.visual.*` / `model.language_model.layers.*`).
+A bnb-4bit checkpoint loads as stored: 4-bit where the file holds a quant_state, 16-bit where transformers +
+bitsandbytes left the module unquantized (the output layer, `llm_int8_skip_modules`). Stack positions are
+HF layers through the family's `registry.StackMap` (Mllama's two text stacks share one HF ModuleList).
 
 Memory: tensors stream one at a time from the safetensors files; each is moved to the device, cast and
 quantized there, and written into its slot of its stack's `[depth, ...]` leaf by an in-place (donated)
@@ -24,7 +27,7 @@ import numpy as np
 
 from fastlora_jax.convert.hf_checkpoint import (CheckpointError, find_checkpoint_files, iter_tensors,
                                                 tensor_shapes)
-from fastlora_jax.models.registry import stored_names
+from fastlora_jax.models.registry import StackMap, stack_depths, stored_names
 from fastlora_jax.quant import NF4Weight
 from fastlora_jax.validate import check_bnb_quant_type, check_finite
 
@@ -51,24 +54,19 @@ def _write_layer(stacked, index, value):
 class _StackedLeaves:
     """Per-layer values of every stack, written into `[depth, ...]` buffers allocated on first sight."""
 
-    def __init__(self, depths: dict[str, int]):
-        self.depths = depths  # stack prefix -> depth
-        self.buffers: dict[str, object] = {}  # "prefix.relative name" -> stacked leaf
+    def __init__(self, stacks: StackMap):
+        self.stacks = stacks  # stack key -> depth, and the HF names of its positions
+        self.buffers: dict[str, object] = {}  # "stack key.relative name" -> stacked leaf
         self.filled: dict[str, set[int]] = {}
 
     def split(self, name: str):
-        """`prefix.N.rel` -> (prefix, N, rel) for a name inside a stack; None otherwise."""
-        for prefix in self.depths:
-            if name.startswith(prefix + "."):
-                head, _, rest = name[len(prefix) + 1:].partition(".")
-                if head.isdigit() and rest:
-                    return prefix, int(head), rest
-        return None
+        """An HF name inside a stack -> (stack key, position, relative name); None otherwise."""
+        return self.stacks.locate(name)
 
     def put(self, prefix: str, relative_name: str, index: int, value) -> None:
         key = f"{prefix}.{relative_name}"
         if key not in self.buffers:
-            depth = self.depths[prefix]
+            depth = self.stacks[prefix]
             self.buffers[key] = jax.tree.map(lambda v: jnp.zeros((depth,) + v.shape, v.dtype), value)
             self.filled[key] = set()
         self.buffers[key] = _write_layer(self.buffers[key], index, value)
@@ -99,20 +97,37 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
     if prequantized:
         check_bnb_quant_type(config_dict, stored_shapes, str(files.directory / "config.json"))
     stacks = family.layer_stacks(cfg)
+    names = stack_depths(family, cfg)
 
     # Everything the model needs, with its expected shape, before any data is read.
     expected: dict[str, tuple[tuple[int, ...], str]] = dict(family.top_tensors(cfg))
-    for prefix, (depth, table) in stacks.items():
+    for key, (depth, table) in stacks.items():
         for i in range(depth):
             for rel, spec in table.items():
-                expected[f"{prefix}.{i}.{rel}"] = spec
+                expected[names.module_name(key, i, rel)] = spec
+    # A bnb-4bit checkpoint stores as 4-bit what transformers + bitsandbytes quantized, and the rest as it was:
+    # the output layer, `llm_int8_skip_modules` and `_keep_in_fp32_modules`. A weight is read packed when its
+    # quant_state is in the file; a stacked leaf whose layers are stored both ways is dequantized throughout
+    # (each stack leaf has one layout), which keeps transformers' numbers at 16-bit memory for that leaf.
+    packed = {name for name, (_, kind) in expected.items() if prequantized and kind in ("linear", "lm_head")
+              and f"{name}.quant_state.bitsandbytes__nf4" in header_shapes}
+    layouts: dict[tuple[str, str], set[bool]] = {}
+    for name, (_, kind) in expected.items():
+        where = names.locate(name)
+        if where is not None and kind == "linear":
+            layouts.setdefault((where[0], where[2]), set()).add(name in packed)
+    mixed = {leaf for leaf, kinds in layouts.items() if len(kinds) > 1}
+    if mixed:
+        warnings.warn(f"{directory}: {len(mixed)} stacked weights are stored 4-bit in some layers and 16-bit in "
+                      f"others (llm_int8_skip_modules); they are kept dequantized in {jnp.dtype(dtype).name}: "
+                      f"{sorted(f'{k}.{r}' for k, r in mixed)[:4]}", stacklevel=3)
     to_read: list[str] = []
     for name, (shape, kind) in expected.items():
         if name not in header_shapes:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {str(directory)!r}"
                                   + _renamed_hint(family, name))
         stored = header_shapes[name]
-        if prequantized and kind == "linear":
+        if name in packed:
             n = int(np.prod(shape))
             if stored != ((n + 1) // 2, 1):
                 raise CheckpointError(
@@ -126,13 +141,15 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
                     raise CheckpointError(f"tensor {in_file[name] + '.' + suffix!r} is missing from the 4-bit "
                                           f"checkpoint in {str(directory)!r}")
         elif stored != shape:
+            hint = " (a 4-bit weight without its quant_state?)" if prequantized and len(stored) == 2 and \
+                stored[1] == 1 else ""
             raise CheckpointError(
                 f"tensor {in_file[name]!r} in {str(file_of[name])!r} has shape {stored}, but config.json "
-                f"implies {shape}")
+                f"implies {shape}{hint}")
         to_read.append(name)
 
     params: dict = {}
-    stacked = _StackedLeaves({prefix: depth for prefix, (depth, _) in stacks.items()})
+    stacked = _StackedLeaves(names)
     pending_bnb: dict[str, dict[str, np.ndarray]] = {}
 
     def place(name: str, value) -> None:
@@ -153,7 +170,7 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
                 base, suffix = name[: -len(s) - 1], s
                 break
         spec = expected.get(base)
-        if prequantized and spec is not None and spec[1] == "linear":
+        if base in packed:
             group = pending_bnb.setdefault(base, {})
             group[suffix] = array
             needed = {"", "absmax", "quant_map", "quant_state.bitsandbytes__nf4"}
@@ -168,10 +185,12 @@ def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtyp
                 raise CheckpointError(f"tensor {in_file[base]!r} in {str(file_of[base])!r} has shape "
                                       f"{tuple(weight.shape)}, but config.json implies {spec[0]}")
             weight = jax.device_put(weight)
-            place(base, weight if load_in_4bit else weight.dequantize(dtype))
+            where = names.locate(base)
+            keep = load_in_4bit and spec[1] == "linear" and (where is None or (where[0], where[2]) not in mixed)
+            place(base, weight if keep else weight.dequantize(dtype))  # the output layer stays dense
             continue
         kind = spec[1]
-        if kind == "linear" and load_in_4bit:
+        if kind == "linear" and load_in_4bit and not prequantized:
             place(name, _quantize_on_device(array, dtype, double_quant))
         else:
             place(name, jnp.asarray(array).astype(dtype))
@@ -230,7 +249,7 @@ def random_base_params(family: ModuleType, cfg, dtype, load_in_4bit: bool, seed:
             value = NF4Weight.quantize(value, blocksize=64, double_quant=double_quant)
         set_path(params, name, value)
     stacks = family.layer_stacks(cfg)
-    stacked = _StackedLeaves({prefix: depth for prefix, (depth, _) in stacks.items()})
+    stacked = _StackedLeaves(stack_depths(family, cfg))
     for s, (prefix, (depth, table)) in enumerate(stacks.items()):
         stack_key = key if s == 0 else jax.random.fold_in(key, 10 ** 6 + s)
         for i in range(depth):

@@ -311,8 +311,8 @@ def _fold_layers(modules, regex: str, layers_to_transform, layers_pattern) -> st
 
 
 class FastVisionModel:
-    """Unsloth's FastVisionModel: vision-language models (Qwen2-VL, Qwen2.5-VL, Gemma 3) and, like Unsloth's, text
-    models."""
+    """Unsloth's FastVisionModel: vision-language models (Qwen2-VL, Qwen2.5-VL, Llama 3.2 Vision, Gemma 3) and,
+    like Unsloth's, text models."""
 
     get_peft_model = staticmethod(get_vision_peft_model)
     for_inference = staticmethod(FastLanguageModel.for_inference)
@@ -330,10 +330,12 @@ class FastVisionModel:
         """Load a Hugging Face vision-language model as `(model, processor)`.
 
         As FastLanguageModel.from_pretrained (4-bit quantizes every nn.Linear but lm_head, vision tower and
-        merger included, as transformers + bitsandbytes do; the Conv3d patch embedding, norms and embeddings
+        merger or projector included, as transformers + bitsandbytes do; the patch embedding, norms and embeddings
         stay in `dtype`). `processor` is the directory's AutoProcessor (its tokenizer when it has no image
-        processor, None when it has neither). `model(input_ids, attention_mask=None, pixel_values=None,
-        image_grid_thw=None)` returns an object with `.logits`.
+        processor, None when it has neither). `model(input_ids, attention_mask=None, *image_inputs)` returns an
+        object with `.logits`; the image inputs are the processor's (the family's `IMAGE_INPUTS`: Qwen-VL's
+        pixel_values, image_grid_thw, mm_token_type_ids; Mllama's pixel_values, aspect_ratio_ids,
+        aspect_ratio_mask, cross_attention_mask), by name or in that order.
         """
         check_load_flags(load_in_4bit, double_quant, kwargs)
         directory = resolve_model_dir(model_name, token=token, revision=revision, cache_dir=cache_dir)

@@ -2,7 +2,8 @@
 
 Three trees, one set of paths (HF module names, each stack of layers stacked on a leading axis: the
 family's `layer_stacks`, e.g. `model.layers` for Llama, `model.visual.blocks` and
-`model.language_model.layers` for Qwen-VL; `L` below is the depth of the module's stack):
+`model.language_model.layers` for Qwen-VL; `L` below is the depth of the module's stack; which HF layer each
+stack position is comes from `registry.StackMap`):
 - `base_params`: frozen, never differentiated.
 - `lora_params`: everything trainable. Per adapted module `lora_A` [L, r, in] / `lora_B` [L, out, r]
   (embeddings: `lora_embedding_A` [r, vocab] / `lora_embedding_B` [dim, r]), DoRA's
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.models.registry import checkpoint_tensors, stack_depths
+from fastlora_jax.models.registry import StackMap, checkpoint_tensors, stack_depths
 from fastlora_jax.lora_config import LoraSpec, TargetInfo, resolve_modules_to_save, resolve_targets
 from fastlora_jax.quant import NF4Weight
 
@@ -55,23 +56,28 @@ class LoraLayout:
 # --------------------------------------------------------------------------------------------- paths
 
 
+def _stack_map(stacks) -> StackMap:
+    return stacks if isinstance(stacks, StackMap) else StackMap.identity(stacks)
+
+
 def split_module(name: str, stacks=LLAMA_STACKS) -> tuple[tuple[str, ...], int | None]:
-    """A module/tensor name -> (pytree path, layer index or None), the index dropped from inside a stack.
+    """A module/tensor name -> (pytree path, stack position or None), the layer index dropped from inside a stack.
 
     `model.layers.3.self_attn.q_proj` -> (("model", "layers", "self_attn", "q_proj"), 3) when `model.layers`
-    is one of `stacks` (prefixes; a dict's keys do). Names outside every stack keep all their parts:
-    `model.visual.merger.mlp.0` -> (("model", "visual", "merger", "mlp", "0"), None).
+    is one of `stacks` (a `registry.StackMap`, or a `{prefix: depth}` mapping of identity stacks). Names outside
+    every stack keep all their parts: `model.visual.merger.mlp.0` -> (("model", "visual", "merger", "mlp", "0"),
+    None). Mllama's `model.language_model.layers.3.cross_attn.q_proj` is position 0 of the stack
+    `model.language_model.cross_attention_layers` when layer 3 is its first cross-attention layer.
     """
-    for prefix in stacks:
-        if name.startswith(prefix + "."):
-            head, _, rest = name[len(prefix) + 1:].partition(".")
-            if head.isdigit() and rest:
-                return (*prefix.split("."), *rest.split(".")), int(head)
-    return tuple(name.split(".")), None
+    where = _stack_map(stacks).locate(name)
+    if where is None:
+        return tuple(name.split(".")), None
+    key, position, rest = where
+    return (*key.split("."), *rest.split(".")), position
 
 
 def stack_of(path, stacks) -> str:
-    """The stack prefix a stacked pytree path lies under (its leading axis is that stack's layers)."""
+    """The stack key a stacked pytree path lies under (its leading axis is that stack's layers)."""
     for prefix in stacks:
         parts = tuple(prefix.split("."))
         if tuple(path[: len(parts)]) == parts:
@@ -80,11 +86,11 @@ def stack_of(path, stacks) -> str:
 
 
 def join_module(path, index: int | None, stacks) -> str:
-    """The inverse of `split_module`: the dotted name of layer `index` of a stacked path."""
+    """The inverse of `split_module`: the dotted HF name of position `index` of a stacked path."""
     if index is None:
         return ".".join(path)
-    prefix = stack_of(path, stacks)
-    return f"{prefix}.{index}.{'.'.join(path[len(prefix.split('.')):])}"
+    key = stack_of(path, stacks)
+    return _stack_map(stacks).module_name(key, index, ".".join(path[len(key.split(".")):]))
 
 
 def get_node(tree, path):
@@ -102,11 +108,12 @@ def set_node(tree: dict, path, value) -> None:
 def module_weight_shapes(family, cfg) -> dict[str, tuple[tuple[int, ...], str]]:
     """Module name -> (weight shape, kind) for every module with a weight, from the family's table."""
     shapes = {}
-    for prefix, (depth, table) in family.layer_stacks(cfg).items():
+    stacks = stack_depths(family, cfg)
+    for key, (depth, table) in family.layer_stacks(cfg).items():
         for i in range(depth):
             for rel, (shape, kind) in table.items():
                 if rel.endswith(".weight"):
-                    shapes[f"{prefix}.{i}.{rel[:-7]}"] = (shape, kind)
+                    shapes[stacks.module_name(key, i, rel[:-7])] = (shape, kind)
     for name, (shape, kind) in family.top_tensors(cfg).items():
         if name.endswith(".weight"):
             shapes[name[:-7]] = (shape, kind)
@@ -120,7 +127,8 @@ BIAS_KINDS = ("linear_bias", "norm_bias")  # PEFT's bias="all" trains every para
 
 def module_biases(family, cfg) -> list[str]:
     """Modules with a bias (linear layers and LayerNorms), in stack-then-top order."""
-    out = [f"{prefix}.{i}.{rel[:-5]}" for prefix, (depth, table) in family.layer_stacks(cfg).items()
+    stacks = stack_depths(family, cfg)
+    out = [stacks.module_name(key, i, rel[:-5]) for key, (depth, table) in family.layer_stacks(cfg).items()
            for i in range(depth) for rel, (_, kind) in table.items() if kind in BIAS_KINDS]
     return out + [name[:-5] for name, (_, kind) in family.top_tensors(cfg).items() if kind in BIAS_KINDS]
 
@@ -171,8 +179,8 @@ def build_lora(family, cfg, base_params: dict, spec: LoraSpec, random_state: int
     modules = family.module_list(cfg)
     stacks = stack_depths(family, cfg)
     embed_path = tuple(family.EMBED_TOKENS.split("."))
-    # layers_to_transform indices are checked against the deepest stack (PEFT parses them from the names).
-    targets = resolve_targets(spec, modules, max(stacks.values()), output_layer_names=(family.OUTPUT_LAYER,))
+    # layers_to_transform indices are checked against the largest HF layer index (PEFT parses them from the names).
+    targets = resolve_targets(spec, modules, stacks.layer_count, output_layer_names=(family.OUTPUT_LAYER,))
     saved = resolve_modules_to_save(spec, modules, targets)
     shapes = module_weight_shapes(family, cfg)
     target_names = {t.name for t in targets}

@@ -3,7 +3,8 @@
 No model hub is reachable, so both are made here:
 - the processor is transformers' own `MllamaProcessor`: its `MllamaImageProcessor` with small tiles
   (`TINY_TILE` px, at most `TINY_MAX_TILES` tiles per image) and the project's tiny BPE tokenizer
-  (tiny.py) with `<|image|>` added as a special token;
+  (tiny.py) with Llama 3's chat tokens and `<|image|>` added as special tokens, and a chat template shaped
+  like Llama 3.2 Vision Instruct's (`CHAT_TEMPLATE`);
 - the checkpoint is written by transformers' `MllamaForConditionalGeneration.save_pretrained`, so the
   files are exactly what transformers writes, with every parameter random (see `write_tiny_mllama`).
 
@@ -18,6 +19,23 @@ import math
 from pathlib import Path
 
 IMAGE_TOKEN = "<|image|>"
+# Llama 3's chat tokens (ids below the image token's, as in the real vocabulary) and the shape of Llama 3.2
+# Vision Instruct's chat template without its system-date preamble: an image part renders as <|image|> where it
+# stands, a turn ends with <|eot_id|> (also the tokenizer's eos, as in the Instruct tokenizer).
+CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+    "{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
 TINY_TILE = 28  # tile side in pixels: (28 / 7)^2 = 16 patches + 1 class token = 17 per tile, padded to 24
 TINY_MAX_TILES = 2  # aspect ratios (1,1), (1,2), (2,1): ids 1, 2, 3 (0 = no image)
 # Every linear's in_features is a multiple of 64: bitsandbytes 0.50's CPU dequantize_4bit is wrong otherwise
@@ -52,10 +70,13 @@ def write_tiny_mllama_processor(directory=None, tile_size: int = TINY_TILE, max_
         raise ValueError(f"max_image_tiles must be a positive int; got {max_image_tiles!r}")
     with tempfile.TemporaryDirectory() as scratch:  # write_tiny_tokenizer always saves
         tokenizer = write_tiny_tokenizer(scratch)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})  # last: its id is the vocab size
+    tokenizer.eos_token = "<|eot_id|>"
+    tokenizer.chat_template = CHAT_TEMPLATE
     image_processor = MllamaImageProcessor(size={"height": tile_size, "width": tile_size},
                                            max_image_tiles=max_image_tiles)
-    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         processor.save_pretrained(directory)
@@ -117,5 +138,5 @@ def write_tiny_mllama(directory, seed: int = 0, dtype: str = "float32", processo
     return directory
 
 
-__all__ = ["IMAGE_TOKEN", "TINY_MAX_TILES", "TINY_MLLAMA_TEXT", "TINY_MLLAMA_VISION", "TINY_TILE",
+__all__ = ["CHAT_TEMPLATE", "CHAT_TOKENS", "IMAGE_TOKEN", "TINY_MAX_TILES", "TINY_MLLAMA_TEXT", "TINY_MLLAMA_VISION", "TINY_TILE",
            "supported_aspect_ratios", "write_tiny_mllama", "write_tiny_mllama_processor"]

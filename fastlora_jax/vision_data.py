@@ -1,4 +1,5 @@
-"""Chat-style image + text examples -> one padded numpy batch for a vision-language model (Qwen2-VL, Qwen2.5-VL).
+"""Chat-style image + text examples -> one padded numpy batch for a vision-language model (Qwen2-VL, Qwen2.5-VL,
+Llama 3.2 Vision).
 
 `VisionDataCollator(model, processor)` (alias `UnslothVisionDataCollator`, the name Unsloth users know) takes a list
 of examples such as
@@ -14,6 +15,13 @@ in their own column do) and returns numpy arrays:
 - `input_ids`, `attention_mask`, `labels`, `mm_token_type_ids`: `[B, S]` int32;
 - `pixel_values`: `[total_patches, C*T*P*P]` float32 and `image_grid_thw`: `[n_images, 3]` int32, the images of
   the batch in order (`[0, C*T*P*P]` and `[0, 3]` when the batch has none).
+
+For Mllama (its processor tiles each image and keeps one `<|image|>` token per image) the image arrays are
+MllamaProcessor's: `pixel_values [B, images, tiles, C, H, W]` float32, `aspect_ratio_ids [B, images]`,
+`aspect_ratio_mask [B, images, tiles]`, `cross_attention_mask [B, S, images, tiles]` int32 (none of them for a
+text-only batch; the processor refuses a batch mixing examples with and without images, and so does the collator).
+An image whose token falls after the truncation is dropped with its slot; `cross_attention_mask` is recomputed
+from the final ids with transformers' own functions (`_collate_tiled`).
 
 Everything image-related is the processor's: each example is rendered with `processor.apply_chat_template`, and
 the batch goes through one `processor(text=..., images=...)` call; the collator only adds labels, truncation and

@@ -52,3 +52,25 @@ def test_vision_quickstart_runs(tmp_path, monkeypatch):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert "visual" in config["target_modules"] and "language_model" in config["target_modules"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_mllama_quickstart_runs(tmp_path, monkeypatch):
+    """Llama 3.2 Vision (issue 14): without FASTLORA_MODEL the notebook writes a tiny random Mllama with its
+    processor and runs every step on it: 4-bit load, LoRA on the vision encoder and the language model's self- and
+    cross-attention layers, collator, SFTTrainer, generate with an image, save."""
+    pytest.importorskip("torchvision", reason="transformers' MllamaImageProcessor needs torchvision")
+    pytest.importorskip("PIL")
+    monkeypatch.delenv("FASTLORA_MODEL", raising=False)
+    monkeypatch.setenv("FASTLORA_MAX_STEPS", "6")
+    monkeypatch.setenv("FASTLORA_OUTPUT_DIR", str(tmp_path / "adapter"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = nbformat.read(NOTEBOOKS / "mllama_vision_quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "trainable params:" in outputs and "model.language_model.layers.1.cross_attn" in outputs
+    assert "cross_attention_mask" in outputs and "6 steps; logged losses:" in outputs
+    assert (tmp_path / "runs" / "tiny-mllama" / "config.json").is_file()
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "vision_model" in config["target_modules"] and "language_model" in config["target_modules"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -415,12 +415,21 @@ def decoder_layer(cfg: DecoderConfig, layer: dict, x_bsd, cos_bsr, sin_bsr, atte
 
 
 def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask_bs=None, dropout_key=None,
-               dropout_rate: float = 0.0, remat=None, options: KernelOptions = DEFAULT_OPTIONS, *,
-               block_ids_bs=None):
+               dropout_rate: float = 0.0, remat=None, options: KernelOptions = DEFAULT_OPTIONS,
+               indices: tuple[int, ...] | None = None, *, block_ids_bs=None):
     """The decoder layers under one scan (also the Qwen-VL language model's); `remat` is a jax.checkpoint policy
     (training.remat_policy). cos/sin: `[b, s, r]` or `[types, b, s, r]` (already in the compute dtype).
+
+    `indices`: which of the config's layers `layers` stacks (their HF layer indices, default all of them), for a
+    model whose decoder layers are interleaved with layers of another kind (Mllama's cross-attention layers):
+    each layer gets the window, rotary table and dropout key of its own index.
     `block_ids_bs`: bidirectional blocks in every layer's mask (`causal_attention`; Gemma 3's images)."""
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+    data = layer_data(cfg)
+    if indices is not None:
+        where = jnp.asarray(indices, jnp.int32)
+        data = jax.tree.map(lambda a: a[where], data)
+        layer_keys = None if layer_keys is None else layer_keys[where]
 
     def step(x_bsd, xs):
         layer, data, key = xs
@@ -431,7 +440,7 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
 
     if remat is not None:
         step = jax.checkpoint(step, policy=remat, prevent_cse=False)
-    x, _ = jax.lax.scan(step, x_bsd, (layers, layer_data(cfg), layer_keys))
+    x, _ = jax.lax.scan(step, x_bsd, (layers, data, layer_keys))
     return x
 
 
@@ -527,9 +536,10 @@ def cache_writing_attention(k_cache, v_cache, cache_index, allowed_bsL, scale: f
 
 
 def run_layers_cached(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, cache: dict, cache_index,
-                      attention_mask_b_maxlen=None, options: KernelOptions = DEFAULT_OPTIONS, *, block_ids_bs=None):
-    """`run_layers` writing and reading the KV cache (`block_ids_bs` as in `cache_attention_allowed`); returns
-    `(x, new_cache)`."""
+                      attention_mask_b_maxlen=None, options: KernelOptions = DEFAULT_OPTIONS,
+                      indices: tuple[int, ...] | None = None, *, block_ids_bs=None):
+    """`run_layers` writing and reading the KV cache (stacked like `layers`: `indices` as in run_layers;
+    `block_ids_bs` as in `cache_attention_allowed`); returns `(x, new_cache)`."""
     seq, max_len = x_bsd.shape[1], cache["k"].shape[2]
     cache_index = jnp.asarray(cache_index, jnp.int32)
     allowed_full = cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen,
@@ -538,6 +548,9 @@ def run_layers_cached(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, cache: 
     if any(cfg.sliding_layers):
         allowed_window = cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen,
                                                  cfg.sliding_window, block_ids_bs)
+    data = layer_data(cfg)
+    if indices is not None:
+        data = jax.tree.map(lambda a: a[jnp.asarray(indices, jnp.int32)], data)
 
     def step(x_bsd, xs):
         layer, data, k_cache, v_cache = xs
@@ -547,7 +560,7 @@ def run_layers_cached(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, cache: 
         cos_l, sin_l = _layer_rope(cos, sin, data["rope"])
         return decoder_layer_with_attention(cfg, layer, x_bsd, cos_l, sin_l, attend, options=options)
 
-    x, (k, v) = jax.lax.scan(step, x_bsd, (layers, layer_data(cfg), cache["k"], cache["v"]))
+    x, (k, v) = jax.lax.scan(step, x_bsd, (layers, data, cache["k"], cache["v"]))
     return x, {"k": k, "v": v}
 
 

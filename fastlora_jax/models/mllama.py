@@ -1,6 +1,6 @@
 """Llama 3.2 Vision (transformers' `MllamaForConditionalGeneration`) as plain functions over a nested-dict pytree.
 
-What is Mllama's own (and so lives here rather than in a shared decoder):
+What is Mllama's own (and so lives here rather than in the shared decoder):
 - the vision encoder (`MllamaVisionModel`): tiles of `image_size` px cut into patches (a Conv2d, computed as a
   matmul over flattened patches), a class token per tile, aspect-ratio embeddings before and after the local
   transformer and a gated position + tile-position embedding, a local transformer and a gated global one
@@ -10,28 +10,30 @@ What is Mllama's own (and so lives here rather than in a shared decoder):
   the projected vision tokens. Images never enter the token sequence: `<|image|>` is one ordinary token (its id
   is the vocabulary size; the embedding has `vocab_size + 8` rows) and only `cross_attention_mask` says which
   text tokens see which image tiles.
-The self-attention layers are Llama's, written here for now (`self_attention_layer`); they move onto the shared
-decoder at integration.
+The self-attention layers are Llama's decoder layer: the shared decoder (decoder.py) runs them, `cfg.text` is
+their `DecoderConfig` (its `num_layers` counts every text layer, so each keeps its HF index's rotary table and
+dropout key), the runs of consecutive self-attention layers between cross-attention layers each one
+`decoder.run_layers(..., indices=...)` scan.
 
 Stacks (each stored on a leading axis and run under `jax.lax.scan`), keyed by pytree path:
 - `model.vision_model.transformer.layers` and `model.vision_model.global_transformer.layers` (HF names as is);
 - `model.language_model.layers`: the self-attention layers only, in order;
 - `model.language_model.cross_attention_layers`: the cross-attention layers, in order (not an HF module name:
   in transformers both kinds live in one `ModuleList`, `model.language_model.layers.N`).
-`stack_layers(cfg)` says which HF layer index each stack position is; `module_name` / `split_module_name` map
-between the two. The text layers run in runs of consecutive same-kind layers (one scan per run).
+`stack_layers(cfg)` says which HF layer each stack position is (registry.StackMap reads it), so PEFT names,
+`target_modules`, loading and export are those of the HF model.
 
 Checkpoints: transformers 5.17's save_pretrained writes the hub layout (`vision_model.*`,
 `language_model.model.*`, `language_model.lm_head.*`, `multi_modal_projector.*`) and loads both that and the
 module names (`model.vision_model.*`, ...): `CHECKPOINT_RENAMES` / `LOAD_RENAMES`.
 
-Inputs are what `MllamaProcessor` makes: `pixel_values [B, images, tiles, C, H, W]`, `aspect_ratio_ids
-[B, images]`, `aspect_ratio_mask [B, images, tiles]`, `cross_attention_mask [B, seq, images, tiles]`.
+Inputs are what `MllamaProcessor` makes (`IMAGE_INPUTS`): `pixel_values [B, images, tiles, C, H, W]`,
+`aspect_ratio_ids [B, images]`, `aspect_ratio_mask [B, images, tiles]`, `cross_attention_mask [B, seq, images,
+tiles]`; without `pixel_values` every cross-attention layer is skipped (as transformers does).
 
-Not yet wired into the generic machinery (integration): models/registry.py, lora.py and convert/load.py assume stack position
-== HF layer index (`prefix.N.rel`); here they must go through `stack_layers` / `module_name` /
-`split_module_name`. `load_params` is a standalone loader until then (16-bit, NF4 on load; not bnb-4bit files).
-No KV cache yet (generation would cache the self-attention K/V and each cross layer's vision K/V once).
+Generation: the KV cache holds the self-attention layers' keys/values and, after a prefill with images, each
+cross-attention layer's keys/values of the vision tokens (computed once) and the cross-attention mask row that
+new tokens take (transformers repeats the prompt's last row).
 """
 
 from __future__ import annotations
@@ -41,13 +43,19 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from fastlora_jax import kernels, rope
+from fastlora_jax import kernels
+from fastlora_jax.kernels.options import DEFAULT as DEFAULT_OPTIONS
+from fastlora_jax.kernels.options import KernelOptions
+from fastlora_jax.models import decoder
 
 ARCHITECTURES = ("MllamaForConditionalGeneration",)
 MODEL_TYPES = ("mllama",)
-VISION = True
+VISION = True  # FastVisionModel's family: the model takes the processor's image inputs
+IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMBED_TOKENS = "model.language_model.embed_tokens"
 OUTPUT_LAYER = "lm_head"
 VISION_STACK = "model.vision_model.transformer.layers"
@@ -63,12 +71,13 @@ LOAD_RENAMES = ((r"^vision_model\.", "model.vision_model."),
                 (r"^language_model\.model\.", "model.language_model."),
                 (r"^language_model\.lm_head\.", "lm_head."),
                 (r"^multi_modal_projector\.", "model.multi_modal_projector."))
-LAYER_INPUT = "decoder_layer_input"  # as llama.py: the name checkpointing policies save or offload
-SAVED_ATTENTION_INPUTS = "attention_qkv"
-SAVED_MID_RESIDUAL = "attention_residual"
-SAVED_MLP_INPUTS = "mlp_gate_up"
+LAYER_INPUT = decoder.LAYER_INPUT  # one name for checkpointing policies: vision, self and cross layers
+SAVED_ATTENTION_INPUTS = decoder.SAVED_ATTENTION_INPUTS
+SAVED_MID_RESIDUAL = decoder.SAVED_MID_RESIDUAL
+SAVED_MLP_INPUTS = decoder.SAVED_MLP_INPUTS
 PRE_POST_LAYERNORM_EPS = 1e-5  # layernorm_pre / layernorm_post are nn.LayerNorm(hidden) (not config.norm_eps)
 PATCH_MULTIPLE = 8  # transformers pads each tile's tokens (patches + class token) to a multiple of 8
+EXTRA_EMBEDDING_ROWS = 8  # the token embedding has vocab_size + 8 rows (the image token is row vocab_size)
 
 
 @dataclass(frozen=True)
@@ -103,27 +112,10 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int  # lm_head rows; the embedding has vocab_size + 8
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    cross_attention_layers: tuple[int, ...]
-    hidden_act: str = "silu"
-
-    @property
-    def self_attention_layers(self) -> tuple[int, ...]:
-        return tuple(i for i in range(self.num_layers) if i not in self.cross_attention_layers)
-
-
-@dataclass(frozen=True)
 class Config:
-    text: TextConfig
+    text: decoder.DecoderConfig  # the self-attention layers (num_layers: every text layer, self and cross)
     vision: VisionConfig
+    cross_attention_layers: tuple[int, ...]  # HF indices of the cross-attention layers
     image_token_id: int
     tie_word_embeddings: bool = False  # always False: transformers keeps lm_head separate
 
@@ -138,6 +130,15 @@ class Config:
     @property
     def num_layers(self) -> int:
         return self.text.num_layers
+
+    @property
+    def embedding_rows(self) -> int:
+        """Input ids go up to this (exclusive): the vocabulary plus 8 rows, the image token among them."""
+        return self.text.vocab_size + EXTRA_EMBEDDING_ROWS
+
+    @property
+    def self_attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.text.num_layers) if i not in self.cross_attention_layers)
 
     @classmethod
     def from_hf(cls, hf_config) -> "Config":
@@ -160,11 +161,12 @@ class Config:
         if sorted(set(cross)) != list(cross) or any(not 0 <= i < tc.num_hidden_layers for i in cross):
             raise ValueError(f"text_config.cross_attention_layers={list(cross)} must be increasing layer indices in "
                              f"[0, {tc.num_hidden_layers})")
-        text = TextConfig(vocab_size=int(tc.vocab_size), hidden_size=int(tc.hidden_size),
-                          intermediate_size=int(tc.intermediate_size), num_layers=int(tc.num_hidden_layers),
-                          num_heads=int(num_heads), num_kv_heads=int(num_kv_heads),
-                          head_dim=int(tc.hidden_size // num_heads), rms_norm_eps=float(tc.rms_norm_eps),
-                          cross_attention_layers=cross, hidden_act=tc.hidden_act)
+        # Llama's decoder layer: no biases, head_dim = hidden / heads (MllamaTextConfig has no head_dim field)
+        text = decoder.DecoderConfig(
+            vocab_size=int(tc.vocab_size), hidden_size=int(tc.hidden_size), intermediate_size=int(tc.intermediate_size),
+            num_layers=int(tc.num_hidden_layers), num_heads=int(num_heads), num_kv_heads=int(num_kv_heads),
+            head_dim=int(tc.hidden_size // num_heads), rms_norm_eps=float(tc.rms_norm_eps), tie_word_embeddings=False,
+            hidden_act=tc.hidden_act)
         image_size, patch_size = vc.image_size, vc.patch_size
         if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
             raise NotImplementedError(f"vision_config.image_size={image_size!r} / patch_size={patch_size!r}: only "
@@ -188,11 +190,16 @@ class Config:
             raise ValueError(f"vision_config.hidden_size={vision.hidden_size} is not a multiple of "
                              f"attention_heads={vision.num_heads}")
         # transformers 5.17 never ties Mllama's lm_head (no _tied_weights_keys; the embedding has 8 more rows).
-        return cls(text=text, vision=vision, image_token_id=int(hf_config.image_token_id))
+        return cls(text=text, vision=vision, cross_attention_layers=cross,
+                   image_token_id=int(hf_config.image_token_id))
+
+
+def config(hf_config) -> Config:
+    return Config.from_hf(hf_config)
 
 
 # ---------------------------------------------------------------------------------------------
-# The name table. Kinds as llama.py's ("linear", "linear_bias", "norm", "embedding", "lm_head") and
+# The name table. Kinds as decoder.py's ("linear", "linear_bias", "norm", "embedding", "lm_head") and
 # qwen2_vl.py's ("conv", "norm_bias"), plus "gate" (a [1] scalar that a tanh turns into a gate) and "param"
 # (a bare parameter: the class embedding and the position embedding). Only "linear" is 4-bit quantized.
 
@@ -212,70 +219,36 @@ def vision_layer_tensors(cfg: Config, gated: bool) -> dict[str, tuple[tuple[int,
     return tensors
 
 
-def _mlp_tensors(t: TextConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    d, f = t.hidden_size, t.intermediate_size
-    return {"mlp.gate_proj.weight": ((f, d), "linear"), "mlp.up_proj.weight": ((f, d), "linear"),
-            "mlp.down_proj.weight": ((d, f), "linear")}
-
-
-def self_layer_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
-    """One `MllamaSelfAttentionDecoderLayer` (Llama's layer, no biases), relative to `...layers.N.`."""
-    t = cfg.text
-    d, q_out, kv_out = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    return {"self_attn.q_proj.weight": ((q_out, d), "linear"), "self_attn.k_proj.weight": ((kv_out, d), "linear"),
-            "self_attn.v_proj.weight": ((kv_out, d), "linear"), "self_attn.o_proj.weight": ((d, q_out), "linear"),
-            **_mlp_tensors(t), "input_layernorm.weight": ((d,), "norm"),
-            "post_attention_layernorm.weight": ((d,), "norm")}
-
-
 def cross_layer_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
     """One `MllamaCrossAttentionDecoderLayer`, relative to `...layers.N.`."""
     t = cfg.text
-    d, q_out, kv_out = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    d, f, q_out, kv_out = t.hidden_size, t.intermediate_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
     return {"cross_attn_attn_gate": ((1,), "gate"), "cross_attn_mlp_gate": ((1,), "gate"),
             "cross_attn.q_proj.weight": ((q_out, d), "linear"), "cross_attn.k_proj.weight": ((kv_out, d), "linear"),
             "cross_attn.v_proj.weight": ((kv_out, d), "linear"), "cross_attn.o_proj.weight": ((d, q_out), "linear"),
             "cross_attn.q_norm.weight": ((t.head_dim,), "norm"), "cross_attn.k_norm.weight": ((t.head_dim,), "norm"),
-            "input_layernorm.weight": ((d,), "norm"), **_mlp_tensors(t),
-            "post_attention_layernorm.weight": ((d,), "norm")}
+            "input_layernorm.weight": ((d,), "norm"),
+            "mlp.gate_proj.weight": ((f, d), "linear"), "mlp.up_proj.weight": ((f, d), "linear"),
+            "mlp.down_proj.weight": ((d, f), "linear"), "post_attention_layernorm.weight": ((d,), "norm")}
 
 
 def layer_stacks(cfg: Config) -> dict[str, tuple[int, dict]]:
-    """{stack key (pytree path): (depth, {relative tensor name: (shape, kind)})}; `stack_layers` names them."""
+    """{stack key (pytree path): (depth, {relative tensor name: (shape, kind)})}; `stack_layers` names them.
+    The self-attention layers are the shared decoder's (`decoder.layer_tensors`)."""
     return {VISION_STACK: (cfg.vision.num_layers, vision_layer_tensors(cfg, gated=False)),
             GLOBAL_STACK: (cfg.vision.num_global_layers, vision_layer_tensors(cfg, gated=True)),
-            TEXT_STACK: (len(cfg.text.self_attention_layers), self_layer_tensors(cfg)),
-            CROSS_STACK: (len(cfg.text.cross_attention_layers), cross_layer_tensors(cfg))}
+            TEXT_STACK: (len(cfg.self_attention_layers), decoder.layer_tensors(cfg.text)),
+            CROSS_STACK: (len(cfg.cross_attention_layers), cross_layer_tensors(cfg))}
 
 
 def stack_layers(cfg: Config) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{stack key: (HF module prefix, HF layer index of each stack position)}: position j of a stack is the HF
-    module `f"{prefix}.{indices[j]}"`. The vision stacks and a text model without cross layers are the identity."""
-    v, t = cfg.vision, cfg.text
+    module `f"{prefix}.{indices[j]}"` (registry.StackMap). Both text stacks live in `model.language_model.layers`."""
+    v = cfg.vision
     return {VISION_STACK: (VISION_STACK, tuple(range(v.num_layers))),
             GLOBAL_STACK: (GLOBAL_STACK, tuple(range(v.num_global_layers))),
-            TEXT_STACK: (TEXT_STACK, t.self_attention_layers),
-            CROSS_STACK: (TEXT_STACK, t.cross_attention_layers)}
-
-
-def module_name(cfg: Config, stack: str, position: int, rel: str = "") -> str:
-    """The HF module/tensor name of `rel` in layer `position` of `stack`."""
-    prefix, indices = stack_layers(cfg)[stack]
-    return f"{prefix}.{indices[position]}" + (f".{rel}" if rel else "")
-
-
-def split_module_name(cfg: Config, name: str) -> tuple[str, int, str] | None:
-    """An HF module/tensor name inside a stack -> (stack key, stack position, relative name); None outside."""
-    for stack, (prefix, indices) in stack_layers(cfg).items():
-        if not name.startswith(prefix + "."):
-            continue
-        head, _, rest = name[len(prefix) + 1:].partition(".")
-        if not head.isdigit() or int(head) not in indices:
-            continue
-        table = layer_stacks(cfg)[stack][1]
-        if rest in table or any(rel == rest or rel.startswith(rest + ".") for rel in table):
-            return stack, indices.index(int(head)), rest
-    return None
+            TEXT_STACK: (TEXT_STACK, cfg.self_attention_layers),
+            CROSS_STACK: (TEXT_STACK, cfg.cross_attention_layers)}
 
 
 def top_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -284,7 +257,7 @@ def top_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
     e, vm = v.hidden_size, "model.vision_model"
     ratios = v.max_aspect_ratio_id + 1
     tensors = {
-        f"{EMBED_TOKENS}.weight": ((t.vocab_size + 8, t.hidden_size), "embedding"),
+        f"{EMBED_TOKENS}.weight": ((cfg.embedding_rows, t.hidden_size), "embedding"),
         f"{vm}.gated_positional_embedding.tile_embedding.weight": ((ratios, v.max_num_tiles * v.num_patches * e),
                                                                     "embedding"),
         f"{vm}.pre_tile_positional_embedding.embedding.weight": ((ratios, v.max_num_tiles * e), "embedding"),
@@ -306,16 +279,6 @@ def top_tensors(cfg: Config) -> dict[str, tuple[tuple[int, ...], str]]:
     return tensors
 
 
-def checkpoint_tensors(cfg: Config) -> list[tuple[str, tuple[int, ...], str]]:
-    """(HF module tensor name, shape, kind) of every tensor: embeddings, the stacks layer by layer, the rest."""
-    top = top_tensors(cfg)
-    first = [(n, *top.pop(n)) for n in list(top) if top[n][1] == "embedding"]
-    layers = [(module_name(cfg, stack, j, rel), shape, kind)
-              for stack, (depth, table) in layer_stacks(cfg).items()
-              for j in range(depth) for rel, (shape, kind) in table.items()]
-    return first + layers + [(n, shape, kind) for n, (shape, kind) in top.items()]
-
-
 def _vision_layer_modules(p: str) -> list[tuple[str, str]]:
     modules = [(p, "other"), (f"{p}.self_attn", "other")]
     modules += [(f"{p}.self_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -324,25 +287,13 @@ def _vision_layer_modules(p: str) -> list[tuple[str, str]]:
     return modules + [(f"{p}.input_layernorm", "other"), (f"{p}.post_attention_layernorm", "other")]
 
 
-def _text_mlp_modules(p: str) -> list[tuple[str, str]]:
-    return ([(f"{p}.mlp", "other")] + [(f"{p}.mlp.{n}", "linear") for n in ("gate_proj", "up_proj", "down_proj")]
-            + [(f"{p}.mlp.act_fn", "other")])
-
-
-def _self_layer_modules(p: str) -> list[tuple[str, str]]:
-    """Llama's decoder layer (llama.decoder_layer_modules)."""
-    modules = [(p, "other"), (f"{p}.self_attn", "other")]
-    modules += [(f"{p}.self_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    return modules + _text_mlp_modules(p) + [(f"{p}.input_layernorm", "other"),
-                                             (f"{p}.post_attention_layernorm", "other")]
-
-
 def _cross_layer_modules(p: str) -> list[tuple[str, str]]:
     modules = [(p, "other"), (f"{p}.cross_attn", "other")]
     modules += [(f"{p}.cross_attn.{n}", "linear") for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     modules += [(f"{p}.cross_attn.q_norm", "other"), (f"{p}.cross_attn.k_norm", "other"),
-                (f"{p}.input_layernorm", "other")]
-    return modules + _text_mlp_modules(p) + [(f"{p}.post_attention_layernorm", "other")]
+                (f"{p}.input_layernorm", "other"), (f"{p}.mlp", "other")]
+    modules += [(f"{p}.mlp.{n}", "linear") for n in ("gate_proj", "up_proj", "down_proj")]
+    return modules + [(f"{p}.mlp.act_fn", "other"), (f"{p}.post_attention_layernorm", "other")]
 
 
 def module_list(cfg: Config) -> list[tuple[str, str]]:
@@ -350,7 +301,7 @@ def module_list(cfg: Config) -> list[tuple[str, str]]:
 
     Kinds: "linear" (nn.Linear), "embedding" (nn.Embedding: the token embedding and the three tile/aspect-ratio
     embeddings), "other" (the patch embedding is a Conv2d)."""
-    v, t = cfg.vision, cfg.text
+    v = cfg.vision
     vm = "model.vision_model"
     modules = [("model", "other"), (vm, "other"), (f"{vm}.patch_embedding", "other")]
     modules += [(f"{vm}.gated_positional_embedding", "other"),
@@ -364,9 +315,10 @@ def module_list(cfg: Config) -> list[tuple[str, str]]:
         for i in range(depth):
             modules += _vision_layer_modules(f"{vm}.{encoder}.layers.{i}")
     modules += [("model.language_model", "other"), (EMBED_TOKENS, "embedding"), (TEXT_STACK, "other")]
-    for i in range(t.num_layers):
+    for i in range(cfg.num_layers):
         p = f"{TEXT_STACK}.{i}"
-        modules += _cross_layer_modules(p) if i in t.cross_attention_layers else _self_layer_modules(p)
+        modules += _cross_layer_modules(p) if i in cfg.cross_attention_layers else \
+            decoder.decoder_layer_modules(cfg.text, p)
     return modules + [("model.language_model.norm", "other"), ("model.language_model.rotary_emb", "other"),
                       ("model.multi_modal_projector", "linear"), ("lm_head", "linear")]
 
@@ -374,16 +326,7 @@ def module_list(cfg: Config) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------------
 # Forward: shared pieces.
 
-
-def _linear(x, module: dict, key=None, dropout_rate: float = 0.0):
-    """A linear module of the combined tree: base weight (+ bias), plus a LoRA branch when it has one."""
-    if "lora_A" in module:
-        return kernels.lora_linear(x, module, key, dropout_rate)
-    return kernels.linear(x, module["weight"], module.get("bias"))
-
-
-def _keys(key, n):
-    return [None] * n if key is None else list(jax.random.split(key, n))
+_keys = decoder.keys_for
 
 
 def layer_norm(x, weight_d, bias_d, eps: float):
@@ -417,11 +360,11 @@ def biased_attention(q_bqhd, k_bkgd, v_bkgd, bias_bqk, scale: float):
     return out.reshape(batch, nq, q_heads, head_dim)
 
 
-def _run_stack(step, x, stack: dict, keys, remat):
-    """`jax.lax.scan(step, x, (stack, keys))`, under `jax.checkpoint(policy=remat)` when given; returns x."""
+def _run_stack(step, x, xs, remat):
+    """`jax.lax.scan(step, x, xs)`, under `jax.checkpoint(policy=remat)` when given; returns x."""
     if remat is not None:
         step = jax.checkpoint(step, policy=remat, prevent_cse=False)
-    x, _ = jax.lax.scan(step, x, (stack, keys))
+    x, _ = jax.lax.scan(step, x, xs)
     return x
 
 
@@ -472,16 +415,17 @@ def vision_padding(v: VisionConfig, aspect_ratio_mask_nt):
     return ~real.reshape(n, tiles * v.padded_patches)
 
 
-def vision_layer(v: VisionConfig, layer: dict, x_nsd, pad_ns, gated: bool, key=None, dropout_rate: float = 0.0):
+def vision_layer(v: VisionConfig, layer: dict, x_nsd, pad_ns, gated: bool, key=None, dropout_rate: float = 0.0,
+                 options: KernelOptions = DEFAULT_OPTIONS):
     """One `MllamaVisionEncoderLayer`: x + [tanh(gate_attn) *] attn(ln(x)), then + [tanh(gate_ffn) *] mlp(ln(x))."""
     n, s, _ = x_nsd.shape
     kq, kk, kv, ko, k1, k2 = _keys(key, 6)
-    lin = partial(_linear, dropout_rate=dropout_rate)
+    lin = partial(decoder.linear_module, dropout_rate=dropout_rate, options=options)
     attn, mlp = layer["self_attn"], layer["mlp"]
     ln1, ln2 = layer["input_layernorm"], layer["post_attention_layernorm"]
     h = layer_norm(x_nsd, ln1["weight"], ln1["bias"], v.norm_eps)
-    q, k, values = (lin(h, attn[name], key_).reshape(n, s, v.num_heads, v.head_dim)
-                    for name, key_ in (("q_proj", kq), ("k_proj", kk), ("v_proj", kv)))
+    q, k, values = (t.reshape(n, s, v.num_heads, v.head_dim) for t in decoder.linears(
+        h, [attn["q_proj"], attn["k_proj"], attn["v_proj"]], [kq, kk, kv], dropout_rate, options))
     q, k, values = (checkpoint_name(t, SAVED_ATTENTION_INPUTS) for t in (q, k, values))
     mask_value = jnp.finfo(x_nsd.dtype).min
     bias = jnp.where(pad_ns[:, :, None] & pad_ns[:, None, :], mask_value, 0.0)
@@ -502,7 +446,8 @@ def _tile_embedding(module: dict, aspect_ratio_ids_n, shape, dtype):
 
 
 def vision_model(cfg: Config, params: dict, pixel_values_bitchw, aspect_ratio_ids_bi, aspect_ratio_mask_bit,
-                 compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, remat=None):
+                 compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, remat=None,
+                 options: KernelOptions = DEFAULT_OPTIONS):
     """`MllamaVisionModel(...).last_hidden_state`: `[B, images, tiles, num_patches, vision_output_dim]`, the global
     transformer's output followed by the intermediate local layers' (interleaved feature-major, as transformers'
     `torch.stack(..., dim=-1)` then reshape lays them out)."""
@@ -536,15 +481,15 @@ def vision_model(cfg: Config, params: dict, pixel_values_bitchw, aspect_ratio_id
         def body(x_nsd, layer_and_key):
             layer, key = layer_and_key
             x_nsd = checkpoint_name(x_nsd, LAYER_INPUT)
-            return vision_layer(v, layer, x_nsd, pad_ns, gated, key, dropout_rate), None
+            return vision_layer(v, layer, x_nsd, pad_ns, gated, key, dropout_rate, options), None
         return body
 
     # The local transformer in segments that end at each intermediate layer (their outputs are kept).
     local = vm["transformer"]["layers"]
     kept, start = {}, 0
     for stop in sorted({i + 1 for i in v.intermediate_layers_indices} | {v.num_layers}):
-        x = _run_stack(step(False), x, _slice(local, start, stop),
-                       None if local_keys is None else local_keys[start:stop], remat)
+        x = _run_stack(step(False), x, (_slice(local, start, stop),
+                                        None if local_keys is None else local_keys[start:stop]), remat)
         kept[stop - 1], start = x, stop
     intermediate = jnp.stack([kept[i] for i in v.intermediate_layers_indices], axis=-1)  # [n, s, e, K]
 
@@ -552,7 +497,7 @@ def vision_model(cfg: Config, params: dict, pixel_values_bitchw, aspect_ratio_id
     post = vm["post_tile_positional_embedding"]
     x = x.reshape(n, tiles, pp, e) + _gate(post["gate"]).astype(compute_dtype) * _tile_embedding(
         post["embedding"], ids_n, (n, tiles, 1, e), compute_dtype)
-    x = _run_stack(step(True), x.reshape(n, tiles * pp, e), vm["global_transformer"]["layers"], global_keys, remat)
+    x = _run_stack(step(True), x.reshape(n, tiles * pp, e), (vm["global_transformer"]["layers"], global_keys), remat)
 
     x = x.reshape(n, tiles, pp, e)[:, :, :p]
     intermediate = intermediate.reshape(n, tiles, pp, -1)[:, :, :p]
@@ -560,12 +505,12 @@ def vision_model(cfg: Config, params: dict, pixel_values_bitchw, aspect_ratio_id
 
 
 def cross_attention_states(cfg: Config, params: dict, vision: dict, compute_dtype=jnp.float32, dropout_key=None,
-                           dropout_rate: float = 0.0, remat=None):
+                           dropout_rate: float = 0.0, remat=None, options: KernelOptions = DEFAULT_OPTIONS):
     """The projected vision tokens the cross-attention layers attend to: `[B, images * tiles * num_patches, D]`."""
     keys = _keys(dropout_key, 2)
     features = vision_model(cfg, params, vision["pixel_values"], vision["aspect_ratio_ids"],
-                            vision["aspect_ratio_mask"], compute_dtype, keys[0], dropout_rate, remat)
-    out = _linear(features, params["model"]["multi_modal_projector"], keys[1], dropout_rate)
+                            vision["aspect_ratio_mask"], compute_dtype, keys[0], dropout_rate, remat, options)
+    out = decoder.linear_module(features, params["model"]["multi_modal_projector"], keys[1], dropout_rate, options)
     return out.reshape(features.shape[0], -1, cfg.text.hidden_size)
 
 
@@ -590,65 +535,53 @@ def cross_attention_bias(cfg: Config, cross_attention_mask_bsit, dtype):
     return bias, row.astype(dtype)
 
 
-def _mlp(t: TextConfig, mlp: dict, h, keys, dropout_rate):
-    kg, ku, kd = keys
-    gate = checkpoint_name(_linear(h, mlp["gate_proj"], kg, dropout_rate), SAVED_MLP_INPUTS)
-    up = checkpoint_name(_linear(h, mlp["up_proj"], ku, dropout_rate), SAVED_MLP_INPUTS)
-    return _linear(kernels.ACTIVATIONS[t.hidden_act](gate) * up, mlp["down_proj"], kd, dropout_rate)
-
-
-def self_attention_layer(cfg: Config, layer: dict, x_bsd, cos_bsr, sin_bsr, attention_mask_bs, key=None,
-                         dropout_rate: float = 0.0):
-    """`MllamaSelfAttentionDecoderLayer`: Llama's decoder layer without biases (the shared decoder's, later)."""
+def cross_attention_kv(cfg: Config, layer: dict, states_bvd, keys=(None, None), dropout_rate: float = 0.0,
+                       options: KernelOptions = DEFAULT_OPTIONS):
+    """One cross-attention layer's keys (k_norm'd) and values of the vision tokens: `[B, V, kv_heads, head_dim]`
+    each. They depend on the image only, so generation computes them once, at prefill."""
     t = cfg.text
-    batch, seq, _ = x_bsd.shape
-    attn = layer["self_attn"]
-    kq, kk, kv, ko, *mlp_keys = _keys(key, 7)
-    h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], t.rms_norm_eps)
-    q = _linear(h, attn["q_proj"], kq, dropout_rate).reshape(batch, seq, t.num_heads, t.head_dim)
-    k = _linear(h, attn["k_proj"], kk, dropout_rate).reshape(batch, seq, t.num_kv_heads, t.head_dim)
-    v = _linear(h, attn["v_proj"], kv, dropout_rate).reshape(batch, seq, t.num_kv_heads, t.head_dim)
-    q, k = rope.apply_rotary(q, cos_bsr, sin_bsr), rope.apply_rotary(k, cos_bsr, sin_bsr)
-    q, k, v = (checkpoint_name(a, SAVED_ATTENTION_INPUTS) for a in (q, k, v))
-    o = kernels.attention(q, k, v, attention_mask_bs, scale=t.head_dim ** -0.5)
-    x_bsd = x_bsd + _linear(o.reshape(batch, seq, t.num_heads * t.head_dim), attn["o_proj"], ko, dropout_rate)
-    x_bsd = checkpoint_name(x_bsd, SAVED_MID_RESIDUAL)
-    h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], t.rms_norm_eps)
-    return x_bsd + _mlp(t, layer["mlp"], h, mlp_keys, dropout_rate)
+    attn = layer["cross_attn"]
+    batch = states_bvd.shape[0]
+    k, v = decoder.linears(states_bvd, [attn["k_proj"], attn["v_proj"]], list(keys), dropout_rate, options)
+    k = kernels.rms_norm(k.reshape(batch, -1, t.num_kv_heads, t.head_dim), attn["k_norm"]["weight"], t.rms_norm_eps)
+    return k, v.reshape(batch, -1, t.num_kv_heads, t.head_dim)
 
 
 def cross_attention_layer(cfg: Config, layer: dict, x_bsd, states_bvd, bias_bsv, row_mask_bs, key=None,
-                          dropout_rate: float = 0.0):
+                          dropout_rate: float = 0.0, options: KernelOptions = DEFAULT_OPTIONS, kv=None):
     """`MllamaCrossAttentionDecoderLayer`: x + tanh(attn_gate) * cross_attn(ln(x), states), then
-    + tanh(mlp_gate) * [row_mask *] mlp(ln(x)). q and k get per-head RMSNorms; no rotary embedding."""
+    + tanh(mlp_gate) * [row_mask *] mlp(ln(x)). q and k get per-head RMSNorms; no rotary embedding.
+    `kv`: the layer's (keys, values) of the vision tokens when already computed (generation; `states_bvd` unused)."""
     t = cfg.text
     batch, seq, _ = x_bsd.shape
-    attn = layer["cross_attn"]
-    kq, kk, kv, ko, *mlp_keys = _keys(key, 7)
+    attn, mlp = layer["cross_attn"], layer["mlp"]
+    kq, kk, kv_key, ko, kg, ku, kd = _keys(key, 7)
+    lin = partial(decoder.linear_module, dropout_rate=dropout_rate, options=options)
     h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], t.rms_norm_eps)
-    q = _linear(h, attn["q_proj"], kq, dropout_rate).reshape(batch, seq, t.num_heads, t.head_dim)
+    q = lin(h, attn["q_proj"], kq).reshape(batch, seq, t.num_heads, t.head_dim)
     q = kernels.rms_norm(q, attn["q_norm"]["weight"], t.rms_norm_eps)
-    states = states_bvd.astype(x_bsd.dtype)
-    k = _linear(states, attn["k_proj"], kk, dropout_rate).reshape(batch, -1, t.num_kv_heads, t.head_dim)
-    k = kernels.rms_norm(k, attn["k_norm"]["weight"], t.rms_norm_eps)
-    v = _linear(states, attn["v_proj"], kv, dropout_rate).reshape(batch, -1, t.num_kv_heads, t.head_dim)
+    if kv is None:
+        kv = cross_attention_kv(cfg, layer, states_bvd.astype(x_bsd.dtype), (kk, kv_key), dropout_rate, options)
+    k, v = (a.astype(x_bsd.dtype) for a in kv)
     q, k, v = (checkpoint_name(a, SAVED_ATTENTION_INPUTS) for a in (q, k, v))
     o = biased_attention(q, k, v, bias_bsv, t.head_dim ** -0.5).reshape(batch, seq, t.num_heads * t.head_dim)
-    o = _linear(o, attn["o_proj"], ko, dropout_rate)
+    o = lin(o, attn["o_proj"], ko)
     x_bsd = checkpoint_name(x_bsd + _gate(layer["cross_attn_attn_gate"]).astype(o.dtype) * o, SAVED_MID_RESIDUAL)
     h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], t.rms_norm_eps)
-    h = _mlp(t, layer["mlp"], h, mlp_keys, dropout_rate)
+    gate, up = decoder.linears(h, [mlp["gate_proj"], mlp["up_proj"]], [kg, ku], dropout_rate, options)
+    gate, up = checkpoint_name(gate, SAVED_MLP_INPUTS), checkpoint_name(up, SAVED_MLP_INPUTS)
+    h = lin(kernels.ACTIVATIONS[t.hidden_act](gate) * up, mlp["down_proj"], kd)
     if row_mask_bs is not None:
         h = row_mask_bs[..., None].astype(h.dtype) * h
     return x_bsd + _gate(layer["cross_attn_mlp_gate"]).astype(h.dtype) * h
 
 
-def text_layer_runs(t: TextConfig) -> list[tuple[str, int, int]]:
+def text_layer_runs(cfg: Config) -> list[tuple[str, int, int]]:
     """The text layers as runs of one kind, in order: `[(stack key, start, stop)]` over stack positions."""
     runs: list[list] = []
     positions = {TEXT_STACK: 0, CROSS_STACK: 0}
-    for i in range(t.num_layers):
-        stack = CROSS_STACK if i in t.cross_attention_layers else TEXT_STACK
+    for i in range(cfg.num_layers):
+        stack = CROSS_STACK if i in cfg.cross_attention_layers else TEXT_STACK
         if runs and runs[-1][0] == stack:
             runs[-1][2] += 1
         else:
@@ -657,17 +590,24 @@ def text_layer_runs(t: TextConfig) -> list[tuple[str, int, int]]:
     return [tuple(r) for r in runs]
 
 
-def text_cos_sin(hf_config, position_ids_bs, dtype=jnp.float32):
-    """The language model's rotary cos/sin `[B, S, head_dim]` (transformers' rope, llama3 scaling included)."""
-    text_config = getattr(hf_config, "text_config", hf_config)
-    positions = jnp.asarray(position_ids_bs)
-    inv_freq, scaling = rope.rope_inv_freq(text_config, seq_len=int(positions.max()) + 1)
-    return rope.rope_cos_sin(jnp.asarray(inv_freq), positions, scaling, dtype)
+def _vision_context(cfg: Config, params, vision, x_bsd, compute_dtype, dropout_key, dropout_rate, remat, options):
+    """(states, bias, row) of the cross-attention layers for `vision` (None: (None, None, None))."""
+    if vision is None:
+        return None, None, None
+    states = cross_attention_states(cfg, params, vision, compute_dtype, dropout_key, dropout_rate, remat, options)
+    bias = row = None
+    if vision.get("cross_attention_mask") is not None:
+        bias, row = cross_attention_bias(cfg, vision["cross_attention_mask"], compute_dtype)
+        if bias.shape[:2] != x_bsd.shape[:2] or bias.shape[2] != states.shape[1]:
+            raise ValueError(f"cross_attention_mask is [batch, seq, images, tiles] = "
+                             f"{list(jnp.shape(vision['cross_attention_mask']))}; input_ids are "
+                             f"{list(x_bsd.shape[:2])} and pixel_values give {states.shape[1]} vision tokens")
+    return states, bias, row
 
 
 def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
                   compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, remat=None, *,
-                  vision: dict | None = None):
+                  vision: dict | None = None, options: KernelOptions = DEFAULT_OPTIONS):
     """Final normed hidden states `[batch, seq, hidden]`.
 
     `vision`: None (text only: every cross-attention layer is skipped, as transformers does without images) or
@@ -676,92 +616,236 @@ def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, att
     t = cfg.text
     lm = params["model"]["language_model"]
     x = kernels.embedding(input_ids_bs, lm["embed_tokens"], compute_dtype)
-    cos_bsr, sin_bsr = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
+    cos, sin = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
     vision_key, text_key = _keys(dropout_key, 2)
-    layer_keys = None if text_key is None else jax.random.split(text_key, t.num_layers)
-    states = bias = row = None
-    if vision is not None:
-        states = cross_attention_states(cfg, params, vision, compute_dtype, vision_key, dropout_rate, remat)
-        if vision.get("cross_attention_mask") is not None:
-            bias, row = cross_attention_bias(cfg, vision["cross_attention_mask"], compute_dtype)
-            if bias.shape[:2] != x.shape[:2] or bias.shape[2] != states.shape[1]:
-                raise ValueError(f"cross_attention_mask is [batch, seq, images, tiles] = "
-                                 f"{list(jnp.shape(vision['cross_attention_mask']))}; input_ids are "
-                                 f"{list(x.shape[:2])} and pixel_values give {states.shape[1]} vision tokens")
-
-    def self_step(x_bsd, layer_and_key):
-        layer, key = layer_and_key
-        x_bsd = checkpoint_name(x_bsd, LAYER_INPUT)
-        return self_attention_layer(cfg, layer, x_bsd, cos_bsr, sin_bsr, attention_mask_bs, key, dropout_rate), None
+    states, bias, row = _vision_context(cfg, params, vision, x, compute_dtype, vision_key, dropout_rate, remat,
+                                        options)
+    layer_keys = None if text_key is None else jax.random.split(text_key, t.num_layers)  # run_layers' split
 
     def cross_step(x_bsd, layer_and_key):
         layer, key = layer_and_key
         x_bsd = checkpoint_name(x_bsd, LAYER_INPUT)
-        return cross_attention_layer(cfg, layer, x_bsd, states, bias, row, key, dropout_rate), None
+        return cross_attention_layer(cfg, layer, x_bsd, states, bias, row, key, dropout_rate, options), None
 
     hf_index = {stack: indices for stack, (_, indices) in stack_layers(cfg).items()}
-    for stack, start, stop in text_layer_runs(t):
-        if stack == CROSS_STACK and states is None:
-            continue
-        keys = None if layer_keys is None else layer_keys[jnp.asarray(hf_index[stack][start:stop])]
-        tree = lm["layers"] if stack == TEXT_STACK else lm["cross_attention_layers"]
-        x = _run_stack(self_step if stack == TEXT_STACK else cross_step, x, _slice(tree, start, stop), keys, remat)
+    for stack, start, stop in text_layer_runs(cfg):
+        indices = hf_index[stack][start:stop]
+        if stack == TEXT_STACK:
+            x = decoder.run_layers(t, _slice(lm["layers"], start, stop), x, cos, sin, attention_mask_bs, text_key,
+                                   dropout_rate, remat, options, indices=indices)
+        elif states is not None:
+            keys = None if layer_keys is None else layer_keys[jnp.asarray(indices)]
+            x = _run_stack(cross_step, x, (_slice(lm["cross_attention_layers"], start, stop), keys), remat)
     return kernels.rms_norm(x, lm["norm"]["weight"], t.rms_norm_eps)
 
 
 def lm_head_module(cfg: Config, params: dict) -> dict:
     """The output layer's module dict (never tied, see Config.from_hf)."""
-    head = dict(params.get("lm_head", {}))
-    return head
+    return dict(params.get("lm_head", {}))
 
 
 def forward(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
-            compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, *, vision: dict | None = None):
+            compute_dtype=jnp.float32, dropout_key=None, dropout_rate: float = 0.0, *, vision: dict | None = None,
+            options: KernelOptions = DEFAULT_OPTIONS):
     """Logits `[batch, seq, vocab]` in the compute dtype, as the HF model's `.logits`."""
     h = hidden_states(cfg, params, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs, compute_dtype, dropout_key,
-                      dropout_rate, vision=vision)
+                      dropout_rate, vision=vision, options=options)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
-    return _linear(h, lm_head_module(cfg, params), head_key, dropout_rate)
+    return decoder.linear_module(h, lm_head_module(cfg, params), head_key, dropout_rate, options)
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading (standalone until the shared loader knows `stack_layers`): 16-bit, or NF4 on load.
+# Inputs: the processor's arrays, checked, as the jitted forward and loss take them.
 
 
-def load_params(directory, cfg: Config, dtype=jnp.float32, load_in_4bit: bool = False, double_quant: bool = True):
-    """The base pytree from a checkpoint directory (either naming convention), each "linear" tensor quantized to
-    bitsandbytes NF4 when `load_in_4bit` (as transformers + bitsandbytes quantize every nn.Linear but lm_head).
-    Pre-quantized (bnb-4bit) checkpoints are not supported here yet."""
-    from fastlora_jax.convert.hf_checkpoint import CheckpointError, find_checkpoint_files, iter_tensors, tensor_shapes
-    from fastlora_jax.convert.load import _quantize_on_device, _StackedLeaves, set_path
-    from fastlora_jax.models.registry import _rename
+def _numpy(x):
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch (bfloat16 has no numpy dtype)
+        x = x.detach().cpu()
+        return x.float().numpy() if x.is_floating_point() else x.numpy()
+    return np.asarray(x)
 
-    files = find_checkpoint_files(directory)
-    in_file = {_rename(LOAD_RENAMES, stored): stored for stored in files.tensor_to_file}
-    shapes = tensor_shapes(files)
-    expected = {name: (shape, kind) for name, shape, kind in checkpoint_tensors(cfg)}
-    for name, (shape, _) in expected.items():
-        if name not in in_file:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {str(directory)!r}")
-        if tuple(shapes[in_file[name]]) != shape:
-            raise CheckpointError(f"tensor {in_file[name]!r} in {str(directory)!r} has shape "
-                                  f"{tuple(shapes[in_file[name]])}, but config.json implies {shape}")
-    if any(n.endswith(".quant_state.bitsandbytes__nf4") for n in in_file):
-        raise NotImplementedError(f"{str(directory)!r} holds a bitsandbytes 4-bit checkpoint; mllama.load_params "
-                                  "reads 16/32-bit checkpoints only (for now)")
-    params: dict = {}
-    stacked = _StackedLeaves({stack: depth for stack, (depth, _) in layer_stacks(cfg).items()})
-    module_of = {in_file[name]: name for name in expected}
-    for stored, array in iter_tensors(files, [in_file[name] for name in expected]):
-        name = module_of[stored]
-        kind = expected[name][1]
-        value = _quantize_on_device(array, dtype, double_quant) if kind == "linear" and load_in_4bit \
-            else jnp.asarray(array).astype(dtype)
-        where = split_module_name(cfg, name)
-        if where is None:
-            set_path(params, name, value)
-        else:
-            stack, position, rel = where
-            stacked.put(stack, rel, position, value)
-    stacked.write_into(params)
-    return params
+
+def _int_array(x, name: str) -> np.ndarray:
+    array = _numpy(x)
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise ValueError(f"{name} must hold integers (MllamaProcessor's); got dtype {array.dtype}")
+    return array.astype(np.int32)
+
+
+def vision_arrays(cfg: Config, batch: int, seq: int, pixel_values=None, aspect_ratio_ids=None,
+                  aspect_ratio_mask=None, cross_attention_mask=None) -> dict | None:
+    """The image inputs as the forward takes them (`vision`), checked against each other and the config; None
+    without `pixel_values` (text only). An empty image axis (a collator's text-only batch) is text only too."""
+    if pixel_values is None:
+        given = [n for n, v in (("aspect_ratio_ids", aspect_ratio_ids), ("aspect_ratio_mask", aspect_ratio_mask),
+                                ("cross_attention_mask", cross_attention_mask)) if v is not None]
+        if given:
+            raise ValueError(f"{given} given without pixel_values: they describe images, which go together with "
+                             f"their pixel_values (without images the cross-attention layers are skipped)")
+        return None
+    pixels = _numpy(pixel_values)
+    if not (np.issubdtype(pixels.dtype, np.floating) or pixels.dtype.name == "bfloat16"):
+        raise ValueError(f"pixel_values must be floating point; got dtype {pixels.dtype}")
+    if pixels.ndim == 6 and pixels.shape[1] == 0:
+        return None
+    if aspect_ratio_ids is None or aspect_ratio_mask is None:
+        raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask (MllamaProcessor returns all "
+                         "three); got " + ", ".join(f"{n}=None" for n, v in (("aspect_ratio_ids", aspect_ratio_ids),
+                                                                             ("aspect_ratio_mask", aspect_ratio_mask))
+                                                    if v is None))
+    ids, ratio_mask = _int_array(aspect_ratio_ids, "aspect_ratio_ids"), _int_array(aspect_ratio_mask,
+                                                                                  "aspect_ratio_mask")
+    _check_vision_inputs(cfg.vision, pixels, ids, ratio_mask)
+    if pixels.shape[0] != batch:
+        raise ValueError(f"pixel_values has batch {pixels.shape[0]}; input_ids has {batch}")
+    if ids.min() < 0 or ids.max() > cfg.vision.max_aspect_ratio_id:
+        raise ValueError(f"aspect_ratio_ids must be in [0, {cfg.vision.max_aspect_ratio_id}] (0: no image, i: "
+                         f"supported_aspect_ratios[i - 1]); got values in [{ids.min()}, {ids.max()}]")
+    vision = {"pixel_values": pixels.astype(np.float32), "aspect_ratio_ids": ids, "aspect_ratio_mask": ratio_mask}
+    if cross_attention_mask is not None:
+        cross = _int_array(cross_attention_mask, "cross_attention_mask")
+        want = (batch, seq, pixels.shape[1], cfg.vision.max_num_tiles)
+        if cross.shape != want:
+            raise ValueError(f"cross_attention_mask has shape {cross.shape}; input_ids and pixel_values need {want} "
+                             f"(batch, seq, images, max_num_tiles)")
+        vision["cross_attention_mask"] = cross
+    return vision
+
+
+def prepare_inputs(cfg: Config, input_ids, attention_mask=None, pixel_values=None, aspect_ratio_ids=None,
+                   aspect_ratio_mask=None, cross_attention_mask=None, position_ids=None) -> dict:
+    """The processor's outputs as the arrays the jitted forward and loss take: `{"input_ids" [B, S] int32,
+    "attention_mask" [B, S] int32 | None, "position_ids" [B, S] int32, "vision": dict | None}`.
+
+    `position_ids` default to `arange(seq)` in every row, as transformers' forward makes them (generate makes its
+    own from the mask: `generation_inputs`)."""
+    from fastlora_jax.model import as_batch
+    ids = as_batch(input_ids, "input_ids")
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.embedding_rows):
+        raise ValueError(f"input_ids must be in [0, {cfg.embedding_rows}) (the vocabulary, the image token "
+                         f"{cfg.image_token_id} and the embedding's extra rows); got [{ids.min()}, {ids.max()}]")
+    mask = None
+    if attention_mask is not None:
+        mask = as_batch(attention_mask, "attention_mask")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}; input_ids has {ids.shape}")
+    vision = vision_arrays(cfg, *ids.shape, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+    if position_ids is None:
+        position_ids = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
+    else:
+        position_ids = as_batch(position_ids, "position_ids")
+        if position_ids.shape != ids.shape:
+            raise ValueError(f"position_ids has shape {position_ids.shape}; input_ids has {ids.shape}")
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int32),
+            "vision": vision}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary tables: the language model's (Llama 3's rope, from text_config), as the shared decoder computes them.
+
+
+def rope_tables(hf_config, cfg: Config, seq_len: int | None):
+    return decoder.rope_tables(hf_config.text_config, cfg.text, seq_len)
+
+
+def rope_is_dynamic(hf_config, cfg: Config) -> bool:
+    return decoder.rope_is_dynamic(hf_config.text_config, cfg.text)
+
+
+def rope_invalidates_cache(hf_config, cfg: Config) -> bool:
+    return decoder.rope_invalidates_cache(hf_config.text_config, cfg.text)
+
+
+def position_cos_sin(cfg: Config, inv_freq, scaling, positions_bs):
+    return decoder.rope_cos_sin(inv_freq, positions_bs, scaling)
+
+
+def rotary_cos_sin(hf_config, cfg: Config, position_ids_bs):
+    return decoder.rotary_cos_sin(hf_config.text_config, cfg.text, position_ids_bs)
+
+
+def text_cos_sin(hf_config, position_ids_bs, dtype=jnp.float32):
+    """The language model's rotary cos/sin `[B, S, head_dim]` (transformers' rope, llama3 scaling included)."""
+    cos, sin = rotary_cos_sin(hf_config, Config.from_hf(hf_config), position_ids_bs)
+    return cos.astype(dtype), sin.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation. The cache: `{"k", "v"}` [self layers, B, max_len, kv_heads, head_dim] as decoder.py's, plus, once a
+# prefill has seen images, `cross_k` / `cross_v` [cross layers, B, vision tokens, kv_heads, head_dim] (each cross
+# layer's keys and values of the image, computed once) and `cross_bias [B, vision tokens]` / `cross_row [B]`: the
+# cross-attention mask of the prompt's last token, which transformers repeats for every new token. A cache
+# without `cross_k` (a text-only prompt) skips the cross-attention layers, as transformers does.
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    t = cfg.text
+    shape = (len(cfg.self_attention_layers), batch, max_len, t.num_kv_heads, t.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def generation_inputs(cfg: Config, ids_bs, mask_bs, pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
+                      cross_attention_mask=None):
+    """`(positions [B, S], vision | None, last_position [B])` of a left-padded prompt: positions as transformers'
+    generate makes them (the mask's cumsum - 1, 0 on padding), the images as `prepare_inputs` checks them."""
+    vision = vision_arrays(cfg, *np.shape(ids_bs), pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+                           cross_attention_mask)
+    positions, _, last = decoder.generation_inputs(cfg.text, ids_bs, mask_bs)
+    return positions, vision, last
+
+
+def hidden_states_cached(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, cache: dict, cache_index,
+                         attention_mask_b_maxlen=None, compute_dtype=jnp.float32, *, vision: dict | None = None,
+                         options: KernelOptions = DEFAULT_OPTIONS):
+    """decoder.hidden_states_cached for Mllama: `vision` (prefill only) adds each cross-attention layer's vision
+    keys/values and the last cross-attention mask row to the cache. Returns `(hidden [B, S, D], new_cache)`."""
+    t = cfg.text
+    lm = params["model"]["language_model"]
+    x = kernels.embedding(input_ids_bs, lm["embed_tokens"], compute_dtype)
+    cos, sin = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
+    cache = dict(cache)
+    bias = row = None
+    if vision is not None:
+        states, bias, row = _vision_context(cfg, params, vision, x, compute_dtype, None, 0.0, None, options)
+        kv = jax.lax.map(lambda layer: cross_attention_kv(cfg, layer, states.astype(compute_dtype), options=options),
+                         lm["cross_attention_layers"])
+        cache["cross_k"], cache["cross_v"] = (a.astype(cache["k"].dtype) for a in kv)
+        b, v_tokens = states.shape[:2]
+        cache["cross_bias"] = jnp.zeros((b, v_tokens), jnp.float32) if bias is None else bias[:, -1]
+        cache["cross_row"] = jnp.ones((b,), compute_dtype) if row is None else row[:, -1]
+    elif "cross_k" in cache:  # a decode step after a prefill with images: the last row, for each new token
+        seq = x.shape[1]
+        bias = jnp.broadcast_to(cache["cross_bias"][:, None], (x.shape[0], seq, cache["cross_bias"].shape[-1]))
+        row = jnp.broadcast_to(cache["cross_row"][:, None], (x.shape[0], seq))
+
+    def cross_step(x_bsd, xs):
+        layer, k, v = xs
+        return cross_attention_layer(cfg, layer, x_bsd, None, bias, row, options=options, kv=(k, v)), None
+
+    hf_index = {stack: indices for stack, (_, indices) in stack_layers(cfg).items()}
+    new_k, new_v = [], []
+    for stack, start, stop in text_layer_runs(cfg):
+        if stack == TEXT_STACK:
+            part = {"k": cache["k"][start:stop], "v": cache["v"][start:stop]}
+            x, part = decoder.run_layers_cached(t, _slice(lm["layers"], start, stop), x, cos, sin, part, cache_index,
+                                                attention_mask_b_maxlen, options,
+                                                indices=hf_index[stack][start:stop])
+            new_k.append(part["k"])
+            new_v.append(part["v"])
+        elif "cross_k" in cache:
+            x, _ = jax.lax.scan(cross_step, x, (_slice(lm["cross_attention_layers"], start, stop),
+                                                cache["cross_k"][start:stop], cache["cross_v"][start:stop]))
+    if new_k:
+        cache["k"], cache["v"] = jnp.concatenate(new_k), jnp.concatenate(new_v)
+    return kernels.rms_norm(x, lm["norm"]["weight"], t.rms_norm_eps), cache
+
+
+def forward_cached(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, cache: dict, cache_index,
+                   attention_mask_b_maxlen=None, compute_dtype=jnp.float32, last_only: bool = False, *,
+                   vision: dict | None = None, options: KernelOptions = DEFAULT_OPTIONS):
+    """`(logits, new_cache)` of the tokens written at slots `cache_index ...` (decoder.forward_cached's contract)."""
+    h, cache = hidden_states_cached(cfg, params, input_ids_bs, cos_bsr, sin_bsr, cache, cache_index,
+                                    attention_mask_b_maxlen, compute_dtype, vision=vision, options=options)
+    if last_only:
+        h = h[:, -1:]
+    return decoder.linear_module(h, lm_head_module(cfg, params), options=options), cache
