@@ -68,6 +68,22 @@ MLLAMA_SHAPES = {
                            hidden_act="gelu"),
         image_token_index=128256),
 }
+GEMMA3_SHAPES = {
+    # google/gemma-3-4b-it's config.json: SigLIP so400m at 896 px, 34 decoder layers (every 6th global), 256 soft
+    # tokens per image, a tied 262k vocabulary.
+    "gemma-3-4b": dict(
+        text_config=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                         sliding_window=1024, rms_norm_eps=1e-6, max_position_embeddings=131072,
+                         hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                         rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           image_size=896, patch_size=14, num_channels=3, layer_norm_eps=1e-6,
+                           hidden_act="gelu_pytorch_tanh", vision_use_head=False),
+        mm_tokens_per_image=256, image_token_index=262144, boi_token_index=255999, eoi_token_index=256000,
+        tie_word_embeddings=True),
+}
 MODES = {"vision+language": True, "language-only": False}  # mode -> finetune_vision_layers
 
 
@@ -91,6 +107,17 @@ def tiny_mllama_shape() -> dict:
 
 def is_mllama(shape: str) -> bool:
     return shape == "tiny-mllama" or shape in MLLAMA_SHAPES
+
+
+def tiny_gemma3_shape() -> dict:
+    """tiny_gemma3's shapes and its tokenizer's ids (boi 6, eoi 7, soft token 8) with a 512-token vocabulary."""
+    from fastlora_jax.tiny_gemma3 import TINY_GEMMA3_TEXT, TINY_GEMMA3_VISION, TINY_MM_TOKENS
+    return dict(text_config=dict(TINY_GEMMA3_TEXT, vocab_size=512), vision_config=dict(TINY_GEMMA3_VISION),
+                mm_tokens_per_image=TINY_MM_TOKENS, image_token_index=8, boi_token_index=6, eoi_token_index=7)
+
+
+def is_gemma3(shape: str) -> bool:
+    return shape == "tiny-gemma3" or shape in GEMMA3_SHAPES
 
 
 def make_batch(cfg, hf_config, seq: int, side: int, seed: int = 0) -> tuple[dict, int]:
@@ -117,6 +144,26 @@ def make_batch(cfg, hf_config, seq: int, side: int, seed: int = 0) -> tuple[dict
     return {"input_ids": ids[None].astype(np.int32), "attention_mask": np.ones((1, seq), np.int32),
             "labels": labels[None].astype(np.int32), "mm_token_type_ids": types[None], "pixel_values": pixels,
             "image_grid_thw": grid.astype(np.int32)}, n_image
+
+
+def make_gemma3_batch(cfg, hf_config, seq: int, seed: int = 0) -> tuple[dict, int]:
+    """One row as UnslothVisionDataCollator lays it out for Gemma 3: text, <start_of_image>, the soft tokens,
+    <end_of_image>, text up to `seq`; `token_type_ids` 1 on the soft tokens; `pixel_values` random."""
+    import numpy as np
+    n_image, prefix = cfg.mm_tokens_per_image, 16
+    if seq < prefix + n_image + 2 + 16:
+        raise ValueError(f"--seq {seq} leaves no room for {n_image} image tokens plus text")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(20, min(cfg.vocab_size, 150000), seq)  # ordinary tokens (Gemma's image specials are above)
+    ids[prefix] = hf_config.boi_token_id
+    ids[prefix + 1:prefix + 1 + n_image] = cfg.image_token_id
+    ids[prefix + 1 + n_image] = hf_config.eoi_token_id
+    labels = np.where(ids == cfg.image_token_id, -100, ids)
+    v = cfg.vision
+    pixels = rng.standard_normal((1, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
+    return {"input_ids": ids[None].astype(np.int32), "attention_mask": np.ones((1, seq), np.int32),
+            "labels": labels[None].astype(np.int32), "pixel_values": pixels,
+            "token_type_ids": (ids == cfg.image_token_id).astype(np.int32)[None]}, n_image
 
 
 def make_mllama_batch(cfg, seq: int, tiles: int, seed: int = 0) -> tuple[dict, int]:
@@ -158,10 +205,14 @@ def random_base(shape: str, load_in_4bit: bool):
     import jax
     import jax.numpy as jnp
     from fastlora_jax.convert.load import random_base_params
-    from transformers import MllamaConfig, Qwen2_5_VLConfig
+    from transformers import Gemma3Config, MllamaConfig, Qwen2_5_VLConfig
 
-    from fastlora_jax.models import mllama, qwen2_vl
-    if is_mllama(shape):
+    from fastlora_jax.models import gemma3_vl, mllama, qwen2_vl
+    if is_gemma3(shape):
+        family, hf_config = gemma3_vl, Gemma3Config(**(tiny_gemma3_shape() if shape == "tiny-gemma3"
+                                                       else GEMMA3_SHAPES[shape]))
+        hf_config.architectures = ["Gemma3ForConditionalGeneration"]
+    elif is_mllama(shape):
         family, hf_config = mllama, MllamaConfig(**(tiny_mllama_shape() if shape == "tiny-mllama"
                                                     else MLLAMA_SHAPES[shape]))
         hf_config.architectures = ["MllamaForConditionalGeneration"]
@@ -194,7 +245,10 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
     lora = model.lora_params
     opt_state = optimizer.init(lora)
     step = make_train_step(model, optimizer)
-    if is_mllama(shape):
+    if is_gemma3(shape):
+        raw, n_image = make_gemma3_batch(model.cfg, hf_config, seq)
+        image = {"image_px": cfg.vision.image_size, "image_patches": cfg.vision.num_patches}
+    elif is_mllama(shape):
         tiles = tiles or cfg.vision.max_num_tiles
         raw, n_image = make_mllama_batch(model.cfg, seq, tiles)
         image = {"image_tiles": tiles, "tile_px": cfg.vision.image_size,
@@ -235,7 +289,7 @@ def run_one(shape: str, seq: int, side: int, mode: str, gc: str, steps: int, loa
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="qwen2.5-vl-7b", choices=["tiny", "tiny-mllama", *SHAPES, *MLLAMA_SHAPES])
+    parser.add_argument("--shape", default="qwen2.5-vl-7b", choices=["tiny", "tiny-mllama", "tiny-gemma3", *SHAPES, *MLLAMA_SHAPES, *GEMMA3_SHAPES])
     parser.add_argument("--seq", type=int, default=2048, help="tokens in the row, image tokens included")
     parser.add_argument("--image", type=int, default=448, help="Qwen-VL: image side in pixels (a multiple of 28)")
     parser.add_argument("--tiles", type=int, default=None,

@@ -322,8 +322,8 @@ def _fold_layers(modules, regex: str, layers_to_transform, layers_pattern) -> st
 
 
 class FastVisionModel:
-    """Unsloth's FastVisionModel: vision-language models (Qwen2-VL, Qwen2.5-VL, Llama 3.2 Vision) and, like
-    Unsloth's, text models."""
+    """Unsloth's FastVisionModel: vision-language models (Qwen2-VL, Qwen2.5-VL, Llama 3.2 Vision, Gemma 3) and,
+    like Unsloth's, text models."""
 
     get_peft_model = staticmethod(get_vision_peft_model)
     for_inference = staticmethod(FastLanguageModel.for_inference)

@@ -44,6 +44,13 @@ A cut inside an image's token run (`<|vision_start|>`, its pads, `<|vision_end|>
 example and the smallest length that keeps the image; images wholly after the cut are dropped with their patches.
 Padding is to the longest example, rounded up to `pad_to_multiple_of`, at most `max_seq_length`
 (`padding="max_length"`: always `max_seq_length`), on `padding_side` ("right" by default).
+
+Gemma 3 (`Gemma3Processor`): the batch holds `pixel_values [n_images, 3, H, W]` and `token_type_ids` (1 on the
+soft image tokens: the model's bidirectional image blocks) instead of `image_grid_thw` / `mm_token_type_ids`. The
+processor writes each `<start_of_image>` out as blank lines, `<start_of_image>`, the soft tokens and
+`<end_of_image>`, so the labels are placed by tokenizing the text with those sequences written out (checked
+against the processor's ids); labels are -100 on the soft tokens; a cut between an image's `<start_of_image>` and
+`<end_of_image>` is an error.
 """
 
 from __future__ import annotations
@@ -163,7 +170,19 @@ class VisionDataCollator:
         image_processor = processor.image_processor
         # Mllama's processor tiles each image and keeps its one <|image|> token; Qwen-VL's expands it into patches
         self.tiled = hasattr(image_processor, "max_image_tiles")
-        if self.tiled:
+        # Gemma 3's processor writes each image placeholder (<start_of_image>) out as a text sequence (blank lines,
+        # <start_of_image>, the soft tokens, <end_of_image>): `full_image_sequence`
+        self.image_sequence = getattr(processor, "full_image_sequence", None)
+        if self.image_sequence is not None:
+            if getattr(image_processor, "do_pan_and_scan", False):
+                raise ValueError("processor.image_processor.do_pan_and_scan=True is not supported by "
+                                 "VisionDataCollator (the crops change each image's token run); set it to False")
+            self.image_token_id = int(tokenizer.image_token_id)  # the soft token: what the model config names
+            self.boi_id, self.eoi_id = int(tokenizer.boi_token_id), int(tokenizer.convert_tokens_to_ids(
+                tokenizer.eoi_token))
+            self.image_run = int(processor.image_seq_length)
+            self.pixel_shape = (3, int(image_processor.size["height"]), int(image_processor.size["width"]))
+        elif self.tiled:
             self.max_image_tiles = int(image_processor.max_image_tiles)
         else:
             self.merge_size = int(image_processor.merge_size)
@@ -325,6 +344,8 @@ class VisionDataCollator:
             images_per.append(images)
         if self.tiled:
             return self._collate_tiled(texts, spans, images_per)
+        if self.image_sequence is not None:
+            return self._collate_expanded(texts, spans, images_per)
         flat_images = [im for ims in images_per for im in ims]
         out = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="np")
         if flat_images:
@@ -458,6 +479,76 @@ class VisionDataCollator:
         result.update(pixel_values=pixel_values, aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask,
                       cross_attention_mask=cross.astype(np.int32))
         return result
+
+    def _collate_expanded(self, texts, spans, images_per) -> dict[str, np.ndarray]:
+        """Gemma 3: each image is its `full_image_sequence` in the ids and one `[3, H, W]` slot of `pixel_values`;
+        `token_type_ids` (1 on the soft tokens) are the processor's, rebuilt after truncation and padding.
+
+        An image cut by `max_seq_length` between its <start_of_image> and <end_of_image> is an error; images wholly
+        after the cut are dropped with their pixels. Labels are -100 on the soft tokens."""
+        counts = [len(ims) for ims in images_per]
+        out = self.processor(text=texts, images=images_per if any(counts) else None, padding=True, return_tensors="np")
+        rows, kept, missing, first_image = [], [], 0, 0
+        for i, text in enumerate(texts):
+            mask = np.asarray(out["attention_mask"][i]).astype(bool)
+            ids = np.asarray(out["input_ids"][i])[mask].astype(np.int64)
+            trained, starts = self._expanded_token_mask(text, spans[i], ids, counts[i], i)
+            if spans[i] is not None and not trained.any():
+                missing += 1
+            labels = np.where(trained, ids, self.ignore_index)
+            labels[ids == self.image_token_id] = self.ignore_index
+            limit = len(ids) if self.max_seq_length is None else self.max_seq_length
+            for n_image, start in enumerate(starts):
+                last = start + self.image_run + 1  # its <end_of_image>
+                if start < limit <= last:
+                    raise ValueError(f"examples[{i}]: max_seq_length={limit} cuts through image {n_image} of the "
+                                     f"example (its tokens are positions {start}..{last}); raise max_seq_length to "
+                                     f"at least {last + 1}")
+                if last < limit:
+                    kept.append(first_image + n_image)
+            first_image += counts[i]
+            rows.append((ids[:limit], labels[:limit]))
+        if missing:
+            warnings.warn(f"{missing} of {len(texts)} examples have no assistant reply to train on: their labels are "
+                          f"all {self.ignore_index}", stacklevel=3)
+        input_ids, labels, attention_mask, _ = self._pad(rows)
+        pixels = np.asarray(out["pixel_values"], np.float32)[kept] if kept else np.zeros((0,) + self.pixel_shape,
+                                                                                         np.float32)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels,
+                "token_type_ids": (input_ids == self.image_token_id).astype(np.int32)}
+
+    def _expanded_token_mask(self, text: str, spans, ids: np.ndarray, n_images: int, i: int):
+        """Trained-token mask over the processor's `ids` (Gemma 3) and each image's <start_of_image> position.
+
+        The rendered `text` with each placeholder written out as the processor writes it is tokenized with
+        offsets (its ids must be the processor's); the reply spans, found on `text`, move by the length each
+        earlier placeholder gained."""
+        import bisect
+        pieces = text.split(self.image_token)
+        expanded = self.image_sequence.join(pieces)
+        enc = self.tokenizer(expanded, return_offsets_mapping=True, return_attention_mask=False)
+        if not np.array_equal(np.asarray(enc["input_ids"], np.int64), ids):
+            raise RuntimeError(f"examples[{i}]: the processor's input_ids are not the tokenized chat text with each "
+                               f"image placeholder written out; cannot place the labels")
+        offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+        starts = [int(p) for p in np.flatnonzero(ids == self.boi_id)]
+        if len(starts) != n_images or any(
+                not (ids[s + 1:s + 1 + self.image_run] == self.image_token_id).all()
+                or s + self.image_run + 1 >= len(ids) or ids[s + self.image_run + 1] != self.eoi_id for s in starts):
+            raise RuntimeError(f"examples[{i}]: expected {n_images} runs of <start_of_image>, {self.image_run} image "
+                               f"tokens, <end_of_image> in the processor's input_ids")
+        if spans is None:
+            return np.ones(len(ids), bool), starts
+        placeholders = [len(self.image_token.join(pieces[:k + 1])) for k in range(len(pieces) - 1)]
+        grow = len(self.image_sequence) - len(self.image_token)
+
+        def moved(position):
+            return position + grow * bisect.bisect_left(placeholders, position)
+
+        trained = np.zeros(len(ids), bool)
+        for s, e in spans:  # a token is trained on when it overlaps a span
+            trained |= (offsets[:, 0] < moved(e)) & (offsets[:, 1] > moved(s))
+        return trained, starts
 
     def _token_mask(self, text: str, spans, ids: np.ndarray, run_lengths: list[int], i: int):
         """Trained-token mask over the processor's `ids`, and each image's first token position.

@@ -18,25 +18,33 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax.kernels import flash_attention as flash
-from fastlora_jax.kernels.reference import attention_reference, cached_attention_reference
+from fastlora_jax.kernels.reference import (attention_reference, bidirectional_attention_reference,
+                                            cached_attention_reference, causal_allowed)
 from fastlora_jax.sharding import multi_device
 
 IMPLS = ("auto", "xla", "cudnn", "flash")
 
 
 def attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale: float, *, logit_softcap: float | None = None,
-              sliding_window: int | None = None, impl: str = "auto") -> jax.Array:
+              sliding_window: int | None = None, impl: str = "auto", block_ids_bs=None) -> jax.Array:
     """Causal GQA attention (transformers' semantics: query i sees key j iff j <= i, and i - j < sliding_window
     with a window; the cap is `cap * tanh(s / cap)` of the scaled scores, before masking).
 
     impl: "auto" (on a GPU: cuDNN for the 16-bit calls it takes, else the flash kernel or its blockwise
     reference; elsewhere the reference), "xla" (the reference), "cudnn" (an error when cuDNN cannot run the
-    call) or "flash" (the flash kernel where supported, else its blockwise reference, on any backend)."""
+    call) or "flash" (the flash kernel where supported, else its blockwise reference, on any backend).
+
+    `block_ids_bs` (`[batch, seq]` int, -1 outside every block): each block of equal ids is bidirectional
+    (Gemma 3's image tokens; `reference.causal_allowed`). cuDNN takes it as an explicit `[batch, 1, seq, seq]`
+    mask; where cuDNN cannot run the call the dense reference does (the flash paths have no block mask)."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     why_not = _cudnn_why_not(q_bshd, logit_softcap)
     if impl == "cudnn" and why_not:
         raise ValueError(f"impl='cudnn' cannot run this call: {why_not}; use impl='auto' or 'xla'")
+    if block_ids_bs is not None:
+        return _block_attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, logit_softcap, sliding_window,
+                                block_ids_bs, use_cudnn=impl in ("auto", "cudnn") and not why_not)
     if impl == "flash" and multi_device():
         # Under a mesh of several devices the Mosaic kernel is not wrapped in a shard_map (yet): its blockwise
         # XLA reference runs instead, which the SPMD partitioner splits over the batch like any jnp code.
@@ -62,6 +70,33 @@ def attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale: float, *, logit_
                                             local_window_size=window, implementation="cudnn")
     return attention_reference(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, logit_softcap=logit_softcap,
                                sliding_window=sliding_window)
+
+
+def _block_attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, logit_softcap, sliding_window, block_ids_bs,
+                     use_cudnn: bool):
+    if not use_cudnn:
+        return attention_reference(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, logit_softcap=logit_softcap,
+                                   sliding_window=sliding_window, block_ids_bs=block_ids_bs)
+    slots = jnp.arange(q_bshd.shape[1], dtype=jnp.int32)
+    allowed = causal_allowed(slots, slots, sliding_window, block_ids_bs, block_ids_bs)
+    if attention_mask_bs is not None:
+        allowed = allowed & attention_mask_bs.astype(bool)[:, None, :]
+    return jax.nn.dot_product_attention(q_bshd, k_bskd, v_bskd, mask=allowed[:, None], scale=scale,
+                                        implementation="cudnn")
+
+
+def bidirectional_attention(q_bshd, k_bskd, v_bskd, scale: float, *, impl: str = "auto") -> jax.Array:
+    """Attention of every query over every key, no mask (a vision encoder's: the patches of one image).
+    impl as `attention`'s: cuDNN on a GPU for the 16-bit calls it takes, the reference elsewhere ("flash": the
+    reference; the flash kernel is causal)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    why_not = _cudnn_why_not(q_bshd, None)
+    if impl == "cudnn" and why_not:
+        raise ValueError(f"impl='cudnn' cannot run this call: {why_not}; use impl='auto' or 'xla'")
+    if impl in ("auto", "cudnn") and not why_not:
+        return jax.nn.dot_product_attention(q_bshd, k_bskd, v_bskd, scale=scale, implementation="cudnn")
+    return bidirectional_attention_reference(q_bshd, k_bskd, v_bskd, scale)
 
 
 def _cudnn_why_not(q_bshd, logit_softcap) -> str:

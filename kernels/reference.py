@@ -55,11 +55,19 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return jnp.tanh(x / jnp.asarray(cap, x.dtype)) * jnp.asarray(cap, x.dtype)
 
 
-def causal_allowed(query_pos_q: jax.Array, key_pos_k: jax.Array, sliding_window: int | None = None) -> jax.Array:
+def causal_allowed(query_pos_q: jax.Array, key_pos_k: jax.Array, sliding_window: int | None = None,
+                   query_block_bq: jax.Array | None = None, key_block_bk: jax.Array | None = None) -> jax.Array:
     """`[q, k]` bool: query i sees key j iff j <= i and, with a window, i - j < sliding_window (transformers'
-    `sliding_window_overlay`). Positions here are sequence slots, as transformers' cache positions."""
+    `sliding_window_overlay`). Positions here are sequence slots, as transformers' cache positions.
+
+    With blocks (`[batch, q]` / `[batch, k]` int ids, -1 outside every block; Gemma 3's image tokens) the result
+    is `[batch, q, k]`: a query also sees every key of its own block, later ones included (transformers'
+    `blockwise_overlay` OR'd with causality), and the window, applied after, still bounds the keys before it."""
     diff = query_pos_q[:, None] - key_pos_k[None, :]
     allowed = diff >= 0
+    if query_block_bq is not None:
+        same = (query_block_bq[:, :, None] == key_block_bk[:, None, :]) & (query_block_bq[:, :, None] >= 0)
+        allowed = allowed[None] | same
     if sliding_window is not None:
         allowed = allowed & (diff < sliding_window)
     return allowed
@@ -67,12 +75,13 @@ def causal_allowed(query_pos_q: jax.Array, key_pos_k: jax.Array, sliding_window:
 
 def attention_reference(q_bshd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, attention_mask_bs: jax.Array | None,
                         scale: float, *, logit_softcap: float | None = None,
-                        sliding_window: int | None = None) -> jax.Array:
+                        sliding_window: int | None = None, block_ids_bs: jax.Array | None = None) -> jax.Array:
     """Causal grouped-query attention with an optional key padding mask (1 = attend).
 
     Softmax in fp32 and probabilities cast back to the query dtype before the value product, as
     transformers' eager attention does. `logit_softcap` caps the scaled scores (`cap * tanh(s / cap)`, fp32)
-    before masking; `sliding_window` limits query i to keys j with i - j < sliding_window.
+    before masking; `sliding_window` limits query i to keys j with i - j < sliding_window; `block_ids_bs`
+    (`[batch, seq]`, -1 outside every block) makes each block bidirectional (`causal_allowed`).
     Returns `[batch, seq, q_heads, head_dim]`.
     """
     batch, seq, q_heads, head_dim = q_bshd.shape
@@ -82,7 +91,10 @@ def attention_reference(q_bshd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q_bskgd, k_bskd, preferred_element_type=jnp.float32) * scale
     scores = softcap(scores, logit_softcap)
     slots = jnp.arange(seq, dtype=jnp.int32)
-    allowed = causal_allowed(slots, slots, sliding_window)[None, None, None]
+    if block_ids_bs is None:
+        allowed = causal_allowed(slots, slots, sliding_window)[None, None, None]
+    else:
+        allowed = causal_allowed(slots, slots, sliding_window, block_ids_bs, block_ids_bs)[:, None, None]
     if attention_mask_bs is not None:
         allowed = allowed & attention_mask_bs.astype(bool)[:, None, None, None, :]
     scores = jnp.where(allowed, scores, MASK_VALUE)
@@ -104,6 +116,19 @@ def cached_attention_reference(q_bshd, k_bLkd, v_bLkd, allowed_bsL, scale: float
     scores = jnp.where(allowed_bsL[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_bshd.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bLkd, preferred_element_type=q_bshd.dtype)
+    return out.reshape(batch, seq, q_heads, head_dim)
+
+
+
+def bidirectional_attention_reference(q_bshd, k_bskd, v_bskd, scale: float) -> jax.Array:
+    """Multi-head attention of every query over every key (an encoder's: SigLIP's patches of one image), with
+    `attention_reference`'s arithmetic (fp32 scores and softmax, probabilities cast to the query dtype)."""
+    batch, seq, q_heads, head_dim = q_bshd.shape
+    kv_heads = k_bskd.shape[2]
+    q_bskgd = q_bshd.reshape(batch, seq, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q_bskgd, k_bskd, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_bshd.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bskd, preferred_element_type=q_bshd.dtype)
     return out.reshape(batch, seq, q_heads, head_dim)
 
 

@@ -114,3 +114,83 @@ def test_cudnn_sliding_window_matches_reference(rng, padded):
     grad_ref = jax.grad(lambda q_: attention_reference(q_, *f32[1:], mask, d ** -0.5,
                                                          sliding_window=window).sum())(f32[0])
     assert rel_l2(np.asarray(grad, np.float32)[keep], np.asarray(grad_ref)[keep]) < 2e-2
+
+
+# ------------------------------------------------------------------------------------------ Gemma 3 vision (issue 19)
+
+
+@pytest.mark.parametrize("window", [None, 37])
+def test_cudnn_image_block_attention_matches_reference(rng, window):
+    """Bidirectional image blocks (Gemma 3's token_type_ids) on cuDNN, as an explicit mask, with and without a
+    sliding window, padding on one row: outputs and d/dq equal the jnp reference."""
+    from fastlora_jax.kernels.attention import attention
+    from fastlora_jax.kernels.reference import attention_reference
+    from fastlora_jax.models.gemma3_vl import image_block_ids
+    b, s, h, k, d = 2, 256, 8, 4, 256  # Gemma 3's head_dim
+    q, kk, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in
+                ((b, s, h, d), (b, s, k, d), (b, s, k, d)))
+    types = np.zeros((b, s), np.int32)
+    types[0, 10:74] = 1  # one image of 64 tokens
+    types[1, 5:69] = types[1, 100:164] = 1  # two images
+    blocks = jnp.asarray(image_block_ids(types))
+    mask = np.ones((b, s), np.int32)
+    mask[1, -29:] = 0
+    mask = jnp.asarray(mask)
+    call = jax.jit(lambda q_, k_, v_: attention(q_, k_, v_, mask, d ** -0.5, sliding_window=window, impl="cudnn",
+                                                block_ids_bs=blocks))
+    f32 = [x.astype(jnp.float32) for x in (q, kk, v)]
+    want = attention_reference(*f32, mask, d ** -0.5, sliding_window=window, block_ids_bs=blocks)
+    causal = attention_reference(*f32, mask, d ** -0.5, sliding_window=window)
+    keep = np.asarray(mask).astype(bool)
+    assert rel_l2(np.asarray(call(q, kk, v), np.float32)[keep], np.asarray(want)[keep]) < 1e-2
+    assert rel_l2(np.asarray(causal)[keep], np.asarray(want)[keep]) > 0.05  # the blocks matter here
+    grad = jax.grad(lambda q_: call(q_, kk, v).astype(jnp.float32).sum())(q)
+    grad_ref = jax.grad(lambda q_: attention_reference(q_, *f32[1:], mask, d ** -0.5, sliding_window=window,
+                                                         block_ids_bs=blocks).sum())(f32[0])
+    assert rel_l2(np.asarray(grad, np.float32)[keep], np.asarray(grad_ref)[keep]) < 2e-2
+
+
+def test_cudnn_bidirectional_attention_matches_reference(rng):
+    """The SigLIP tower's attention (every patch sees every patch; head_dim 72 as so400m's) on cuDNN."""
+    from fastlora_jax.kernels.attention import bidirectional_attention
+    from fastlora_jax.kernels.reference import bidirectional_attention_reference
+    n, p, h, d = 2, 1024, 16, 72
+    q, k, v = (jnp.asarray(rng.standard_normal((n, p, h, d)), jnp.bfloat16) for _ in range(3))
+    call = jax.jit(lambda q_: bidirectional_attention(q_, k, v, d ** -0.5, impl="cudnn"))
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    assert rel_l2(np.asarray(call(q), np.float32), np.asarray(bidirectional_attention_reference(*f32, d ** -0.5))) < 1e-2
+    grad = jax.grad(lambda q_: call(q_).astype(jnp.float32).sum())(q)
+    grad_ref = jax.grad(lambda q_: bidirectional_attention_reference(q_, *f32[1:], d ** -0.5).sum())(f32[0])
+    assert rel_l2(np.asarray(grad, np.float32), np.asarray(grad_ref)) < 2e-2
+
+
+def test_gemma3_vision_logits_on_gpu_match_transformers(tmp_path, rng):
+    """A tiny Gemma 3 VLM (two images, bidirectional blocks, a window shorter than an image): fp32 logits on the
+    GPU within 1e-4 of transformers' (torch on the CPU), bf16 (cuDNN attention) within 2e-2."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    from fastlora_jax import FastVisionModel
+    from fastlora_jax.tiny_gemma3 import write_tiny_gemma3_vl
+    model_dir = write_tiny_gemma3_vl(tmp_path / "g3", seed=int(rng.integers(1 << 30)), processor=False)
+    hf = Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    cfg = hf.config
+    n_img = cfg.mm_tokens_per_image
+    ids = rng.integers(20, 500, size=(2, 60))
+    for row, start in ((0, 10), (1, 4), (1, 30)):
+        ids[row, start] = cfg.boi_token_id
+        ids[row, start + 1:start + 1 + n_img] = cfg.image_token_id
+        ids[row, start + 1 + n_img] = cfg.eoi_token_id
+    types = (ids == cfg.image_token_id).astype(np.int64)
+    pixels = rng.standard_normal((3, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)).astype(np.float32)
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
+                      token_type_ids=torch.tensor(types)).logits.numpy()
+    model, _ = FastVisionModel.from_pretrained(model_dir, dtype="float32", load_in_4bit=False)
+    logits = model(ids, None, pixels, types).logits
+    assert jax.devices()[0].platform == "gpu"
+    assert rel_l2(np.asarray(logits), expected) < 1e-4
+    bf16, _ = FastVisionModel.from_pretrained(model_dir, load_in_4bit=False)  # dtype=None: bf16 on a GPU
+    assert bf16.dtype == jnp.bfloat16
+    assert rel_l2(np.asarray(bf16(ids, None, pixels, types).logits.astype(jnp.float32)), expected) < 2e-2

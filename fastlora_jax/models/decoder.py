@@ -402,33 +402,37 @@ def decoder_layer_with_attention(cfg: DecoderConfig, layer: dict, x_bsd, cos_bsr
     return x_bsd + mlp_out, aux
 
 
-def causal_attention(cfg: DecoderConfig, attention_mask_bs, sliding_l, options: KernelOptions = DEFAULT_OPTIONS):
-    """The `attend` callback of the uncached forward: causal attention with this layer's window and the cap."""
+def causal_attention(cfg: DecoderConfig, attention_mask_bs, sliding_l, options: KernelOptions = DEFAULT_OPTIONS,
+                     block_ids_bs=None):
+    """The `attend` callback of the uncached forward: causal attention with this layer's window and the cap;
+    `block_ids_bs` (`[batch, seq]`, -1 for text) makes each block bidirectional (Gemma 3's image tokens)."""
     def attend(q, k, v):
         def call(window):
             return kernels.attention(q, k, v, attention_mask_bs, cfg.attention_scale,
                                      logit_softcap=cfg.attn_logit_softcap, sliding_window=window,
-                                     impl=options.attention)
+                                     impl=options.attention, block_ids_bs=block_ids_bs)
         return by_window(cfg, sliding_l, call), None
     return attend
 
 
 def decoder_layer(cfg: DecoderConfig, layer: dict, x_bsd, cos_bsr, sin_bsr, attention_mask_bs, key=None,
-                  dropout_rate: float = 0.0, options: KernelOptions = DEFAULT_OPTIONS, sliding_l=False):
+                  dropout_rate: float = 0.0, options: KernelOptions = DEFAULT_OPTIONS, sliding_l=False,
+                  block_ids_bs=None):
     """One decoder layer over a whole sequence (training and uncached forward)."""
-    attend = causal_attention(cfg, attention_mask_bs, sliding_l, options)
+    attend = causal_attention(cfg, attention_mask_bs, sliding_l, options, block_ids_bs)
     return decoder_layer_with_attention(cfg, layer, x_bsd, cos_bsr, sin_bsr, attend, key, dropout_rate, options)[0]
 
 
 def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask_bs=None, dropout_key=None,
                dropout_rate: float = 0.0, remat=None, options: KernelOptions = DEFAULT_OPTIONS,
-               indices: tuple[int, ...] | None = None):
+               indices: tuple[int, ...] | None = None, *, block_ids_bs=None):
     """The decoder layers under one scan (also the Qwen-VL language model's); `remat` is a jax.checkpoint policy
     (training.remat_policy). cos/sin: `[b, s, r]` or `[types, b, s, r]` (already in the compute dtype).
 
     `indices`: which of the config's layers `layers` stacks (their HF layer indices, default all of them), for a
     model whose decoder layers are interleaved with layers of another kind (Mllama's cross-attention layers):
-    each layer gets the window, rotary table and dropout key of its own index."""
+    each layer gets the window, rotary table and dropout key of its own index.
+    `block_ids_bs`: bidirectional blocks in every layer's mask (`causal_attention`; Gemma 3's images)."""
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
     data = layer_data(cfg)
     if indices is not None:
@@ -441,7 +445,7 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
         x_bsd = checkpoint_name(x_bsd, LAYER_INPUT)
         cos_l, sin_l = _layer_rope(cos, sin, data["rope"])
         return decoder_layer(cfg, layer, x_bsd, cos_l, sin_l, attention_mask_bs, key, dropout_rate, options,
-                             data["sliding"]), None
+                             data["sliding"], block_ids_bs), None
 
     if remat is not None:
         step = jax.checkpoint(step, policy=remat, prevent_cse=False)
@@ -501,16 +505,24 @@ def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) 
 
 
 def cache_attention_allowed(seq: int, max_len: int, cache_index, attention_mask_b_maxlen=None,
-                            sliding_window: int | None = None):
+                            sliding_window: int | None = None, block_ids_bs=None):
     """Which cache slots each of this call's queries may attend to: `[batch|1, seq, max_len]` bool.
 
     Query i sits in slot `cache_index + i`; it sees slot j when `j <= cache_index + i` (everything cached
     before this call plus the causal part of the call itself), `cache_index + i - j < sliding_window` with a
     window, and the slot is not padding (`attention_mask_b_maxlen[b, j] == 1`; the mask must already cover
-    this call's slots).
+    this call's slots). `block_ids_bs` (this call's tokens, -1 for text): a query also sees the slots of this
+    call that share its block (Gemma 3's prefill, images bidirectional).
     """
     query_slot = cache_index + jnp.arange(seq, dtype=jnp.int32)
-    allowed = kernels.reference.causal_allowed(query_slot, jnp.arange(max_len, dtype=jnp.int32), sliding_window)[None]
+    key_slot = jnp.arange(max_len, dtype=jnp.int32)
+    if block_ids_bs is None:
+        allowed = kernels.reference.causal_allowed(query_slot, key_slot, sliding_window)[None]
+    else:
+        block_ids_bs = jnp.asarray(block_ids_bs, jnp.int32)
+        keys = jax.lax.dynamic_update_slice(jnp.full((block_ids_bs.shape[0], max_len), -1, jnp.int32), block_ids_bs,
+                                            (jnp.zeros((), jnp.int32), jnp.asarray(cache_index, jnp.int32)))
+        allowed = kernels.reference.causal_allowed(query_slot, key_slot, sliding_window, block_ids_bs, keys)
     if attention_mask_b_maxlen is not None:
         allowed = allowed & attention_mask_b_maxlen.astype(bool)[:, None, :]
     return allowed
@@ -534,16 +546,17 @@ def cache_writing_attention(k_cache, v_cache, cache_index, allowed_bsL, scale: f
 
 def run_layers_cached(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, cache: dict, cache_index,
                       attention_mask_b_maxlen=None, options: KernelOptions = DEFAULT_OPTIONS,
-                      indices: tuple[int, ...] | None = None):
-    """`run_layers` writing and reading the KV cache (stacked like `layers`: `indices` as in run_layers);
-    returns `(x, new_cache)`."""
+                      indices: tuple[int, ...] | None = None, *, block_ids_bs=None):
+    """`run_layers` writing and reading the KV cache (stacked like `layers`: `indices` as in run_layers;
+    `block_ids_bs` as in `cache_attention_allowed`); returns `(x, new_cache)`."""
     seq, max_len = x_bsd.shape[1], cache["k"].shape[2]
     cache_index = jnp.asarray(cache_index, jnp.int32)
-    allowed_full = cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen)
+    allowed_full = cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen,
+                                           block_ids_bs=block_ids_bs)
     allowed_window = None
     if any(cfg.sliding_layers):
         allowed_window = cache_attention_allowed(seq, max_len, cache_index, attention_mask_b_maxlen,
-                                                 cfg.sliding_window)
+                                                 cfg.sliding_window, block_ids_bs)
     data = layer_data(cfg)
     if indices is not None:
         data = jax.tree.map(lambda a: a[jnp.asarray(indices, jnp.int32)], data)

@@ -27,10 +27,10 @@ import re
 from collections.abc import Mapping
 from types import ModuleType
 
-from fastlora_jax.models import decoder, gemma2, gemma3, llama, mistral, mllama, phi3, qwen2, qwen2_vl, qwen3
+from fastlora_jax.models import decoder, gemma2, gemma3, gemma3_vl, llama, mistral, mllama, phi3, qwen2, qwen2_vl, qwen3
 
 TEXT_FAMILIES = (llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3)
-VISION_FAMILIES = (qwen2_vl, mllama)
+VISION_FAMILIES = (qwen2_vl, mllama, gemma3_vl)
 FAMILY_MODULES = TEXT_FAMILIES + VISION_FAMILIES
 FAMILIES: dict[str, ModuleType] = {arch: family for family in FAMILY_MODULES for arch in family.ARCHITECTURES}
 
