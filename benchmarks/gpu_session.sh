@@ -17,6 +17,12 @@ for job in "$@"; do
     prof) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 2 --seq 2048 --gc false unsloth --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
           python3 benchmarks/train_step.py --shape llama-3.2-1b --batch 4 --seq 2048 --gc false unsloth --profile 2 --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}
+             # the memory-lean row tiles of large dequantized weights (default 128 MiB) against whole weights
+             for mib in 128 100000; do
+               python3 benchmarks/train_step.py --shape $shape --batch $batch --seq 2048 --gc unsloth --compile-first --lean-tile-mib $mib --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+             done ;;
     gemma3v) python3 benchmarks/vl_train_step.py --shape gemma-3-4b --seq 2048 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     families) for spec in "qwen3-8b 2" "gemma-3-1b 4" "phi-4 1"; do set -- $spec
                 python3 benchmarks/train_step.py --vs-unsloth --shape $1 --batch $2 --seq 2048 --gc unsloth --timeout 240 2>&1 | tee -a "$OUT/bench.jsonl"

@@ -616,6 +616,19 @@ class NF4Weight:
             fn = jax.vmap(fn)
         return fn(self.absmax, self.nested_absmax, self.nested_quant_map, self.offset)
 
+    def rows(self, start: int, stop: int) -> "NF4Weight":
+        """Rows `[start, stop)` of a single 2-D weight whose rows hold whole blocks, with its scales decoded
+        (plain float32 absmax): the same values as `dequantize()[start:stop]`, for a gemm over row tiles."""
+        if self.stack_shape or len(self._shape) != 2 or self._shape[1] % self._blocksize:
+            raise ValueError(f"rows() needs one 2-D weight whose rows are whole blocks of {self._blocksize}; "
+                             f"this is {self!r}")
+        out_dim, in_dim = self._shape
+        if not 0 <= start < stop <= out_dim:
+            raise ValueError(f"rows({start}, {stop}) is outside the weight's {out_dim} rows")
+        half, blocks = in_dim // 2, in_dim // self._blocksize
+        return NF4Weight(self.packed[start * half:stop * half], self.absmax_f32()[start * blocks:stop * blocks],
+                         self.quant_map, shape=(stop - start, in_dim), dtype=self._dtype, blocksize=self._blocksize)
+
     # -- stacking for lax.scan over layers ------------------------------------------------------
     @classmethod
     def stack(cls, weights: Sequence["NF4Weight"]) -> "NF4Weight":

@@ -100,14 +100,54 @@ def _lookup16(table_16, code, lean: bool):
     return level[0]
 
 
+def lean_row_tiles(weight_oi, dtype, options: KernelOptions = DEFAULT) -> tuple[tuple[int, int], ...] | None:
+    """Row ranges `(start, stop)` in which the memory-lean modes dequantize an NF4 weight and multiply by it, or
+    None for the whole weight at once.
+
+    Why: a module's dequantized weight is a transient of each of its gemms (forward, recompute, backward), and the
+    largest ones set the step's peak: Phi-4's fused gate_up is 350 MiB in bf16, live together with the MLP's
+    [tokens, 35840] activations and their gradient. Split by output rows into tiles of at most
+    `options.lean_weight_tile_bytes` (128 MiB), only one tile is alive at a time; the outputs are concatenated
+    (forward) and the dx terms summed (backward). The row count of a tile divides the weight's and is a multiple
+    of 8; where none does, None."""
+    if not (options.memory_lean and isinstance(weight_oi, NF4Weight) and _one_pass_dequantizes(weight_oi)):
+        return None
+    out_dim, in_dim = weight_oi.weight_shape
+    nbytes = out_dim * in_dim * jnp.dtype(dtype).itemsize
+    if nbytes <= options.lean_weight_tile_bytes:
+        return None
+    for tiles in range(-(-nbytes // options.lean_weight_tile_bytes), out_dim // 8 + 1):
+        if out_dim % tiles == 0 and (out_dim // tiles) % 8 == 0:
+            rows = out_dim // tiles
+            return tuple((i * rows, (i + 1) * rows) for i in range(tiles))
+    return None
+
+
+def _weight_tiles(weight_oi, dtype, options: KernelOptions):
+    """`[(start, stop, W rows)]`: the tiles of `lean_row_tiles`, or the whole weight as one."""
+    tiles = lean_row_tiles(weight_oi, dtype, options)
+    if tiles is None:
+        return [(0, None, weight_oi)]
+    whole = gathered(weight_oi)  # FSDP: gathered once, then sliced
+    return [(a, b, whole.rows(a, b)) for a, b in tiles]
+
+
+def _sum(terms):
+    total = None
+    for t in terms:
+        total = t if total is None else total + t
+    return total
+
+
 def base_matmul(x_ti: jax.Array, weight_oi, options: KernelOptions = DEFAULT) -> jax.Array:
     """`x @ deq(W)ᵀ` in x's dtype (fp32 accumulation): the fused NF4 kernel where chosen and supported, else XLA."""
     if _use_nf4_kernel(x_ti, weight_oi, options, transposed=False):
         from fastlora_jax.kernels import nf4_matmul
         # Under a mesh: per device, on its own rows, with the weight gathered (shard_map).
         return per_device_rows(lambda x, w: nf4_matmul.nf4_matmul(x, w, impl="pallas"), x_ti, weight_oi)
-    w_oi = dense_base_weight(weight_oi, x_ti.dtype, options)
-    return jnp.einsum("ti,oi->to", x_ti, w_oi, preferred_element_type=x_ti.dtype)
+    ys = [jnp.einsum("ti,oi->to", x_ti, dense_base_weight(w, x_ti.dtype, options), preferred_element_type=x_ti.dtype)
+          for _, _, w in _weight_tiles(weight_oi, x_ti.dtype, options)]
+    return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)
 
 
 def base_matmul_t(g_to: jax.Array, weight_oi, options: KernelOptions = DEFAULT) -> jax.Array:
@@ -115,8 +155,9 @@ def base_matmul_t(g_to: jax.Array, weight_oi, options: KernelOptions = DEFAULT) 
     if _use_nf4_kernel(g_to, weight_oi, options, transposed=True):
         from fastlora_jax.kernels import nf4_matmul
         return per_device_rows(lambda g, w: nf4_matmul.nf4_matmul_t(g, w, impl="pallas"), g_to, weight_oi)
-    w_oi = dense_base_weight(weight_oi, g_to.dtype, options)
-    return jnp.einsum("to,oi->ti", g_to, w_oi, preferred_element_type=g_to.dtype)
+    return _sum(jnp.einsum("to,oi->ti", g_to[:, a:b], dense_base_weight(w, g_to.dtype, options),
+                           preferred_element_type=g_to.dtype)
+                for a, b, w in _weight_tiles(weight_oi, g_to.dtype, options))
 
 
 def _use_nf4_kernel(a_tx, weight, options: KernelOptions, *, transposed: bool) -> bool:
@@ -165,14 +206,17 @@ def _dx_with_lora(g_to, gb_tr, weight_oi, a_ri, options: KernelOptions):
     dequantize kernel itself. Unfused, the LoRA term is a second `[tokens, in]` output (down_proj: tokens x
     intermediate) beside the base term, both live until their add."""
     dtype = g_to.dtype
-    if jnp.dtype(dtype).itemsize == 2 and _one_pass_dequantizes(weight_oi) and a_ri.shape[1] % 2 == 0:
-        words = jnp.concatenate([_dequantized_words(weight_oi, dtype, options.memory_lean),
+    (a0, b0, w0), *rest = _weight_tiles(weight_oi, dtype, options)  # A goes below the first tile
+    if jnp.dtype(dtype).itemsize == 2 and _one_pass_dequantizes(w0) and a_ri.shape[1] % 2 == 0:
+        words = jnp.concatenate([_dequantized_words(w0, dtype, options.memory_lean),
                                  _as_words(a_ri.astype(dtype))], axis=0)
         w_ki = lax.bitcast_convert_type(words, dtype).reshape(words.shape[0], -1)
     else:
-        w_ki = jnp.concatenate([dense_base_weight(weight_oi, dtype, options), a_ri.astype(dtype)], axis=0)
-    g_folded = jnp.concatenate([g_to, gb_tr.astype(dtype)], axis=1)
-    return jnp.einsum("tk,ki->ti", g_folded, w_ki, preferred_element_type=dtype)
+        w_ki = jnp.concatenate([dense_base_weight(w0, dtype, options), a_ri.astype(dtype)], axis=0)
+    g_folded = jnp.concatenate([g_to[:, a0:b0], gb_tr.astype(dtype)], axis=1)
+    dx = jnp.einsum("tk,ki->ti", g_folded, w_ki, preferred_element_type=dtype)
+    return _sum([dx] + [jnp.einsum("to,oi->ti", g_to[:, a:b], dense_base_weight(w, dtype, options),
+                                   preferred_element_type=dtype) for a, b, w in rest])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -388,10 +432,13 @@ def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32)
     xa_scaled_tR = _scale_columns(xa_tR.astype(dtype), scalings, ranks, dtype)
     x_folded_tk = _folded_columns(x_ti, xa_scaled_tR, dtype)
-    if options.memory_lean:  # one gemm and one folded weight per module: no group-sized transient
-        ys = tuple(jnp.einsum("tk,ok->to", x_folded_tk, _folded_weight([w], [b], dtype), preferred_element_type=dtype)
-                   for w, b in zip(weights, _b_blocks(bs, ranks)))
-        return ys, (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
+    if options.memory_lean:  # one gemm and one folded weight per module (per row tile): no group-sized transient
+        ys = []
+        for w, b in zip(weights, _b_blocks(bs, ranks)):
+            tiles = [jnp.einsum("tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype),
+                                preferred_element_type=dtype) for r0, r1, wt in _weight_tiles(w, dtype, options)]
+            ys.append(tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=1))
+        return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
     w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype)
     y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)
     offsets = np.cumsum([0] + [b.shape[0] for b in bs])
@@ -407,7 +454,8 @@ def _folded_bwd(options, ranks, residuals, gs):
     dtype, in_dim = x_ti.dtype, x_ti.shape[1]
     dx, gbs, dbs = None, [], []
     for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):
-        gw_tk = jnp.einsum("to,ok->tk", g, _folded_weight([w], [b], dtype), preferred_element_type=dtype)
+        gw_tk = _sum(jnp.einsum("to,ok->tk", g[:, r0:r1], _folded_weight([wt], [b[r0:r1]], dtype),
+                                preferred_element_type=dtype) for r0, r1, wt in _weight_tiles(w, dtype, options))
         dx = gw_tk[:, :in_dim] if dx is None else dx + gw_tk[:, :in_dim]
         gbs.append(gw_tk[:, in_dim:in_dim + b.shape[1]])
         s32 = s.astype(jnp.float32)

@@ -22,13 +22,17 @@ class KernelOptions:
       flash-style reference where it does not (soft-caps); "xla": the dense reference; "flash": the Mosaic GPU
       flash kernel where it supports the call, else the blockwise reference);
     - `memory_lean`: the choices of the checkpointing modes "unsloth" and True, whose bar is peak memory
-      (LoRA folded per module rather than per group, the select-tree NF4 lookup); `CausalLM` sets it from `use_gradient_checkpointing`.
+      (LoRA folded per module rather than per group, the select-tree NF4 lookup, weights dequantized in row
+      tiles); `CausalLM` sets it from `use_gradient_checkpointing`;
+    - `lean_weight_tile_bytes`: in the memory-lean modes, an NF4 weight whose dequantized copy is larger than
+      this is dequantized and multiplied in tiles of its output rows (`lora_op.lean_row_tiles`).
     """
 
     nf4_matmul: str = "xla"
     lora_fold: bool = True
     attention: str = "auto"
     memory_lean: bool = False
+    lean_weight_tile_bytes: int = 128 << 20
 
     def __post_init__(self):
         if self.nf4_matmul not in NF4_MATMULS:
@@ -37,6 +41,8 @@ class KernelOptions:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
         if not isinstance(self.lora_fold, bool) or not isinstance(self.memory_lean, bool):
             raise TypeError(f"lora_fold and memory_lean must be bools; got {self.lora_fold!r}, {self.memory_lean!r}")
+        if not isinstance(self.lean_weight_tile_bytes, int) or self.lean_weight_tile_bytes < 1:
+            raise ValueError(f"lean_weight_tile_bytes={self.lean_weight_tile_bytes!r} must be a positive int (bytes)")
 
 
 DEFAULT = KernelOptions()

@@ -37,6 +37,14 @@ def test_one_pass_dequantize_is_bit_exact(rng, shape, double_quant, dtype, lean)
     assert np.array_equal(fast, ref)
 
 
+def _lean_options(lean) -> KernelOptions:
+    """`lean`: False, True, or "tiled" (memory-lean with every NF4 weight dequantized in row tiles of 8 rows
+    here: `lora_op.lean_row_tiles` with a 4 KiB limit)."""
+    if lean == "tiled":
+        return KernelOptions(memory_lean=True, lean_weight_tile_bytes=4096)
+    return KernelOptions(memory_lean=lean)
+
+
 def _module(rng, nf4: bool, bias: bool, out=96, inp=128, r=8):
     w = jnp.asarray(rng.standard_normal((out, inp)) * 0.05, jnp.float32)
     module = {"weight": NF4Weight.quantize(w) if nf4 else w,
@@ -51,10 +59,10 @@ def _module(rng, nf4: bool, bias: bool, out=96, inp=128, r=8):
 @pytest.mark.parametrize("nf4", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("lean", [False, True])  # lean + NF4 + no dropout: dx in one gemm (lora_op._dx_with_lora)
+@pytest.mark.parametrize("lean", [False, True, "tiled"])  # lean + NF4 + no dropout: dx in one gemm (_dx_with_lora)
 def test_lora_linear_value_and_gradients_match_reference(rng, nf4, dropout, bias, lean):
     module = _module(rng, nf4, bias)
-    options = KernelOptions(memory_lean=lean)
+    options = _lean_options(lean)
     x = jnp.asarray(rng.standard_normal((2, 7, 128)), jnp.float32)
     key = jax.random.PRNGKey(int(rng.integers(1 << 30))) if dropout else None
     probe = jnp.asarray(rng.standard_normal((2, 7, 96)), jnp.float32)
@@ -74,12 +82,12 @@ def test_lora_linear_value_and_gradients_match_reference(rng, nf4, dropout, bias
         assert rel_l2(g, w) < 1e-5
 
 
-@pytest.mark.parametrize("lean", [False, True])
+@pytest.mark.parametrize("lean", [False, True, "tiled"])
 def test_lora_linear_bf16_close_to_fp32_reference(rng, lean):
     """bf16 values and gradients (x, A, B) against the fp32 reference; with `lean` the backward's dx is one
-    gemm over `[g | gb]` and `[[deq(W)]; [A]]`, written as packed 32-bit words."""
+    gemm over `[g | gb]` and `[[deq(W)]; [A]]`, written as packed 32-bit words ("tiled": per row tile of W)."""
     module = _module(rng, True, False, out=128, inp=256, r=16)
-    options = KernelOptions(memory_lean=lean)
+    options = _lean_options(lean)
     x = jnp.asarray(rng.standard_normal((4, 64, 256)), jnp.float32)
     probe = jnp.asarray(rng.standard_normal((4, 64, 128)), jnp.float32)
 
@@ -167,10 +175,10 @@ def test_false_mode_keeps_no_dequantized_weight():
 
 
 @pytest.mark.parametrize("nf4", [True, False])
-@pytest.mark.parametrize("lean", [False, True])  # NF4: folded (one gemm per group, or per module when lean)
+@pytest.mark.parametrize("lean", [False, True, "tiled"])  # NF4: folded (one gemm per group, or per module when lean)
 def test_grouped_lora_linears_match_separate_ones(rng, nf4, lean):
     """q/k/v-style modules sharing x, different output sizes and ranks, one with a bias."""
-    options = KernelOptions(memory_lean=lean)
+    options = _lean_options(lean)
     mods = [_module(rng, nf4, bias=False, out=96, r=8), _module(rng, nf4, bias=True, out=32, r=4),
             _module(rng, nf4, bias=False, out=64, r=8)]
     x = jnp.asarray(rng.standard_normal((2, 9, 128)), jnp.float32)
@@ -191,7 +199,7 @@ def test_grouped_lora_linears_match_separate_ones(rng, nf4, lean):
 
 
 @pytest.mark.parametrize("outs_ranks", [[(160, 8)], [(96, 8), (32, 4), (64, 16)], [(192, 16), (192, 16)]])
-@pytest.mark.parametrize("lean", [False, True])  # one folded gemm per group, or one per module
+@pytest.mark.parametrize("lean", [False, True, "tiled"])  # one folded gemm per group, per module, per row tile
 def test_lora_folded_into_nf4_matmul_matches_reference(rng, outs_ranks, lean):
     """NF4 linears whose outputs are at least as wide as the input run with B folded into the base matmul's
     extra contraction columns (lora_op._folded_core): values and all gradients as PEFT's math, in fp32."""
@@ -204,7 +212,7 @@ def test_lora_folded_into_nf4_matmul_matches_reference(rng, outs_ranks, lean):
         ms = [dict(m, lora_A=a, lora_B=b) for m, (a, b) in zip(mods, lora)]
         return sum(jnp.sum(jnp.tanh(y) * p) for y, p in zip(op(x, ms), probes))
 
-    options = KernelOptions(memory_lean=lean)
+    options = _lean_options(lean)
 
     def folded(x, ms):
         if len(ms) > 1:
@@ -243,6 +251,33 @@ def test_lora_folded_bf16_close_to_fp32_reference(rng, ranks):
         assert rel_l2(y.astype(jnp.float32), reference.lora_linear(x, m)) < 1e-2
     for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         assert rel_l2(g.astype(jnp.float32), w) < 2e-2
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_rows_equal_the_dequantized_rows(rng, double_quant):
+    w = NF4Weight.quantize(jnp.asarray(rng.standard_normal((48, 192)) * 0.05, jnp.float32), double_quant=double_quant)
+    whole = np.asarray(w.dequantize(jnp.bfloat16)).view(np.uint16)
+    for a, b in [(0, 8), (8, 40), (40, 48)]:
+        assert np.array_equal(np.asarray(w.rows(a, b).dequantize(jnp.bfloat16)).view(np.uint16), whole[a:b])
+    with pytest.raises(ValueError, match="outside the weight's 48 rows"):
+        w.rows(40, 56)
+
+
+def test_lean_row_tiles_rule():
+    """Tiles only in the memory-lean modes and only for weights above the limit: Phi-4's fused gate_up
+    (35840 x 5120, 350 MiB in bf16) in 4 tiles of 87.5 MiB; Llama-8B's gate (14336 x 4096, 112 MiB) whole."""
+    def nf4(shape):  # the metadata is all the rule reads
+        return NF4Weight(jnp.zeros((shape[0] * shape[1] // 2, 1), jnp.uint8), jnp.ones(shape[0] * shape[1] // 64),
+                         jnp.zeros(16), shape=shape, dtype="bfloat16")
+    lean = KernelOptions(memory_lean=True)
+    tiles = lora_op.lean_row_tiles(nf4((35840, 5120)), jnp.bfloat16, lean)
+    assert tiles == tuple((i * 8960, (i + 1) * 8960) for i in range(4))
+    assert lora_op.lean_row_tiles(nf4((14336, 4096)), jnp.bfloat16, lean) is None
+    assert lora_op.lean_row_tiles(nf4((35840, 5120)), jnp.bfloat16, KernelOptions()) is None
+    assert lora_op.lean_row_tiles(jnp.zeros((64, 64)), jnp.bfloat16, KernelOptions(memory_lean=True,
+                                                                               lean_weight_tile_bytes=16)) is None
+    with pytest.raises(ValueError, match="lean_weight_tile_bytes=0"):
+        KernelOptions(lean_weight_tile_bytes=0)
 
 
 def test_lora_fold_rule():

@@ -43,7 +43,7 @@ from fastlora_jax import kernels
 from fastlora_jax.kernels.options import DEFAULT as DEFAULT_OPTIONS
 from fastlora_jax.kernels.options import KernelOptions
 from fastlora_jax.models import decoder, gemma3
-from fastlora_jax.models.qwen2_vl import _to_numpy, layer_norm, scatter_image_embeds
+from fastlora_jax.models.qwen2_vl import layer_norm, scatter_image_embeds
 
 ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 MODEL_TYPES = ("gemma3",)
@@ -238,7 +238,7 @@ def image_block_ids(token_type_ids_bs) -> np.ndarray:
 
 
 def _pixels(cfg: Config, pixel_values) -> np.ndarray | None:
-    array = _to_numpy(pixel_values)
+    array = decoder.host_array(pixel_values)
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"pixel_values must be floating point; got dtype {array.dtype}")
     v = cfg.vision
