@@ -35,8 +35,9 @@ for job in "$@"; do
                 python3 benchmarks/train_step.py --shape $shape --batch $batch --seq 2048 --gc unsloth --steps 2 --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl"
               mkdir -p "$OUT/memdump_$shape"
               # the largest compiled step: its scheduled HLO and its buffer assignment
-              for f in $(ls -S $dump/*jit_step*after_optimizations.txt | head -1) $(ls -S $dump/*jit_step*after_optimizations-buffer-assignment.txt | head -1); do
-                gzip -c "$f" > "$OUT/memdump_$shape/$(basename $f).gz"; done ;;
+              hlo=$(ls -S $dump/*jit_step*after_optimizations.txt | head -1)
+              for f in "$hlo" "${hlo%.txt}-buffer-assignment.txt" "${hlo%.txt}-memory-usage-report.txt"; do
+                [ -f "$f" ] && gzip -c "$f" > "$OUT/memdump_$shape/$(basename $f).gz"; done ;;
     *) echo "unknown job $job" ;;
   esac
 done

@@ -132,6 +132,23 @@ def bidirectional_attention_reference(q_bshd, k_bskd, v_bskd, scale: float) -> j
     return out.reshape(batch, seq, q_heads, head_dim)
 
 
+def biased_attention_reference(q_bqhd, k_bkgd, v_bkgd, bias_bqk, scale: float) -> jax.Array:
+    """Non-causal grouped-query attention with an additive bias, as transformers' eager attention: scores
+    `q·k * scale + bias` in fp32, softmax in fp32, probabilities cast to the query dtype. `bias_bqk` None: none.
+
+    The bias is added, not applied as a select, because transformers' masks are `finfo.min` additions and a
+    row whose every entry is masked then becomes uniform exactly as in torch."""
+    batch, nq, q_heads, head_dim = q_bqhd.shape
+    kv_heads = k_bkgd.shape[2]
+    q = q_bqhd.reshape(batch, nq, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_bkgd, preferred_element_type=jnp.float32) * scale
+    if bias_bqk is not None:
+        scores = scores + bias_bqk[:, None, None].astype(jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_bqhd.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bkgd, preferred_element_type=q_bqhd.dtype)
+    return out.reshape(batch, nq, q_heads, head_dim)
+
+
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,

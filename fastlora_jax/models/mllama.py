@@ -343,23 +343,6 @@ def _gate(g) -> jax.Array:
     return jnp.tanh(g.reshape(()))
 
 
-def biased_attention(q_bqhd, k_bkgd, v_bkgd, bias_bqk, scale: float):
-    """Non-causal grouped-query attention with an additive bias, as transformers' eager attention: scores
-    `q·k * scale + bias` in fp32, softmax in fp32, probabilities cast to the query dtype. `bias_bqk` None: none.
-
-    The bias is added, not applied as a select, because transformers' masks are `finfo.min` additions and a
-    row whose every entry is masked then becomes uniform exactly as in torch."""
-    batch, nq, q_heads, head_dim = q_bqhd.shape
-    kv_heads = k_bkgd.shape[2]
-    q = q_bqhd.reshape(batch, nq, kv_heads, q_heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_bkgd, preferred_element_type=jnp.float32) * scale
-    if bias_bqk is not None:
-        scores = scores + bias_bqk[:, None, None].astype(jnp.float32)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q_bqhd.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bkgd, preferred_element_type=q_bqhd.dtype)
-    return out.reshape(batch, nq, q_heads, head_dim)
-
-
 def _run_stack(step, x, xs, remat):
     """`jax.lax.scan(step, x, xs)`, under `jax.checkpoint(policy=remat)` when given; returns x."""
     if remat is not None:
@@ -429,7 +412,8 @@ def vision_layer(v: VisionConfig, layer: dict, x_nsd, pad_ns, gated: bool, key=N
     q, k, values = (checkpoint_name(t, SAVED_ATTENTION_INPUTS) for t in (q, k, values))
     mask_value = jnp.finfo(x_nsd.dtype).min
     bias = jnp.where(pad_ns[:, :, None] & pad_ns[:, None, :], mask_value, 0.0)
-    o = lin(biased_attention(q, k, values, bias, v.head_dim ** -0.5).reshape(n, s, v.hidden_size), attn["o_proj"], ko)
+    o = kernels.biased_attention(q, k, values, bias, v.head_dim ** -0.5, impl=options.attention)
+    o = lin(o.reshape(n, s, v.hidden_size), attn["o_proj"], ko)
     if gated:
         o = _gate(layer["gate_attn"]).astype(o.dtype) * o
     x_nsd = checkpoint_name(x_nsd + o, SAVED_MID_RESIDUAL)
@@ -564,7 +548,8 @@ def cross_attention_layer(cfg: Config, layer: dict, x_bsd, states_bvd, bias_bsv,
         kv = cross_attention_kv(cfg, layer, states_bvd.astype(x_bsd.dtype), (kk, kv_key), dropout_rate, options)
     k, v = (a.astype(x_bsd.dtype) for a in kv)
     q, k, v = (checkpoint_name(a, SAVED_ATTENTION_INPUTS) for a in (q, k, v))
-    o = biased_attention(q, k, v, bias_bsv, t.head_dim ** -0.5).reshape(batch, seq, t.num_heads * t.head_dim)
+    o = kernels.biased_attention(q, k, v, bias_bsv, t.head_dim ** -0.5, impl=options.attention)
+    o = o.reshape(batch, seq, t.num_heads * t.head_dim)
     o = lin(o, attn["o_proj"], ko)
     x_bsd = checkpoint_name(x_bsd + _gate(layer["cross_attn_attn_gate"]).astype(o.dtype) * o, SAVED_MID_RESIDUAL)
     h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], t.rms_norm_eps)
