@@ -41,6 +41,23 @@ SAVED_MLP_INPUTS = "mlp_gate_up"
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
 
 
+class LanguageModelFields:
+    """What generic code reads from a vision-language family's config (counts, loss chunking, repr): the fields
+    of its language model, `self.text` (a DecoderConfig)."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.text.num_layers
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
     """Everything the Llama-like families differ in, as data. Defaults are Llama's."""

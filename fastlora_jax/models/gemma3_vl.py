@@ -91,25 +91,12 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(decoder.LanguageModelFields):
     text: decoder.DecoderConfig
     vision: VisionConfig
     mm_tokens_per_image: int
     image_token_id: int
     tie_word_embeddings: bool
-
-    # What generic code reads from a family config (counts, loss chunking, repr): the language model's.
-    @property
-    def vocab_size(self) -> int:
-        return self.text.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.text.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.text.num_layers
 
     @property
     def tokens_per_side(self) -> int:

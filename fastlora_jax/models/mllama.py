@@ -112,24 +112,12 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(decoder.LanguageModelFields):
     text: decoder.DecoderConfig  # the self-attention layers (num_layers: every text layer, self and cross)
     vision: VisionConfig
     cross_attention_layers: tuple[int, ...]  # HF indices of the cross-attention layers
     image_token_id: int
     tie_word_embeddings: bool = False  # always False: transformers keeps lm_head separate
-
-    @property
-    def vocab_size(self) -> int:
-        return self.text.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.text.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.text.num_layers
 
     @property
     def embedding_rows(self) -> int:

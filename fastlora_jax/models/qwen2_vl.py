@@ -91,7 +91,7 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(decoder.LanguageModelFields):
     text: decoder.DecoderConfig
     vision: VisionConfig
     mrope_section: tuple[int, ...]  # rotary frequency pairs driven by the temporal, height, width positions
@@ -99,19 +99,6 @@ class Config:
     image_token_id: int
     video_token_id: int
     tie_word_embeddings: bool
-
-    # What generic code reads from a family config (counts, loss chunking, repr): the language model's.
-    @property
-    def vocab_size(self) -> int:
-        return self.text.vocab_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.text.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.text.num_layers
 
     @classmethod
     def from_hf(cls, hf_config) -> "Config":
