@@ -36,7 +36,7 @@ for job in "$@"; do
               mkdir -p "$OUT/memdump_$shape"
               # the largest compiled step: its scheduled HLO and its buffer assignment
               hlo=$(ls -S $dump/*jit_step*after_optimizations.txt | head -1)
-              for f in "$hlo" "${hlo%.txt}-buffer-assignment.txt" "${hlo%.txt}-memory-usage-report.txt"; do
+              for f in "$hlo" "${hlo%.txt}-buffer-assignment.txt" "${hlo%.txt}-memory-usage-report.txt" "${hlo%.txt}-live-range.txt"; do
                 [ -f "$f" ] && gzip -c "$f" > "$OUT/memdump_$shape/$(basename $f).gz"; done ;;
     *) echo "unknown job $job" ;;
   esac
