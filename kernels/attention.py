@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax.kernels import flash_attention as flash
-from fastlora_jax.kernels.reference import (attention_reference, biased_attention_reference,
-                                            bidirectional_attention_reference, cached_attention_reference,
-                                            causal_allowed)
+from fastlora_jax.kernels.reference import (attention_reference, cached_attention_reference, causal_allowed,
+                                            masked_attention_reference)
 from fastlora_jax.sharding import multi_device
 
 IMPLS = ("auto", "xla", "cudnn", "flash")
@@ -86,39 +85,25 @@ def _block_attention(q_bshd, k_bskd, v_bskd, attention_mask_bs, scale, logit_sof
                                         implementation="cudnn")
 
 
-def bidirectional_attention(q_bshd, k_bskd, v_bskd, scale: float, *, impl: str = "auto") -> jax.Array:
-    """Attention of every query over every key, no mask (a vision encoder's: the patches of one image).
-    impl as `attention`'s: cuDNN on a GPU for the 16-bit calls it takes, the reference elsewhere ("flash": the
-    reference; the flash kernel is causal)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
-    why_not = _cudnn_why_not(q_bshd, None)
-    if impl == "cudnn" and why_not:
-        raise ValueError(f"impl='cudnn' cannot run this call: {why_not}; use impl='auto' or 'xla'")
-    if impl in ("auto", "cudnn") and not why_not:
-        return jax.nn.dot_product_attention(q_bshd, k_bskd, v_bskd, scale=scale, implementation="cudnn")
-    return bidirectional_attention_reference(q_bshd, k_bskd, v_bskd, scale)
+def masked_attention(q_bqhd, k_bkgd, v_bkgd, allowed_bqk, scale: float, *, impl: str = "auto") -> jax.Array:
+    """Non-causal attention of the queries over keys of any length where `allowed_bqk` (`[batch, queries, keys]`
+    bool; None: every key) is True: Mllama's vision encoder and its cross-attention over the image tokens,
+    SigLIP's attention over the patches of one image. The values of `reference.masked_attention_reference`.
 
-
-def biased_attention(q_bqhd, k_bkgd, v_bkgd, bias_bqk, scale: float, *, impl: str = "auto") -> jax.Array:
-    """Non-causal attention of `q` over keys of another length, under transformers' additive mask: `bias_bqk`
-    `[batch, queries, keys]` is 0 where a key is seen and a large negative (`finfo.min`) where not; None: every
-    key (Mllama's vision encoder and its cross-attention over the image tokens).
-
-    On a GPU, for 16-bit calls of more than one query, cuDNN's fused attention with the bias as a boolean mask
-    (`bias == 0`): the reference's fp32 scores are `[heads, queries, keys]` per layer (Llama-3.2-11B-Vision:
-    1.68 GB for a 2,048-token cross-attention over one 4-tile image, 2.65 GB in its vision encoder) and a QLoRA
-    step held several at once. The same values except on a row whose every key is masked (uniform in the
-    reference, as in torch; Mllama's masks have none). Elsewhere (and `impl` "xla" or "flash"): the reference."""
+    On a GPU, for 16-bit calls of more than one query: cuDNN's fused attention (jax turns the mask into an additive
+    large negative, so a fully masked row is uniform as in the reference). Why: the reference's fp32 scores are
+    `[heads, queries, keys]` per layer (Llama-3.2-11B-Vision: 1.68 GB for a 2,048-token cross-attention over one
+    4-tile image, 2.65 GB in its vision encoder), and its QLoRA step held several at once (35-40 GiB peak).
+    Elsewhere (and with `impl` "xla" or "flash", which has no such kernel): the reference."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
     why_not = _cudnn_why_not(q_bqhd, None) or ("a single query" if q_bqhd.shape[1] == 1 else "")
     if impl == "cudnn" and why_not:
         raise ValueError(f"impl='cudnn' cannot run this call: {why_not}; use impl='auto' or 'xla'")
     if impl in ("auto", "cudnn") and not why_not:
-        mask = None if bias_bqk is None else (bias_bqk == 0)[:, None]
+        mask = None if allowed_bqk is None else allowed_bqk[:, None]
         return jax.nn.dot_product_attention(q_bqhd, k_bkgd, v_bkgd, mask=mask, scale=scale, implementation="cudnn")
-    return biased_attention_reference(q_bqhd, k_bkgd, v_bkgd, bias_bqk, scale)
+    return masked_attention_reference(q_bqhd, k_bkgd, v_bkgd, allowed_bqk, scale)
 
 
 def _cudnn_why_not(q_bshd, logit_softcap) -> str:

@@ -106,21 +106,24 @@ def lean_row_tiles(weight_oi, dtype, options: KernelOptions = DEFAULT) -> tuple[
 
     Why: a module's dequantized weight is a transient of each of its gemms (forward, recompute, backward), and the
     largest ones set the step's peak: Phi-4's fused gate_up is 350 MiB in bf16, live together with the MLP's
-    [tokens, 35840] activations and their gradient. Split by output rows into tiles of at most
-    `options.lean_weight_tile_bytes` (128 MiB), only one tile is alive at a time; the outputs are concatenated
-    (forward) and the dx terms summed (backward). The row count of a tile divides the weight's and is a multiple
-    of 8; where none does, None."""
+    [tokens, 35840] activations and their gradient. Split by output rows into tiles of at most about
+    `options.lean_weight_tile_bytes` (128 MiB), only one tile is alive at a time (Phi-4 1 x 2048: 10.35 -> 10.26
+    GiB, 3.7% slower); the outputs are concatenated (forward) and the dx terms summed in the compute dtype
+    (backward: one rounding per tile more than one gemm's fp32 accumulation; an fp32 sum would hold a [tokens, in]
+    fp32 buffer). Equal tiles (a multiple of 8 rows) where up to twice the least count gives them, else the least
+    count with a shorter last tile."""
     if not (options.memory_lean and isinstance(weight_oi, NF4Weight) and _one_pass_dequantizes(weight_oi)):
         return None
     out_dim, in_dim = weight_oi.weight_shape
     nbytes = out_dim * in_dim * jnp.dtype(dtype).itemsize
-    if nbytes <= options.lean_weight_tile_bytes:
+    least = -(-nbytes // options.lean_weight_tile_bytes)
+    if least <= 1:
         return None
-    for tiles in range(-(-nbytes // options.lean_weight_tile_bytes), out_dim // 8 + 1):
-        if out_dim % tiles == 0 and (out_dim // tiles) % 8 == 0:
-            rows = out_dim // tiles
-            return tuple((i * rows, (i + 1) * rows) for i in range(tiles))
-    return None
+    rows = next((out_dim // n for n in range(least, 2 * least + 1) if out_dim % n == 0 and (out_dim // n) % 8 == 0),
+                -(-(-(-out_dim // least)) // 8) * 8)
+    if rows >= out_dim:
+        return None
+    return tuple((a, min(a + rows, out_dim)) for a in range(0, out_dim, rows))
 
 
 def _weight_tiles(weight_oi, dtype, options: KernelOptions):

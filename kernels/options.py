@@ -41,7 +41,8 @@ class KernelOptions:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
         if not isinstance(self.lora_fold, bool) or not isinstance(self.memory_lean, bool):
             raise TypeError(f"lora_fold and memory_lean must be bools; got {self.lora_fold!r}, {self.memory_lean!r}")
-        if not isinstance(self.lean_weight_tile_bytes, int) or self.lean_weight_tile_bytes < 1:
+        if (isinstance(self.lean_weight_tile_bytes, bool) or not isinstance(self.lean_weight_tile_bytes, int)
+                or self.lean_weight_tile_bytes < 1):
             raise ValueError(f"lean_weight_tile_bytes={self.lean_weight_tile_bytes!r} must be a positive int (bytes)")
 
 

@@ -120,30 +120,21 @@ def cached_attention_reference(q_bshd, k_bLkd, v_bLkd, allowed_bsL, scale: float
 
 
 
-def bidirectional_attention_reference(q_bshd, k_bskd, v_bskd, scale: float) -> jax.Array:
-    """Multi-head attention of every query over every key (an encoder's: SigLIP's patches of one image), with
-    `attention_reference`'s arithmetic (fp32 scores and softmax, probabilities cast to the query dtype)."""
-    batch, seq, q_heads, head_dim = q_bshd.shape
-    kv_heads = k_bskd.shape[2]
-    q_bskgd = q_bshd.reshape(batch, seq, kv_heads, q_heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q_bskgd, k_bskd, preferred_element_type=jnp.float32) * scale
-    probs = jax.nn.softmax(scores, axis=-1).astype(q_bshd.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bskd, preferred_element_type=q_bshd.dtype)
-    return out.reshape(batch, seq, q_heads, head_dim)
+def masked_attention_reference(q_bqhd, k_bkgd, v_bkgd, allowed_bqk, scale: float) -> jax.Array:
+    """Non-causal grouped-query attention of the queries over keys of any length, as transformers' eager attention:
+    scores `q·k * scale` in fp32 plus `finfo(q.dtype).min` where `allowed_bqk` ([batch, queries, keys] bool) is
+    False, softmax in fp32, probabilities cast to the query dtype. `allowed_bqk` None: every key (an encoder's
+    attention over the patches of one image).
 
-
-def biased_attention_reference(q_bqhd, k_bkgd, v_bkgd, bias_bqk, scale: float) -> jax.Array:
-    """Non-causal grouped-query attention with an additive bias, as transformers' eager attention: scores
-    `q·k * scale + bias` in fp32, softmax in fp32, probabilities cast to the query dtype. `bias_bqk` None: none.
-
-    The bias is added, not applied as a select, because transformers' masks are `finfo.min` additions and a
-    row whose every entry is masked then becomes uniform exactly as in torch."""
+    The mask is added, not applied as a select, as transformers' masks are: a row whose every key is masked then
+    becomes uniform, exactly as in torch."""
     batch, nq, q_heads, head_dim = q_bqhd.shape
     kv_heads = k_bkgd.shape[2]
     q = q_bqhd.reshape(batch, nq, kv_heads, q_heads // kv_heads, head_dim)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k_bkgd, preferred_element_type=jnp.float32) * scale
-    if bias_bqk is not None:
-        scores = scores + bias_bqk[:, None, None].astype(jnp.float32)
+    if allowed_bqk is not None:
+        bias = jnp.where(allowed_bqk, 0.0, jnp.finfo(q_bqhd.dtype).min).astype(jnp.float32)
+        scores = scores + bias[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(q_bqhd.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_bkgd, preferred_element_type=q_bqhd.dtype)
     return out.reshape(batch, nq, q_heads, head_dim)

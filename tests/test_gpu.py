@@ -151,28 +151,28 @@ def test_cudnn_image_block_attention_matches_reference(rng, window):
 
 
 @pytest.mark.parametrize("shape", [(1, 300, 1000, 32, 8, 128), (2, 400, 400, 16, 16, 80)])  # cross / vision
-def test_cudnn_biased_attention_matches_reference(rng, shape):
-    """Mllama's attention on cuDNN (kernels.biased_attention): queries over keys of another length (the text
-    over the vision tokens) or the vision encoder's, GQA, head_dim 80, under transformers-style additive masks
-    (0 or finfo.min, some keys of every row masked): output and dq/dk/dv equal the fp32 reference."""
-    from fastlora_jax.kernels.attention import biased_attention
-    from fastlora_jax.kernels.reference import biased_attention_reference
+def test_cudnn_masked_attention_matches_reference(rng, shape):
+    """Mllama's attention on cuDNN (kernels.masked_attention): queries over keys of another length (the text
+    over the vision tokens) or the vision encoder's, GQA, head_dim 80, some keys of every row masked: output and
+    dq/dk/dv equal the fp32 reference (transformers' additive finfo.min mask)."""
+    from fastlora_jax.kernels.attention import masked_attention
+    from fastlora_jax.kernels.reference import masked_attention_reference
     b, nq, nk, h, kh, d = shape
     q, kk, v = (jnp.asarray(rng.standard_normal(s_), jnp.bfloat16) for s_ in
                 ((b, nq, h, d), (b, nk, kh, d), (b, nk, kh, d)))
     allowed = rng.random((b, nq, nk)) < 0.6
     allowed[:, :, 0] = True  # no row fully masked
-    bias = jnp.where(jnp.asarray(allowed), 0.0, jnp.finfo(jnp.bfloat16).min)
+    allowed = jnp.asarray(allowed)
     probe = jnp.asarray(rng.standard_normal((b, nq, h, d)), jnp.float32)
     f32 = [x.astype(jnp.float32) for x in (q, kk, v)]
 
     def loss(fn, *qkv):
         return jnp.sum(fn(*qkv).astype(jnp.float32) * probe)
 
-    call = jax.jit(lambda *qkv: biased_attention(*qkv, bias, d ** -0.5, impl="cudnn"))
-    ref = lambda *qkv: biased_attention_reference(*qkv, bias, d ** -0.5)  # noqa: E731
+    call = jax.jit(lambda *qkv: masked_attention(*qkv, allowed, d ** -0.5, impl="cudnn"))
+    ref = lambda *qkv: masked_attention_reference(*qkv, allowed, d ** -0.5)  # noqa: E731
     assert rel_l2(np.asarray(call(q, kk, v), np.float32), np.asarray(ref(*f32))) < 1e-2
-    unmasked = biased_attention_reference(*f32, None, d ** -0.5)
+    unmasked = masked_attention_reference(*f32, None, d ** -0.5)
     assert rel_l2(np.asarray(unmasked), np.asarray(ref(*f32))) > 0.05  # the mask matters here
     got = jax.grad(lambda *a: loss(call, *a), argnums=(0, 1, 2))(q, kk, v)
     want = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2))(*f32)
@@ -182,15 +182,15 @@ def test_cudnn_biased_attention_matches_reference(rng, shape):
 
 def test_cudnn_bidirectional_attention_matches_reference(rng):
     """The SigLIP tower's attention (every patch sees every patch; head_dim 72 as so400m's) on cuDNN."""
-    from fastlora_jax.kernels.attention import bidirectional_attention
-    from fastlora_jax.kernels.reference import bidirectional_attention_reference
+    from fastlora_jax.kernels.attention import masked_attention
+    from fastlora_jax.kernels.reference import masked_attention_reference
     n, p, h, d = 2, 1024, 16, 72
     q, k, v = (jnp.asarray(rng.standard_normal((n, p, h, d)), jnp.bfloat16) for _ in range(3))
-    call = jax.jit(lambda q_: bidirectional_attention(q_, k, v, d ** -0.5, impl="cudnn"))
+    call = jax.jit(lambda q_: masked_attention(q_, k, v, None, d ** -0.5, impl="cudnn"))
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    assert rel_l2(np.asarray(call(q), np.float32), np.asarray(bidirectional_attention_reference(*f32, d ** -0.5))) < 1e-2
+    assert rel_l2(np.asarray(call(q), np.float32), np.asarray(masked_attention_reference(*f32, None, d ** -0.5))) < 1e-2
     grad = jax.grad(lambda q_: call(q_).astype(jnp.float32).sum())(q)
-    grad_ref = jax.grad(lambda q_: bidirectional_attention_reference(q_, *f32[1:], d ** -0.5).sum())(f32[0])
+    grad_ref = jax.grad(lambda q_: masked_attention_reference(q_, *f32[1:], None, d ** -0.5).sum())(f32[0])
     assert rel_l2(np.asarray(grad, np.float32), np.asarray(grad_ref)) < 2e-2
 
 

@@ -276,8 +276,33 @@ def test_lean_row_tiles_rule():
     assert lora_op.lean_row_tiles(nf4((35840, 5120)), jnp.bfloat16, KernelOptions()) is None
     assert lora_op.lean_row_tiles(jnp.zeros((64, 64)), jnp.bfloat16, KernelOptions(memory_lean=True,
                                                                                lean_weight_tile_bytes=16)) is None
-    with pytest.raises(ValueError, match="lean_weight_tile_bytes=0"):
-        KernelOptions(lean_weight_tile_bytes=0)
+    assert lora_op.lean_row_tiles(nf4((104, 128)), jnp.float32,  # no equal tiles of 8k rows: a shorter last one
+                                  KernelOptions(memory_lean=True, lean_weight_tile_bytes=20000)) == ((0, 40), (40, 80), (80, 104))
+    for bad in (0, True):
+        with pytest.raises(ValueError, match=f"lean_weight_tile_bytes={bad}"):
+            KernelOptions(lean_weight_tile_bytes=bad)
+
+
+@pytest.mark.parametrize("out", [104, 136])  # unfolded (dx as one gemm per tile) / folded into the base matmul
+def test_ragged_row_tiles_match_reference(rng, out):
+    """Tiles with a shorter last one (3 tiles of 40/48 rows): values and gradients as PEFT's math, fp32."""
+    module = _module(rng, True, False, out=out)
+    options = KernelOptions(memory_lean=True, lean_weight_tile_bytes=20000 if out == 104 else 30000)
+    tiles = lora_op.lean_row_tiles(module["weight"], jnp.float32, options)
+    assert len(tiles) == 3 and tiles[-1][1] - tiles[-1][0] < tiles[0][1] - tiles[0][0]
+    x = jnp.asarray(rng.standard_normal((2, 7, 128)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((2, 7, out)), jnp.float32)
+
+    def loss(op, x, a, b):
+        return jnp.sum(jnp.tanh(op(x, dict(module, lora_A=a, lora_B=b))) * probe)
+
+    args = (x, module["lora_A"], module["lora_B"])
+    got = jax.value_and_grad(lambda *a: loss(partial(lora_op.lora_linear, options=options), *a), (0, 1, 2))(*args)
+    want = jax.value_and_grad(lambda *a: loss(reference.lora_linear, *a), (0, 1, 2))(*args)
+    magnitude = float(jnp.sum(jnp.abs(jnp.tanh(reference.lora_linear(x, module)) * probe)))
+    assert abs(got[0] - want[0]) <= 1e-5 * magnitude
+    for g, w in zip(got[1], want[1]):
+        assert rel_l2(g, w) < 1e-5
 
 
 def test_lora_fold_rule():

@@ -253,12 +253,16 @@ def test_vision_padding_mask_is_transformers(tiny):
     np.testing.assert_array_equal(ours_, theirs[:, 0].numpy())
 
 
-def test_cross_attention_bias_is_transformers(tiny):
+def test_cross_attention_mask_is_transformers(tiny):
+    """transformers' additive bias is 0 exactly where ours allows a key, finfo.min elsewhere."""
     from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
     mask = tiny.batch["cross_attention_mask"]
     bias, row = _prepare_cross_attention_mask(mask, tiny.cfg.vision.num_patches, torch.float32)
-    ours_bias, ours_row = mllama.cross_attention_bias(tiny.cfg, mask.numpy(), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(ours_bias), bias[:, 0].numpy())
+    ours_allowed, ours_row = mllama.cross_attention_allowed(tiny.cfg, mask.numpy(), jnp.float32)
+    theirs = bias[:, 0].numpy()
+    assert set(np.unique(theirs)) <= {0.0, np.finfo(np.float32).min}
+    np.testing.assert_array_equal(np.asarray(ours_allowed), theirs == 0)
+    assert not np.asarray(ours_allowed).all()  # some keys are masked here
     np.testing.assert_array_equal(np.asarray(ours_row), row[:, 0, :, 0].numpy())
     assert not np.asarray(ours_row)[0, 0]  # text before the first image: an empty row, zero bias, MLP masked
 
@@ -633,7 +637,7 @@ def test_kv_cache_prefill_and_decode_match_the_full_forward(tiny):
     cos, sin = tiny.model.rotary_cos_sin(positions[:, :s])
     logits, cache = mllama.forward_cached(cfg, params, jnp.asarray(ids), cos, sin, cache, 0, jnp.asarray(mask_l),
                                           vision=prep["vision"])
-    assert set(cache) == {"k", "v", "cross_k", "cross_v", "cross_bias", "cross_row"}
+    assert set(cache) == {"k", "v", "cross_k", "cross_v", "cross_allowed", "cross_row"}
     assert cache["cross_k"].shape[:3] == (2, b, 2 * cfg.vision.max_num_tiles * cfg.vision.num_patches)
     keep = mask.astype(bool)
     assert rel_l2(np.asarray(logits)[keep], full[:, :s][keep]) < 1e-5

@@ -351,7 +351,7 @@ def encoder_layer(v: VisionConfig, layer: dict, x_npd, key=None, dropout_rate: f
                                    options)
     q, k, values = (checkpoint_name(t.reshape(n, p, v.num_heads, v.head_dim), decoder.SAVED_ATTENTION_INPUTS)
                     for t in (q, k, values))
-    o = kernels.bidirectional_attention(q, k, values, v.head_dim ** -0.5, impl=options.attention)
+    o = kernels.masked_attention(q, k, values, None, v.head_dim ** -0.5, impl=options.attention)
     x_npd = checkpoint_name(x_npd + lin(o.reshape(n, p, v.hidden_size), attn["out_proj"], ko),
                             decoder.SAVED_MID_RESIDUAL)
     h = layer_norm(x_npd, layer["layer_norm2"]["weight"], layer["layer_norm2"]["bias"], v.layer_norm_eps)

@@ -398,9 +398,8 @@ def vision_layer(v: VisionConfig, layer: dict, x_nsd, pad_ns, gated: bool, key=N
     q, k, values = (t.reshape(n, s, v.num_heads, v.head_dim) for t in decoder.linears(
         h, [attn["q_proj"], attn["k_proj"], attn["v_proj"]], [kq, kk, kv], dropout_rate, options))
     q, k, values = (checkpoint_name(t, SAVED_ATTENTION_INPUTS) for t in (q, k, values))
-    mask_value = jnp.finfo(x_nsd.dtype).min
-    bias = jnp.where(pad_ns[:, :, None] & pad_ns[:, None, :], mask_value, 0.0)
-    o = kernels.biased_attention(q, k, values, bias, v.head_dim ** -0.5, impl=options.attention)
+    allowed = ~(pad_ns[:, :, None] & pad_ns[:, None, :])  # transformers masks only padding queries x padding keys
+    o = kernels.masked_attention(q, k, values, allowed, v.head_dim ** -0.5, impl=options.attention)
     o = lin(o.reshape(n, s, v.hidden_size), attn["o_proj"], ko)
     if gated:
         o = _gate(layer["gate_attn"]).astype(o.dtype) * o
@@ -490,8 +489,9 @@ def cross_attention_states(cfg: Config, params: dict, vision: dict, compute_dtyp
 # The language model.
 
 
-def cross_attention_bias(cfg: Config, cross_attention_mask_bsit, dtype):
-    """transformers' `_prepare_cross_attention_mask`: `(bias [B, S, images*tiles*num_patches], row_mask [B, S])`.
+def cross_attention_allowed(cfg: Config, cross_attention_mask_bsit, dtype):
+    """transformers' `_prepare_cross_attention_mask` as `(allowed [B, S, images*tiles*num_patches] bool, row_mask
+    [B, S])`: its bias is 0 exactly where `allowed`, `finfo.min` elsewhere.
 
     A token attends to the tiles where its mask is exactly 1 (each tile is `num_patches` vision tokens). A token
     with no such tile (text before the first image, padding) gets an all-zero bias row: it still attends, unmasked,
@@ -503,8 +503,7 @@ def cross_attention_bias(cfg: Config, cross_attention_mask_bsit, dtype):
     b, s = mask.shape[:2]
     allowed = jnp.repeat(mask == 1, cfg.vision.num_patches, axis=3).reshape(b, s, -1)
     row = jnp.any(allowed, axis=-1)
-    bias = jnp.where(allowed, 0.0, jnp.finfo(dtype).min) * row[..., None].astype(jnp.float32)
-    return bias, row.astype(dtype)
+    return allowed | ~row[..., None], row.astype(dtype)
 
 
 def cross_attention_kv(cfg: Config, layer: dict, states_bvd, keys=(None, None), dropout_rate: float = 0.0,
@@ -519,7 +518,7 @@ def cross_attention_kv(cfg: Config, layer: dict, states_bvd, keys=(None, None), 
     return k, v.reshape(batch, -1, t.num_kv_heads, t.head_dim)
 
 
-def cross_attention_layer(cfg: Config, layer: dict, x_bsd, states_bvd, bias_bsv, row_mask_bs, key=None,
+def cross_attention_layer(cfg: Config, layer: dict, x_bsd, states_bvd, allowed_bsv, row_mask_bs, key=None,
                           dropout_rate: float = 0.0, options: KernelOptions = DEFAULT_OPTIONS, kv=None):
     """`MllamaCrossAttentionDecoderLayer`: x + tanh(attn_gate) * cross_attn(ln(x), states), then
     + tanh(mlp_gate) * [row_mask *] mlp(ln(x)). q and k get per-head RMSNorms; no rotary embedding.
@@ -536,7 +535,7 @@ def cross_attention_layer(cfg: Config, layer: dict, x_bsd, states_bvd, bias_bsv,
         kv = cross_attention_kv(cfg, layer, states_bvd.astype(x_bsd.dtype), (kk, kv_key), dropout_rate, options)
     k, v = (a.astype(x_bsd.dtype) for a in kv)
     q, k, v = (checkpoint_name(a, SAVED_ATTENTION_INPUTS) for a in (q, k, v))
-    o = kernels.biased_attention(q, k, v, bias_bsv, t.head_dim ** -0.5, impl=options.attention)
+    o = kernels.masked_attention(q, k, v, allowed_bsv, t.head_dim ** -0.5, impl=options.attention)
     o = o.reshape(batch, seq, t.num_heads * t.head_dim)
     o = lin(o, attn["o_proj"], ko)
     x_bsd = checkpoint_name(x_bsd + _gate(layer["cross_attn_attn_gate"]).astype(o.dtype) * o, SAVED_MID_RESIDUAL)
@@ -564,18 +563,18 @@ def text_layer_runs(cfg: Config) -> list[tuple[str, int, int]]:
 
 
 def _vision_context(cfg: Config, params, vision, x_bsd, compute_dtype, dropout_key, dropout_rate, remat, options):
-    """(states, bias, row) of the cross-attention layers for `vision` (None: (None, None, None))."""
+    """(states, allowed, row) of the cross-attention layers for `vision` (None: (None, None, None))."""
     if vision is None:
         return None, None, None
     states = cross_attention_states(cfg, params, vision, compute_dtype, dropout_key, dropout_rate, remat, options)
-    bias = row = None
+    allowed = row = None
     if vision.get("cross_attention_mask") is not None:
-        bias, row = cross_attention_bias(cfg, vision["cross_attention_mask"], compute_dtype)
-        if bias.shape[:2] != x_bsd.shape[:2] or bias.shape[2] != states.shape[1]:
+        allowed, row = cross_attention_allowed(cfg, vision["cross_attention_mask"], compute_dtype)
+        if allowed.shape[:2] != x_bsd.shape[:2] or allowed.shape[2] != states.shape[1]:
             raise ValueError(f"cross_attention_mask is [batch, seq, images, tiles] = "
                              f"{list(jnp.shape(vision['cross_attention_mask']))}; input_ids are "
                              f"{list(x_bsd.shape[:2])} and pixel_values give {states.shape[1]} vision tokens")
-    return states, bias, row
+    return states, allowed, row
 
 
 def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
@@ -591,14 +590,14 @@ def hidden_states(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_bsr, att
     x = kernels.embedding(input_ids_bs, lm["embed_tokens"], compute_dtype)
     cos, sin = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
     vision_key, text_key = _keys(dropout_key, 2)
-    states, bias, row = _vision_context(cfg, params, vision, x, compute_dtype, vision_key, dropout_rate, remat,
+    states, allowed, row = _vision_context(cfg, params, vision, x, compute_dtype, vision_key, dropout_rate, remat,
                                         options)
     layer_keys = None if text_key is None else jax.random.split(text_key, t.num_layers)  # run_layers' split
 
     def cross_step(x_bsd, layer_and_key):
         layer, key = layer_and_key
         x_bsd = checkpoint_name(x_bsd, LAYER_INPUT)
-        return cross_attention_layer(cfg, layer, x_bsd, states, bias, row, key, dropout_rate, options), None
+        return cross_attention_layer(cfg, layer, x_bsd, states, allowed, row, key, dropout_rate, options), None
 
     hf_index = {stack: indices for stack, (_, indices) in stack_layers(cfg).items()}
     for stack, start, stop in text_layer_runs(cfg):
@@ -740,7 +739,7 @@ def text_cos_sin(hf_config, position_ids_bs, dtype=jnp.float32):
 # ---------------------------------------------------------------------------------------------
 # Generation. The cache: `{"k", "v"}` [self layers, B, max_len, kv_heads, head_dim] as decoder.py's, plus, once a
 # prefill has seen images, `cross_k` / `cross_v` [cross layers, B, vision tokens, kv_heads, head_dim] (each cross
-# layer's keys and values of the image, computed once) and `cross_bias [B, vision tokens]` / `cross_row [B]`: the
+# layer's keys and values of the image, computed once) and `cross_allowed [B, vision tokens]` / `cross_row [B]`: the
 # cross-attention mask of the prompt's last token, which transformers repeats for every new token. A cache
 # without `cross_k` (a text-only prompt) skips the cross-attention layers, as transformers does.
 
@@ -771,23 +770,24 @@ def hidden_states_cached(cfg: Config, params: dict, input_ids_bs, cos_bsr, sin_b
     x = kernels.embedding(input_ids_bs, lm["embed_tokens"], compute_dtype)
     cos, sin = cos_bsr.astype(compute_dtype), sin_bsr.astype(compute_dtype)
     cache = dict(cache)
-    bias = row = None
+    allowed = row = None
     if vision is not None:
-        states, bias, row = _vision_context(cfg, params, vision, x, compute_dtype, None, 0.0, None, options)
+        states, allowed, row = _vision_context(cfg, params, vision, x, compute_dtype, None, 0.0, None, options)
         kv = jax.lax.map(lambda layer: cross_attention_kv(cfg, layer, states.astype(compute_dtype), options=options),
                          lm["cross_attention_layers"])
         cache["cross_k"], cache["cross_v"] = (a.astype(cache["k"].dtype) for a in kv)
         b, v_tokens = states.shape[:2]
-        cache["cross_bias"] = jnp.zeros((b, v_tokens), jnp.float32) if bias is None else bias[:, -1]
+        cache["cross_allowed"] = jnp.ones((b, v_tokens), bool) if allowed is None else allowed[:, -1]
         cache["cross_row"] = jnp.ones((b,), compute_dtype) if row is None else row[:, -1]
     elif "cross_k" in cache:  # a decode step after a prefill with images: the last row, for each new token
         seq = x.shape[1]
-        bias = jnp.broadcast_to(cache["cross_bias"][:, None], (x.shape[0], seq, cache["cross_bias"].shape[-1]))
+        allowed = jnp.broadcast_to(cache["cross_allowed"][:, None],
+                                   (x.shape[0], seq, cache["cross_allowed"].shape[-1]))
         row = jnp.broadcast_to(cache["cross_row"][:, None], (x.shape[0], seq))
 
     def cross_step(x_bsd, xs):
         layer, k, v = xs
-        return cross_attention_layer(cfg, layer, x_bsd, None, bias, row, options=options, kv=(k, v)), None
+        return cross_attention_layer(cfg, layer, x_bsd, None, allowed, row, options=options, kv=(k, v)), None
 
     hf_index = {stack: indices for stack, (_, indices) in stack_layers(cfg).items()}
     new_k, new_v = [], []
