@@ -126,6 +126,11 @@ def _cast_fn(dtype, sharding):
 
 
 @lru_cache(maxsize=None)
+def _dequantize_fn(dtype, sharding):
+    return jax.jit(lambda w: w.dequantize(dtype), out_shardings=sharding)
+
+
+@lru_cache(maxsize=None)
 def _sharded_quantize_fn(mesh, dtype, double_quant: bool, nested_split: bool):
     """`w [out, in]` (rows split over fsdp) -> NF4 children, each device quantizing its own rows."""
     s = partial(NamedSharding, mesh)
@@ -227,7 +232,7 @@ def _bnb_sharded(files, in_file: dict, name: str, shape, kind: str, mesh, keep_4
     if keep_4bit:
         return weight
     dense = NamedSharding(mesh, shd.dense_spec(tuple(shape), kind, mesh.shape[shd.FSDP]))
-    return jax.jit(lambda w: w.dequantize(dtype), out_shardings=dense)(weight)
+    return _dequantize_fn(jnp.dtype(dtype), dense)(weight)  # one compile per dtype and sharding, not per tensor
 
 
 def _load_one_sharded(files, in_file: dict, name: str, shape, kind: str, mesh, dtype, load_in_4bit: bool,
@@ -243,7 +248,6 @@ def _load_one_sharded(files, in_file: dict, name: str, shape, kind: str, mesh, d
         return quantize_sharded(_read_sharded(files, in_file[name], shape, rows), dtype, double_quant, mesh)
     target = NamedSharding(mesh, shd.dense_spec(tuple(shape), kind, fsdp))
     return _cast_fn(jnp.dtype(dtype), target)(_read_sharded(files, in_file[name], shape, target))
-
 
 
 def load_base_params(directory, family: ModuleType, cfg, config_dict: dict, dtype, load_in_4bit: bool,

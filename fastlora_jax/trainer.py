@@ -250,7 +250,8 @@ class TrainingArguments:
 
     @property
     def train_batch_size(self) -> int:
-        """Rows per optimizer step."""
+        """Rows per optimizer step on one device (HF's per-device meaning); `SFTTrainer.rows_per_step` is the
+        global count under a mesh."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
     def resolved_max_seq_length(self, model) -> int:
