@@ -98,11 +98,14 @@ def shift_labels(labels_bs: jax.Array) -> jax.Array:
     return jnp.concatenate([labels_bs[:, 1:], pad], axis=1)
 
 
-def chunked_cross_entropy(hidden_nd: jax.Array, targets_n: jax.Array, logits_fn, chunk_tokens: int):
+def chunked_cross_entropy(hidden_nd: jax.Array, targets_n: jax.Array, logits_fn, chunk_tokens: int,
+                          dropout_key=None):
     """(sum of token losses, number of counted tokens) over targets != -100, in fp32.
 
     `logits_fn(h_cd) -> [c, vocab]` is the output layer; each chunk's logits exist only inside the chunk
-    and are recomputed in the backward pass.
+    and are recomputed in the backward pass. With `dropout_key` (LoRA dropout on the output layer) it is called
+    as `logits_fn(h_cd, key)` with the key folded with the chunk's index: each chunk its own dropout mask (one
+    key for all would repeat the mask every `chunk` tokens).
     """
     n, d = hidden_nd.shape
     chunk = min(chunk_tokens, n)
@@ -111,8 +114,9 @@ def chunked_cross_entropy(hidden_nd: jax.Array, targets_n: jax.Array, logits_fn,
     targets_n = jnp.pad(targets_n, (0, pad), constant_values=IGNORE_INDEX)
 
     @jax.checkpoint
-    def one_chunk(h_cd, t_c):
-        logits = logits_fn(h_cd).astype(jnp.float32)
+    def one_chunk(h_cd, t_c, i):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+        logits = (logits_fn(h_cd) if key is None else logits_fn(h_cd, key)).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         valid = t_c != IGNORE_INDEX
         target_logit = jnp.take_along_axis(logits, jnp.where(valid, t_c, 0)[:, None], axis=-1)[:, 0]
@@ -123,7 +127,9 @@ def chunked_cross_entropy(hidden_nd: jax.Array, targets_n: jax.Array, logits_fn,
         return (carry[0] + loss, carry[1] + count), None
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    (total, count), _ = jax.lax.scan(body, init, (hidden_nd.reshape(-1, chunk, d), targets_n.reshape(-1, chunk)))
+    chunks = hidden_nd.shape[0] // chunk
+    (total, count), _ = jax.lax.scan(body, init, (hidden_nd.reshape(chunks, chunk, d), targets_n.reshape(chunks, chunk),
+                                                  jnp.arange(chunks)))
     return total, count
 
 
@@ -292,23 +298,26 @@ def output_layer_loss(family, cfg, params, lora, hidden_bsd, labels_bs, dropout_
     chunk_tokens = chunk_tokens or default_chunk_tokens(vocab // tiles, options.memory_lean)
     head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, cfg.num_layers)
 
-    def logits_fn(h):
-        return kernels.softcap(linear_module(h, head, head_key, dropout_rate, options), softcap)
+    def logits_fn(h, key=None):
+        return kernels.softcap(linear_module(h, head, key, dropout_rate, options), softcap)
 
-    def loss_of(h_nd, t_n):
+    def loss_of(h_nd, t_n, group):
         if frozen_plain:  # FSDP: the (vocab- or hidden-sharded) head whole, each device multiplying its own tokens
             return fused_head_cross_entropy(h_nd, sharding.gathered(head["weight"]), t_n, chunk_tokens, softcap,
                                             tiles)
-        return chunked_cross_entropy(h_nd, t_n, logits_fn, chunk_tokens)
+        # Dropout on a LoRA'd head: a mask per chunk, and per group under a mesh (so it depends on the mesh,
+        # unlike the decoder layers', which are drawn over the whole batch).
+        key = None if head_key is None else jax.random.fold_in(head_key, group)
+        return chunked_cross_entropy(h_nd, t_n, logits_fn, chunk_tokens, key)
 
     groups = sharding.batch_groups(b)
     if groups == 1:
-        return loss_of(hidden_bsd.reshape(b * s, d), targets.reshape(b * s))
+        return loss_of(hidden_bsd.reshape(b * s, d), targets.reshape(b * s), 0)
     # Under a mesh each device takes the loss of its own rows: the chunk scan runs over each group's tokens
     # (a scan over tokens split across devices would gather them all onto every device).
     h_gnd = sharding.split_rows(hidden_bsd.reshape(groups, (b // groups) * s, d))
     t_gn = sharding.split_rows(targets.reshape(groups, (b // groups) * s))
-    loss_g, count_g = jax.vmap(loss_of)(h_gnd, t_gn)
+    loss_g, count_g = jax.vmap(loss_of)(h_gnd, t_gn, jnp.arange(groups))
     return jnp.sum(loss_g), jnp.sum(count_g)
 
 

@@ -58,6 +58,27 @@ def test_loss_and_gradients_match_peft_autograd(tiny, tmp_path, rng, mode):
         assert rel_l2(ours[key], value) < 1e-4, key
 
 
+def test_chunked_loss_draws_a_dropout_mask_per_chunk(rng):
+    """LoRA dropout on the output layer: each chunk gets its own key (folded with its index), so two chunks of
+    the same tokens drop different features; the same key gives the same loss again."""
+    n, d, vocab, chunk = 16, 32, 40, 8
+    h8 = jnp.asarray(rng.standard_normal((chunk, d)), jnp.float32)
+    hidden = jnp.concatenate([h8, h8])  # two identical chunks
+    weight = jnp.asarray(rng.standard_normal((vocab, d)), jnp.float32)
+    t8 = jnp.asarray(rng.integers(0, vocab, chunk))
+    targets = jnp.concatenate([t8, t8])
+
+    def dropped(h, key):  # PEFT's dropout on the head's input, then the head
+        return (h * jax.random.bernoulli(key, 0.5, h.shape) / 0.5) @ weight.T
+
+    key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+    total, _ = chunked_cross_entropy(hidden, targets, dropped, chunk, key)
+    again, _ = chunked_cross_entropy(hidden, targets, dropped, chunk, key)
+    first, _ = chunked_cross_entropy(h8, t8, dropped, chunk, key)  # chunk 0 alone: the same mask as above
+    assert float(total) == float(again)
+    assert abs(float(total) - 2 * float(first)) > 1e-3 * abs(float(first))  # chunk 1's mask is another
+
+
 def test_chunked_loss_equals_unchunked(rng):
     n, d, vocab = 37, 16, 50
     hidden = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
