@@ -27,7 +27,6 @@ from fastlora_jax import FastLanguageModel
 
 # Llama (separate gate/up, silu), Phi-3 (fused gate_up), Gemma 2 (sandwich norms, gelu-tanh, (1 + w) norms)
 TILED_CASES = {"llama_control": SEVEN, "phi3": PHI3_TARGETS, "gemma2": SEVEN}
-MODES = ("unsloth", True, False)
 _MODELS: dict = {}
 
 
@@ -80,8 +79,8 @@ def _loss_and_grads(model, mode, tile: int, ids, labels, mask):
 
 
 @pytest.mark.filterwarnings("ignore:use_gradient_checkpointing='unsloth'")
-@pytest.mark.parametrize("name", list(TILED_CASES))
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name, mode", [(name, mode) for name in TILED_CASES for mode in (True, False)] +
+                         [("llama_control", "unsloth")])  # on the CPU "unsloth" recomputes as True does
 def test_tiled_mlp_loss_and_lora_grads_equal_untiled(rng, name, mode):
     """batch 2 x 23 tokens: tiles of 16 tokens (3 tiles of 8 positions, one padded) and of 10 tokens (5 tiles
     of 5 positions, two padded) against the whole sequence, loss and every LoRA gradient within fp32."""
@@ -140,7 +139,7 @@ def test_lora_dropout_tiled_is_finite_and_differs_per_tile(rng):
     assert np.isfinite(float(out[1])) and float(out[1]) != float(out[0])
 
 
-LONG = dict(vocab_size=256, hidden_size=64, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=4,
+LONG = dict(vocab_size=256, hidden_size=64, intermediate_size=4096, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096)
 
 
@@ -155,33 +154,34 @@ def test_tiled_mlp_keeps_no_intermediate_residuals_in_false_mode(rng):
     """use_gradient_checkpointing=False keeps gate/up ([tokens, intermediate]) untiled; tiled it keeps none
     (a tiled MLP is recomputed per tile), only arrays without the intermediate dimension."""
     model = _long_model()
-    ids = jnp.asarray(rng.integers(4, 256, (1, 512)), jnp.int32)
+    ids = jnp.asarray(rng.integers(4, 256, (1, 256)), jnp.int32)
     model.use_gradient_checkpointing = False
     shapes = {}
-    for tile in (0, 128):
+    for tile in (0, 64):
         model.kernel_options = KernelOptions(mlp_tile_tokens=tile)
         loss = model.loss_sum_fn()
         fn = jax.linearize(lambda lora: loss(model.base_params, lora, ids, ids, None, None)[0], model.lora_params)[1]
         shapes[tile] = [tuple(c.shape) for c in jax.tree.leaves(fn) if hasattr(c, "shape")]
     inter = LONG["intermediate_size"]
-    assert (1, 1, 512, inter) in shapes[0]  # gate and up, stacked over the one layer
-    assert not [s for s in shapes[128] if inter in s and int(np.prod(s)) >= 128 * inter], shapes[128]
+    assert (1, 1, 256, inter) in shapes[0]  # gate and up, stacked over the one layer
+    assert not [s for s in shapes[64] if inter in s and int(np.prod(s)) >= 64 * inter], shapes[64]
 
 
-@pytest.mark.filterwarnings("ignore:use_gradient_checkpointing='unsloth'")
-@pytest.mark.parametrize("mode", ["unsloth", True])
-def test_tiled_mlp_lowers_the_compiled_working_set(rng, mode):
-    """XLA's buffer assignment for the whole train-step gradient (CPU): the temporaries of the recomputing modes
-    with the MLP in 8 tiles of 256 tokens are smaller than untiled by at least half of one [2048, 1024] fp32
-    intermediate (8 MiB); untiled, the layer's backward holds several of them at once."""
+def test_tiled_mlp_lowers_the_compiled_working_set(rng):
+    """XLA's buffer assignment for the whole gradient program (CPU), 1 x 1024 tokens, intermediate 4096: with the
+    MLP in 8 tiles of 128 tokens the temporaries of the recomputing modes are smaller than untiled by more than
+    one [1024, 4096] fp32 intermediate (16 MiB): untiled, the layer's backward holds several at once (measured:
+    84 MiB untiled, 42 MiB tiled, the rest of the step's temporaries). Attention is the blockwise reference
+    ("flash" on the CPU) so that no [heads, seq, seq] score matrix sets the peak instead. Mode True ("unsloth"
+    is True on the CPU, which has no pinned host memory)."""
     model = _long_model()
-    ids = jnp.asarray(rng.integers(4, 256, (1, 2048)), jnp.int32)
-    model.use_gradient_checkpointing = mode
+    ids = jnp.asarray(rng.integers(4, 256, (1, 1024)), jnp.int32)
+    model.use_gradient_checkpointing = True
     temp = {}
-    for tile in (0, 256):
-        model.kernel_options = KernelOptions(mlp_tile_tokens=tile)
+    for tile in (0, 128):
+        model.kernel_options = KernelOptions(mlp_tile_tokens=tile, attention="flash")
         loss = model.loss_sum_fn()
         fn = jax.jit(jax.grad(lambda lora: loss(model.base_params, lora, ids, ids, None, None)[0]))
         temp[tile] = fn.lower(model.lora_params).compile().memory_analysis().temp_size_in_bytes
-    one_intermediate = 2048 * LONG["intermediate_size"] * 4
-    assert temp[256] < temp[0] - one_intermediate // 2, temp
+    one_intermediate = 1024 * LONG["intermediate_size"] * 4
+    assert temp[128] < temp[0] - one_intermediate, temp
