@@ -185,3 +185,15 @@ def test_tiled_mlp_lowers_the_compiled_working_set(rng):
         temp[tile] = fn.lower(model.lora_params).compile().memory_analysis().temp_size_in_bytes
     one_intermediate = 1024 * LONG["intermediate_size"] * 4
     assert temp[128] < temp[0] - one_intermediate, temp
+
+
+def test_from_pretrained_takes_kernel_options(tmp_path):
+    """Users set the tiles at load time; the loss programs then run tiled (memory_lean added by the mode)."""
+    from fastlora_jax.tiny import write_tiny_llama
+    directory = write_tiny_llama(tmp_path / "tiny", tokenizer=False)
+    options = KernelOptions(mlp_tile_tokens=8192)
+    model, _ = FastLanguageModel.from_pretrained(str(directory), load_in_4bit=True, kernel_options=options)
+    assert model.kernel_options == options
+    assert FastLanguageModel.from_pretrained(str(directory))[0].kernel_options == KernelOptions()
+    with pytest.raises(TypeError, match="kernel_options must be a fastlora_jax.kernels.KernelOptions or None; got dict"):
+        FastLanguageModel.from_pretrained(str(directory), kernel_options={"mlp_tile_tokens": 8192})
