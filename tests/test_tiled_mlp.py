@@ -78,6 +78,7 @@ def _loss_and_grads(model, mode, tile: int, ids, labels, mask):
     return fn(model.lora_params)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:use_gradient_checkpointing='unsloth'")
 @pytest.mark.parametrize("name, mode", [(name, mode) for name in TILED_CASES for mode in (True, False)] +
                          [("llama_control", "unsloth")])  # on the CPU "unsloth" recomputes as True does
@@ -97,6 +98,7 @@ def test_tiled_mlp_loss_and_lora_grads_equal_untiled(rng, name, mode):
             assert rel_l2(g, g0) < 1e-5, (tile, jax.tree_util.keystr(path), rel_l2(g, g0))
 
 
+@pytest.mark.slow
 def test_tiled_mlp_dividing_tiles_and_forward(rng):
     """Tiles that divide the sequence (1 x 24 in 4 tiles of 6) and the uncached forward's logits; tiles at least
     as large as the tokens leave the program untiled."""
@@ -167,6 +169,7 @@ def test_tiled_mlp_keeps_no_intermediate_residuals_in_false_mode(rng):
     assert not [s for s in shapes[64] if inter in s and int(np.prod(s)) >= 64 * inter], shapes[64]
 
 
+@pytest.mark.slow
 def test_tiled_mlp_lowers_the_compiled_working_set(rng):
     """XLA's buffer assignment for the whole gradient program (CPU), 1 x 1024 tokens, intermediate 4096: with the
     MLP in 8 tiles of 128 tokens the temporaries of the recomputing modes are smaller than untiled by more than
