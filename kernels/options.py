@@ -32,7 +32,8 @@ class KernelOptions:
       `[tokens, intermediate]` gate/up/activation and their gradients are alive at a time: for long context
       (Unsloth's `unsloth_tiled_mlp`). The MLP is then recomputed in the backward pass in every checkpointing
       mode, False included. Set it with `FastLanguageModel.from_pretrained(..., kernel_options=
-      KernelOptions(mlp_tile_tokens=8192))` or `model.kernel_options = replace(model.kernel_options, ...)`.
+      KernelOptions(mlp_tile_tokens=8192))`, or `model.kernel_options = replace(model.kernel_options, ...)` before
+      the model's loss or train step is built (they read the options once).
     """
 
     nf4_matmul: str = "xla"
