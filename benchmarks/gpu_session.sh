@@ -23,6 +23,15 @@ for job in "$@"; do
              for mib in 128 100000; do
                python3 benchmarks/train_step.py --shape $shape --batch $batch --seq 2048 --gc unsloth --compile-first --lean-tile-mib $mib --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
              done ;;
+    longctx-*) spec=${job#longctx-}; seq=${spec%:*}; tiles="0 8192"; [ "$spec" != "$seq" ] && tiles=${spec#*:}
+             # Llama-3.1-8B, batch 1, long context: the MLP untiled (0) against sequence tiles of 8192 tokens
+             # (KernelOptions.mlp_tile_tokens). longctx-32768 runs both; a step at 131072 takes ~47 s, so run
+             # longctx-131072:0 and longctx-131072:8192 as two calls (600 s each).
+             steps=5; timeout=280; [ "$seq" -gt 32768 ] && steps=1
+             [ "$tiles" = "${tiles% *}" ] && timeout=540
+             for tile in $tiles; do
+               python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq $seq --gc unsloth --compile-first --mlp-tile-tokens $tile --steps $steps --timeout $timeout 2>&1 | tee -a "$OUT/bench.jsonl"
+             done ;;
     gemma3v) python3 benchmarks/vl_train_step.py --shape gemma-3-4b --seq 2048 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     families) for spec in "qwen3-8b 2" "gemma-3-1b 4" "phi-4 1"; do set -- $spec
                 python3 benchmarks/train_step.py --vs-unsloth --shape $1 --batch $2 --seq 2048 --gc unsloth --timeout 240 2>&1 | tee -a "$OUT/bench.jsonl"

@@ -41,13 +41,13 @@ def kernel_options(args):
     """The CLI's kernel flags as the `KernelOptions` every traced program of the run takes."""
     from fastlora_jax.kernels import KernelOptions
     return KernelOptions(nf4_matmul=args.nf4_matmul, lora_fold=not args.no_lora_fold, attention=args.attention,
-                         lean_weight_tile_bytes=args.lean_tile_mib << 20)
+                         lean_weight_tile_bytes=args.lean_tile_mib << 20, mlp_tile_tokens=args.mlp_tile_tokens)
 
 
 def kernel_flags(args) -> list[str]:
     """The same flags for the per-config child process."""
-    return (["--nf4-matmul", args.nf4_matmul, "--attention", args.attention, "--lean-tile-mib", str(args.lean_tile_mib)]
-            + (["--no-lora-fold"] if args.no_lora_fold else []))
+    return (["--nf4-matmul", args.nf4_matmul, "--attention", args.attention, "--lean-tile-mib", str(args.lean_tile_mib),
+             "--mlp-tile-tokens", str(args.mlp_tile_tokens)] + (["--no-lora-fold"] if args.no_lora_fold else []))
 
 
 def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool,
@@ -149,6 +149,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention, "lean_tile_mib": model.kernel_options.lean_weight_tile_bytes >> 20,
+        "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens,
         **compiled_memory, **({"profile": profile} if profile else {}),
     }
 
@@ -210,6 +211,9 @@ def main() -> None:
     parser.add_argument("--no-lora-fold", action="store_true", help="KernelOptions(lora_fold=False), for A/B timing")
     parser.add_argument("--lean-tile-mib", type=int, default=128,
                         help="KernelOptions.lean_weight_tile_bytes in MiB (memory-lean modes; default: %(default)s)")
+    parser.add_argument("--mlp-tile-tokens", type=int, default=0,
+                        help="KernelOptions.mlp_tile_tokens: the MLP in sequence tiles of at most N tokens, each "
+                             "recomputed in the backward pass (0: untiled; default: %(default)s)")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "flash"],
                         help="KernelOptions.attention (default: %(default)s)")
     parser.add_argument("--compile-first", action="store_true",

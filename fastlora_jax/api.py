@@ -14,6 +14,8 @@ import numpy as np
 
 from fastlora_jax.convert.hf_checkpoint import find_checkpoint_files, iter_tensors, read_config_dict
 from fastlora_jax.convert.load import abstract_base_params, load_base_params
+from fastlora_jax.kernels.options import DEFAULT as DEFAULT_OPTIONS
+from fastlora_jax.kernels.options import KernelOptions
 from fastlora_jax.models.registry import family_for, stored_names
 from fastlora_jax.lora import build_lora
 from fastlora_jax.lora_config import LoraSpec, layer_index_of, vision_target_modules
@@ -208,7 +210,8 @@ class FastLanguageModel:
 
     @staticmethod
     def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = True,
-                        token=None, revision=None, cache_dir=None, double_quant: bool = True, mesh=None, **kwargs):
+                        token=None, revision=None, cache_dir=None, double_quant: bool = True, mesh=None,
+                        kernel_options: KernelOptions | None = None, **kwargs):
         """Load a Hugging Face causal LM as `(model, tokenizer)`.
 
         `load_in_4bit` quantizes every decoder-layer linear weight to NF4 on the device exactly as
@@ -221,8 +224,14 @@ class FastLanguageModel:
         data). The base is then loaded straight into its FSDP shards (fastlora_jax.sharding: each process reads
         only the slices its devices hold) and every program of the model runs over the mesh. A spec string
         initializes `jax.distributed` first when the multi-host environment variables are set.
+
+        `kernel_options`: the `KernelOptions` of every traced program of the model (None: the defaults), e.g.
+        `KernelOptions(mlp_tile_tokens=8192)` for the sequence-tiled MLP at long context.
         """
         from fastlora_jax import sharding
+        if kernel_options is not None and not isinstance(kernel_options, KernelOptions):
+            raise TypeError(f"kernel_options must be a fastlora_jax.kernels.KernelOptions or None; got "
+                            f"{type(kernel_options).__name__}")
         mesh = sharding.resolve_mesh(mesh)  # before anything starts a JAX backend (jax.distributed comes first)
         unknown = set(kwargs) - {"device_map", "trust_remote_code", "use_gradient_checkpointing",
                                  "load_in_8bit", "full_finetuning", "local_files_only", "fast_inference"}
@@ -238,7 +247,7 @@ class FastLanguageModel:
         if (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file():
             return _load_with_adapter(directory, max_seq_length=max_seq_length, dtype=compute_dtype,
                                       load_in_4bit=load_in_4bit, token=token, cache_dir=cache_dir,
-                                      double_quant=double_quant, mesh=mesh)
+                                      double_quant=double_quant, mesh=mesh, kernel_options=kernel_options)
 
         config_dict = read_config_dict(directory)
         from transformers import AutoConfig
@@ -249,7 +258,7 @@ class FastLanguageModel:
                                         load_in_4bit=load_in_4bit, double_quant=double_quant, mesh=mesh)
         model = model_class(family)(hf_config, family, cfg, params, compute_dtype, name_or_path=str(model_name),
                                     weights_source=info["source"], max_seq_length=max_seq_length, model_dir=directory,
-                                    mesh=mesh)
+                                    mesh=mesh, kernel_options=kernel_options or DEFAULT_OPTIONS)
         return model, load_tokenizer(directory)
 
     @staticmethod

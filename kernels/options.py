@@ -25,7 +25,15 @@ class KernelOptions:
       (LoRA folded per module rather than per group, the select-tree NF4 lookup, weights dequantized in row
       tiles); `CausalLM` sets it from `use_gradient_checkpointing`;
     - `lean_weight_tile_bytes`: in the memory-lean modes, an NF4 weight whose dequantized copy is larger than
-      this is dequantized and multiplied in tiles of its output rows (`lora_op.lean_row_tiles`).
+      this is dequantized and multiplied in tiles of its output rows (`lora_op.lean_row_tiles`);
+    - `mlp_tile_tokens`: 0 (the default) runs each decoder layer's MLP over the whole sequence at once; N > 0
+      runs it in sequence tiles of at most N tokens (batch x tile length) wherever a layer has more tokens
+      than that, each tile under `jax.checkpoint` (`decoder.mlp_block`), so that only one tile's
+      `[tokens, intermediate]` gate/up/activation and their gradients are alive at a time: for long context
+      (Unsloth's `unsloth_tiled_mlp`). The MLP is then recomputed in the backward pass in every checkpointing
+      mode, False included. Set it with `FastLanguageModel.from_pretrained(..., kernel_options=
+      KernelOptions(mlp_tile_tokens=8192))`, or `model.kernel_options = replace(model.kernel_options, ...)` before
+      the model's loss or train step is built (they read the options once).
     """
 
     nf4_matmul: str = "xla"
@@ -33,6 +41,7 @@ class KernelOptions:
     attention: str = "auto"
     memory_lean: bool = False
     lean_weight_tile_bytes: int = 128 << 20
+    mlp_tile_tokens: int = 0
 
     def __post_init__(self):
         if self.nf4_matmul not in NF4_MATMULS:
@@ -44,6 +53,9 @@ class KernelOptions:
         if (isinstance(self.lean_weight_tile_bytes, bool) or not isinstance(self.lean_weight_tile_bytes, int)
                 or self.lean_weight_tile_bytes < 1):
             raise ValueError(f"lean_weight_tile_bytes={self.lean_weight_tile_bytes!r} must be a positive int (bytes)")
+        if isinstance(self.mlp_tile_tokens, bool) or not isinstance(self.mlp_tile_tokens, int) or self.mlp_tile_tokens < 0:
+            raise ValueError(f"mlp_tile_tokens={self.mlp_tile_tokens!r} is not accepted; use 0 (no tiling) or a "
+                             "positive int (tokens per MLP tile)")
 
 
 DEFAULT = KernelOptions()

@@ -381,7 +381,7 @@ def decoder_layer_with_attention(cfg: DecoderConfig, layer: dict, x_bsd, cos_bsr
     `cos_bsr`/`sin_bsr` are this layer's rotary table.
     """
     batch, seq, _ = x_bsd.shape
-    attn, mlp = layer["self_attn"], layer["mlp"]
+    attn = layer["self_attn"]
     kq, kk, kv, ko, kg, ku, kd = keys_for(key, 7)
     lin = partial(linear_module, dropout_rate=dropout_rate, options=options)
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -404,7 +404,75 @@ def decoder_layer_with_attention(cfg: DecoderConfig, layer: dict, x_bsd, cos_bsr
     if cfg.sandwich_norms:
         attn_out = _norm(cfg, attn_out, layer["post_attention_layernorm"])
     x_bsd = checkpoint_name(x_bsd + attn_out, SAVED_MID_RESIDUAL)
+    return x_bsd + mlp_block(cfg, layer, x_bsd, (kg, ku, kd), dropout_rate, options), aux
 
+
+def mlp_block(cfg: DecoderConfig, layer: dict, x_bsd, keys, dropout_rate: float = 0.0,
+              options: KernelOptions = DEFAULT_OPTIONS):
+    """The feed-forward half of a layer without its residual add: the (pre-feedforward) norm, gate/up, the
+    gated activation, down_proj and Gemma's post-feedforward norm. `keys`: the dropout keys of gate, up, down.
+
+    With `options.mlp_tile_tokens` > 0 and more tokens than that (batch x seq), it runs over sequence tiles
+    (`tiled_mlp_block`); otherwise over the whole sequence at once."""
+    batch, seq, _ = x_bsd.shape
+    if options.mlp_tile_tokens and batch * seq > options.mlp_tile_tokens:
+        return tiled_mlp_block(cfg, layer, x_bsd, keys, dropout_rate, options)
+    return _mlp(cfg, layer, x_bsd, keys, dropout_rate, options, SAVED_MLP_INPUTS)
+
+
+def mlp_tiles(batch: int, seq: int, tile_tokens: int) -> tuple[int, int]:
+    """`(tiles, tile_len)`: the sequence split into equal tiles of at most `tile_tokens` tokens (batch x
+    tile_len; at least one position each), as few as that allows, each as short as their count allows; the
+    sequence is padded to `tiles * tile_len` (less than `tiles` positions, none when the length divides)."""
+    max_len = max(1, tile_tokens // batch)
+    tiles = -(-seq // max_len)
+    return tiles, -(-seq // tiles)
+
+
+def tiled_mlp_block(cfg: DecoderConfig, layer: dict, x_bsd, keys, dropout_rate: float = 0.0,
+                    options: KernelOptions = DEFAULT_OPTIONS):
+    """`mlp_block` over sequence tiles, each tile's MLP under `jax.checkpoint` inside a `lax.map`.
+
+    Why: at long context a layer's `[tokens, intermediate]` gate, up, act(gate) * up and their gradients
+    (Llama-3.1-8B at 32768 tokens: 0.9 GiB each in bf16) set the working set of its recompute and backward.
+    Here the backward pass recomputes one tile's MLP from the tile's input at a time, so only one tile's
+    intermediates are alive; the map keeps compile time flat in the number of tiles. The tiles split the
+    sequence axis, not batch x seq, so a batch sharded over a mesh stays sharded; positions padded onto the last
+    tile are zeros whose outputs are dropped (they add nothing to any gradient: their cotangent is zero).
+
+    Checkpoint names: none inside a tile. A policy of an enclosing `jax.checkpoint` reaches into the tile's
+    (JAX partial-evaluates nested checkpoints with the outer policy), so SAVED_MLP_INPUTS there would make
+    use_gradient_checkpointing=False keep every tile's gate/up and undo the point of tiling. A tiled MLP is
+    therefore recomputed in the backward pass in every mode, as Unsloth's tiled MLP is; False keeps the tile
+    inputs (the SAVED_MID_RESIDUAL it keeps anyway).
+
+    LoRA dropout: each tile draws its masks from the module's key folded with the tile index, so the masks
+    differ from the untiled ones (same rate, independent per tile); without dropout tiled equals untiled up
+    to the order of the gradient sums over tokens.
+    """
+    batch, seq, d = x_bsd.shape
+    tiles, tile_len = mlp_tiles(batch, seq, options.mlp_tile_tokens)
+    pad = tiles * tile_len - seq
+    x_pad = jnp.pad(x_bsd, ((0, 0), (0, pad), (0, 0))) if pad else x_bsd
+    x_nbtd = jnp.swapaxes(x_pad.reshape(batch, tiles, tile_len, d), 0, 1)
+    ffn = {name: module for name, module in layer.items() if name != "self_attn"}  # what _mlp reads
+
+    @partial(jax.checkpoint, prevent_cse=False)
+    def one_tile(ffn, keys, x_btd, index):
+        tile_keys = [None if k is None else jax.random.fold_in(k, index) for k in keys]
+        return _mlp(cfg, ffn, x_btd, tile_keys, dropout_rate, options, None)
+
+    out_nbtd = jax.lax.map(lambda xs: one_tile(ffn, list(keys), *xs), (x_nbtd, jnp.arange(tiles, dtype=jnp.int32)))
+    out_bsd = jnp.swapaxes(out_nbtd, 0, 1).reshape(batch, tiles * tile_len, d)
+    return out_bsd[:, :seq] if pad else out_bsd
+
+
+def _mlp(cfg: DecoderConfig, layer: dict, x_bsd, keys, dropout_rate: float, options: KernelOptions,
+         saved_name: str | None):
+    """`mlp_block`'s math on whatever tokens `x_bsd` holds; `saved_name` tags gate/up for checkpoint policies."""
+    mlp = layer["mlp"]
+    kg, ku, kd = keys
+    lin = partial(linear_module, dropout_rate=dropout_rate, options=options)
     h = _norm(cfg, x_bsd, layer["pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"])
     act = kernels.ACTIVATIONS[cfg.hidden_act]
     if cfg.fused_gate_up:
@@ -412,11 +480,12 @@ def decoder_layer_with_attention(cfg: DecoderConfig, layer: dict, x_bsd, cos_bsr
         gate, up = gate_up[..., :cfg.intermediate_size], gate_up[..., cfg.intermediate_size:]
     else:
         gate, up = linears(h, [mlp["gate_proj"], mlp["up_proj"]], [kg, ku], dropout_rate, options)
-    gate, up = checkpoint_name(gate, SAVED_MLP_INPUTS), checkpoint_name(up, SAVED_MLP_INPUTS)
+    if saved_name is not None:
+        gate, up = checkpoint_name(gate, saved_name), checkpoint_name(up, saved_name)
     mlp_out = lin(act(gate) * up, mlp["down_proj"], kd)
     if cfg.sandwich_norms:
         mlp_out = _norm(cfg, mlp_out, layer["post_feedforward_layernorm"])
-    return x_bsd + mlp_out, aux
+    return mlp_out
 
 
 def causal_attention(cfg: DecoderConfig, attention_mask_bs, sliding_l, options: KernelOptions = DEFAULT_OPTIONS,
