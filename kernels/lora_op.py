@@ -132,6 +132,7 @@ def _weight_tiles(weight_oi, dtype, options: KernelOptions):
     if tiles is None:
         return [(0, None, weight_oi)]
     whole = gathered(weight_oi)  # FSDP: gathered once, then sliced
+    whole = whole.rows(0, whole.weight_shape[0])  # the scales decoded once (double quant), not once per tile
     return [(a, b, whole.rows(a, b)) for a, b in tiles]
 
 
