@@ -6,6 +6,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+memdump_tar() {  # the largest compiled step's scheduled HLO, buffer assignment, usage report and live ranges,
+  # as ONE file (a call brings back at most 8 files)
+  local hlo; hlo=$(ls -S "$1"/*jit_step*after_optimizations.txt | head -1)
+  tar -czf "$OUT/memdump_$2.tgz" -C "$1" $(cd "$1" && ls "$(basename ${hlo%.txt})"*.txt)
+}
 for job in "$@"; do
   case "$job" in
     test) python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
@@ -42,11 +47,12 @@ for job in "$@"; do
               # XLA's buffer assignment of the compiled step (what is live at the peak), for memory work
               XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump --xla_dump_hlo_module_re=jit_step" \
                 python3 benchmarks/train_step.py --shape $shape --batch $batch --seq 2048 --gc unsloth --steps 2 --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl"
-              mkdir -p "$OUT/memdump_$shape"
-              # the largest compiled step: its scheduled HLO and its buffer assignment
-              hlo=$(ls -S $dump/*jit_step*after_optimizations.txt | head -1)
-              for f in "$hlo" "${hlo%.txt}-buffer-assignment.txt" "${hlo%.txt}-memory-usage-report.txt" "${hlo%.txt}-live-range.txt"; do
-                [ -f "$f" ] && gzip -c "$f" > "$OUT/memdump_$shape/$(basename $f).gz"; done ;;
+              memdump_tar "$dump" "$shape" ;;
+    vlmemdump-*) shape=${job#vlmemdump-}; dump=/tmp/xla_dump_$shape
+              # the same dump for a VLM step, language-only LoRA (Mllama: 4 tiles)
+              XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump --xla_dump_hlo_module_re=jit_step" \
+                python3 benchmarks/vl_train_step.py --shape $shape --seq 2048 --tiles 4 --modes language-only --gc unsloth --steps 2 --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl"
+              memdump_tar "$dump" "$shape" ;;
     *) echo "unknown job $job" ;;
   esac
 done

@@ -136,10 +136,29 @@ def _weight_tiles(weight_oi, dtype, options: KernelOptions):
     return [(a, b, whole.rows(a, b)) for a, b in tiles]
 
 
-def _sum(terms):
-    total = None
-    for t in terms:
-        total = t if total is None else total + t
+def _tile_outputs(tiles, product) -> list:
+    """`[product(start, stop, W rows)]` over `tiles`, one tile at a time: tile i+1's weight is tied to tile i's
+    output by an optimization barrier, so its dequantize runs only after tile i's gemm.
+
+    Why: XLA schedules independent dequantize kernels early; Phi-4's four gate_up tiles (4 x 88 MiB, folded with
+    B) were all alive before the first gemm in the backward, which undid the tiling. (The GPU runs the kernels
+    one after another either way: the order costs no overlap.)"""
+    outs = []
+    for a, b, w in tiles:
+        if outs:
+            w, outs[-1] = lax.optimization_barrier((w, outs[-1]))
+        outs.append(product(a, b, w))
+    return outs
+
+
+def _tile_sum(tiles, product, total=None):
+    """`total + sum(product(start, stop, W rows))`, a running sum in the compute dtype; each tile's weight is tied
+    to the sum so far (as in `_tile_outputs`: one dequantized tile alive, one `[tokens, in]` partial sum)."""
+    for a, b, w in tiles:
+        if total is not None:
+            w, total = lax.optimization_barrier((w, total))
+        term = product(a, b, w)
+        total = term if total is None else total + term
     return total
 
 
@@ -149,8 +168,8 @@ def base_matmul(x_ti: jax.Array, weight_oi, options: KernelOptions = DEFAULT) ->
         from fastlora_jax.kernels import nf4_matmul
         # Under a mesh: per device, on its own rows, with the weight gathered (shard_map).
         return per_device_rows(lambda x, w: nf4_matmul.nf4_matmul(x, w, impl="pallas"), x_ti, weight_oi)
-    ys = [jnp.einsum("ti,oi->to", x_ti, dense_base_weight(w, x_ti.dtype, options), preferred_element_type=x_ti.dtype)
-          for _, _, w in _weight_tiles(weight_oi, x_ti.dtype, options)]
+    ys = _tile_outputs(_weight_tiles(weight_oi, x_ti.dtype, options), lambda a, b, w: jnp.einsum(
+        "ti,oi->to", x_ti, dense_base_weight(w, x_ti.dtype, options), preferred_element_type=x_ti.dtype))
     return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)
 
 
@@ -159,9 +178,8 @@ def base_matmul_t(g_to: jax.Array, weight_oi, options: KernelOptions = DEFAULT) 
     if _use_nf4_kernel(g_to, weight_oi, options, transposed=True):
         from fastlora_jax.kernels import nf4_matmul
         return per_device_rows(lambda g, w: nf4_matmul.nf4_matmul_t(g, w, impl="pallas"), g_to, weight_oi)
-    return _sum(jnp.einsum("to,oi->ti", g_to[:, a:b], dense_base_weight(w, g_to.dtype, options),
-                           preferred_element_type=g_to.dtype)
-                for a, b, w in _weight_tiles(weight_oi, g_to.dtype, options))
+    return _tile_sum(_weight_tiles(weight_oi, g_to.dtype, options), lambda a, b, w: jnp.einsum(
+        "to,oi->ti", g_to[:, a:b], dense_base_weight(w, g_to.dtype, options), preferred_element_type=g_to.dtype))
 
 
 def _use_nf4_kernel(a_tx, weight, options: KernelOptions, *, transposed: bool) -> bool:
@@ -219,8 +237,8 @@ def _dx_with_lora(g_to, gb_tr, weight_oi, a_ri, options: KernelOptions):
         w_ki = jnp.concatenate([dense_base_weight(w0, dtype, options), a_ri.astype(dtype)], axis=0)
     g_folded = jnp.concatenate([g_to[:, a0:b0], gb_tr.astype(dtype)], axis=1)
     dx = jnp.einsum("tk,ki->ti", g_folded, w_ki, preferred_element_type=dtype)
-    return _sum([dx] + [jnp.einsum("to,oi->ti", g_to[:, a:b], dense_base_weight(w, dtype, options),
-                                   preferred_element_type=dtype) for a, b, w in rest])
+    return _tile_sum(rest, lambda a, b, w: jnp.einsum(
+        "to,oi->ti", g_to[:, a:b], dense_base_weight(w, dtype, options), preferred_element_type=dtype), dx)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -439,8 +457,8 @@ def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     if options.memory_lean:  # one gemm and one folded weight per module (per row tile): no group-sized transient
         ys = []
         for w, b in zip(weights, _b_blocks(bs, ranks)):
-            tiles = [jnp.einsum("tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype),
-                                preferred_element_type=dtype) for r0, r1, wt in _weight_tiles(w, dtype, options)]
+            tiles = _tile_outputs(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b: jnp.einsum(
+                "tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype), preferred_element_type=dtype))
             ys.append(tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=1))
         return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
     w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype)
@@ -458,8 +476,8 @@ def _folded_bwd(options, ranks, residuals, gs):
     dtype, in_dim = x_ti.dtype, x_ti.shape[1]
     dx, gbs, dbs = None, [], []
     for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):
-        gw_tk = _sum(jnp.einsum("to,ok->tk", g[:, r0:r1], _folded_weight([wt], [b[r0:r1]], dtype),
-                                preferred_element_type=dtype) for r0, r1, wt in _weight_tiles(w, dtype, options))
+        gw_tk = _tile_sum(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b, g=g: jnp.einsum(
+            "to,ok->tk", g[:, r0:r1], _folded_weight([wt], [b[r0:r1]], dtype), preferred_element_type=dtype))
         dx = gw_tk[:, :in_dim] if dx is None else dx + gw_tk[:, :in_dim]
         gbs.append(gw_tk[:, in_dim:in_dim + b.shape[1]])
         s32 = s.astype(jnp.float32)
