@@ -137,10 +137,19 @@ def _weight_tiles(weight_oi, dtype, options: KernelOptions):
 
 
 def _tie(weight, value):
-    """`(weight, value)` through an optimization barrier: what reads the returned weight runs after `value` exists.
-    (The whole weight, bytes too: with only its scales tied, XLA shared the scale-free half of the dequantize
-    between the recompute and the backward and kept it.)"""
-    return lax.optimization_barrier((weight, value))
+    """`(weight, value)` such that what reads the returned weight runs after `value` exists (and is not merged
+    with an earlier read of the same weight, e.g. the recompute's dequantize).
+
+    An NF4 weight is tied through a runtime zero: its bytes XOR a uint8 zero that comes out of an optimization
+    barrier with `value`. The XOR fuses into the dequantize kernel, so the bytes stay a slice of the layer stack;
+    the weight itself through the barrier made XLA copy them out first (Phi-4's gate_up, 88 MiB, held through a
+    layer's whole backward), and tying only the scales let XLA share the scale-free half of the dequantize
+    between the recompute and the backward, and keep it."""
+    if not isinstance(weight, NF4Weight):
+        return lax.optimization_barrier((weight, value))
+    zero, value = lax.optimization_barrier((jnp.zeros((), jnp.uint8), value))
+    children, aux = weight.tree_flatten()
+    return NF4Weight.tree_unflatten(aux, (children[0] ^ zero,) + tuple(children[1:])), value
 
 
 def _tile_outputs(tiles, product) -> list:
@@ -158,16 +167,12 @@ def _tile_outputs(tiles, product) -> list:
     return outs
 
 
-def _tile_sum(tiles, product, total=None, after=None):
+def _tile_sum(tiles, product, total=None):
     """`total + sum(product(start, stop, W rows))`, a running sum in the compute dtype; each tile's weight is tied
-    to the sum so far (as in `_tile_outputs`: one dequantized tile alive, one `[tokens, in]` partial sum), the
-    first one to `after` if given and the weight is in tiles (the backward's cotangent: see `_just_in_time`)."""
-    tiles = list(tiles)
+    to the sum so far (as in `_tile_outputs`: one dequantized tile alive, one `[tokens, in]` partial sum)."""
     for a, b, w in tiles:
         if total is not None:
             w, total = _tie(w, total)
-        elif after is not None and len(tiles) > 1:
-            w, after = _tie(w, after)
         term = product(a, b, w)
         total = term if total is None else total + term
     return total
@@ -190,8 +195,7 @@ def base_matmul_t(g_to: jax.Array, weight_oi, options: KernelOptions = DEFAULT) 
         from fastlora_jax.kernels import nf4_matmul
         return per_device_rows(lambda g, w: nf4_matmul.nf4_matmul_t(g, w, impl="pallas"), g_to, weight_oi)
     return _tile_sum(_weight_tiles(weight_oi, g_to.dtype, options), lambda a, b, w: jnp.einsum(
-        "to,oi->ti", g_to[:, a:b], dense_base_weight(w, g_to.dtype, options), preferred_element_type=g_to.dtype),
-        after=g_to)
+        "to,oi->ti", g_to[:, a:b], dense_base_weight(w, g_to.dtype, options), preferred_element_type=g_to.dtype))
 
 
 def _use_nf4_kernel(a_tx, weight, options: KernelOptions, *, transposed: bool) -> bool:
@@ -223,22 +227,16 @@ def _just_in_time(options: KernelOptions, weights, gs):
     There the layer's forward is recomputed inside the backward, and XLA merges the recompute's dequantize of
     W with the backward's (the same op on the same input): every weight of the layer then stays dequantized
     from the recompute until its backward gemm (Phi-4: q/k/v and o held through the MLP's backward). Tied to g
-    by an optimization barrier, the backward dequantizes W again, right before it is used. A weight in row
-    tiles (`lean_row_tiles`) is tied tile by tile instead (`_tile_sum(after=g)`): tied whole, XLA copies its
-    bytes out of the layer stack for the barrier (Phi-4's gate_up, 88 MiB, through a layer's whole backward)."""
+    (`_tie`), the backward dequantizes W again, right before it is used."""
     if not options.memory_lean:
         return weights, gs
-    many = isinstance(weights, (tuple, list))
-    ws = list(weights) if many else [weights]
-    whole = [i for i, w in enumerate(ws) if lean_row_tiles(w, _dtype_of(gs), options) is None]
-    tied, gs = _tie([ws[i] for i in whole], gs)
-    for i, w in zip(whole, tied):
-        ws[i] = w
-    return (type(weights)(ws) if many else ws[0]), gs
-
-
-def _dtype_of(tree):
-    return jax.tree.leaves(tree)[0].dtype
+    if not isinstance(weights, (tuple, list)):
+        return _tie(weights, gs)
+    tied = []
+    for w in weights:
+        w, gs = _tie(w, gs)
+        tied.append(w)
+    return type(weights)(tied), gs
 
 
 def _folds_lora_into_dx(weight_oi, g_to, options: KernelOptions) -> bool:
@@ -253,8 +251,6 @@ def _dx_with_lora(g_to, gb_tr, weight_oi, a_ri, options: KernelOptions):
     intermediate) beside the base term, both live until their add."""
     dtype = g_to.dtype
     (a0, b0, w0), *rest = _weight_tiles(weight_oi, dtype, options)  # A goes below the first tile
-    if rest:  # tiled: not tied whole by _just_in_time
-        w0, g_to = _tie(w0, g_to)
     if jnp.dtype(dtype).itemsize == 2 and _one_pass_dequantizes(w0) and a_ri.shape[1] % 2 == 0:
         words = jnp.concatenate([_dequantized_words(w0, dtype, options.memory_lean),
                                  _as_words(a_ri.astype(dtype))], axis=0)
@@ -503,8 +499,7 @@ def _folded_bwd(options, ranks, residuals, gs):
     dx, gbs, dbs = None, [], []
     for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):
         gw_tk = _tile_sum(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b, g=g: jnp.einsum(
-            "to,ok->tk", g[:, r0:r1], _folded_weight([wt], [b[r0:r1]], dtype), preferred_element_type=dtype),
-            after=g)
+            "to,ok->tk", g[:, r0:r1], _folded_weight([wt], [b[r0:r1]], dtype), preferred_element_type=dtype))
         dx = gw_tk[:, :in_dim] if dx is None else dx + gw_tk[:, :in_dim]
         gbs.append(gw_tk[:, in_dim:in_dim + b.shape[1]])
         s32 = s.astype(jnp.float32)
