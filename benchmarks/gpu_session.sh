@@ -43,6 +43,9 @@ for job in "$@"; do
               done ;;
     family-*) spec=${job#family-}; shape=${spec%:*}; batch=${spec#*:}
               python3 benchmarks/train_step.py --vs-unsloth --shape $shape --batch $batch --seq 2048 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    lean-*) spec=${job#lean-}; shape=${spec%:*}; batch=${spec#*:}
+              # ours alone, memory-lean mode, 2048 tokens a row
+              python3 benchmarks/train_step.py --shape $shape --batch $batch --seq 2048 --gc unsloth --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     memdump-*) spec=${job#memdump-}; shape=${spec%:*}; batch=${spec#*:}; dump=/tmp/xla_dump_$shape
               # XLA's buffer assignment of the compiled step (what is live at the peak), for memory work
               XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump --xla_dump_hlo_module_re=jit_step" \
