@@ -136,25 +136,31 @@ def _weight_tiles(weight_oi, dtype, options: KernelOptions):
     return [(a, b, whole.rows(a, b)) for a, b in tiles]
 
 
-def _tie(weight, value):
-    """`(weight, value)` such that what reads the returned weight runs after `value` exists (and is not merged
-    with an earlier read of the same weight, e.g. the recompute's dequantize).
+def _tie(weights, value):
+    """`(weights, value)` such that what reads the returned weights runs after `value` exists (and is not merged
+    with an earlier read of the same weights, e.g. the recompute's dequantize). `weights`: one or a tuple/list.
 
     An NF4 weight is tied through a runtime zero: its bytes XOR a uint8 zero that comes out of an optimization
     barrier with `value`. The XOR fuses into the dequantize kernel, so the bytes stay a slice of the layer stack;
     the weight itself through the barrier made XLA copy them out first (Phi-4's gate_up, 88 MiB, held through a
     layer's whole backward), and tying only the scales let XLA share the scale-free half of the dequantize
-    between the recompute and the backward, and keep it."""
-    if not isinstance(weight, NF4Weight):
-        return lax.optimization_barrier((weight, value))
-    zero, value = lax.optimization_barrier((jnp.zeros((), jnp.uint8), value))
+    between the recompute and the backward, and keep it. Other weights go through the barrier whole."""
+    many = isinstance(weights, (tuple, list))
+    ws = list(weights) if many else [weights]
+    held = [None if isinstance(w, NF4Weight) else w for w in ws]
+    (zero, held), value = lax.optimization_barrier(((jnp.zeros((), jnp.uint8), held), value))
+    tied = [_xor_bytes(w, zero) if isinstance(w, NF4Weight) else h for w, h in zip(ws, held)]
+    return (type(weights)(tied) if many else tied[0]), value
+
+
+def _xor_bytes(weight: NF4Weight, zero) -> NF4Weight:
     children, aux = weight.tree_flatten()
-    return NF4Weight.tree_unflatten(aux, (children[0] ^ zero,) + tuple(children[1:])), value
+    return NF4Weight.tree_unflatten(aux, (children[0] ^ zero,) + tuple(children[1:]))
 
 
 def _tile_outputs(tiles, product) -> list:
     """`[product(start, stop, W rows)]` over `tiles`, one tile at a time: tile i+1's weight is tied to tile i's
-    output by an optimization barrier, so its dequantize runs only after tile i's gemm.
+    output (`_tie`), so its dequantize runs only after tile i's gemm.
 
     Why: XLA schedules independent dequantize kernels early; Phi-4's four gate_up tiles (4 x 88 MiB, folded with
     B) were all alive before the first gemm in the backward, which undid the tiling. (The GPU runs the kernels
@@ -230,13 +236,7 @@ def _just_in_time(options: KernelOptions, weights, gs):
     (`_tie`), the backward dequantizes W again, right before it is used."""
     if not options.memory_lean:
         return weights, gs
-    if not isinstance(weights, (tuple, list)):
-        return _tie(weights, gs)
-    tied = []
-    for w in weights:
-        w, gs = _tie(w, gs)
-        tied.append(w)
-    return type(weights)(tied), gs
+    return _tie(weights, gs)
 
 
 def _folds_lora_into_dx(weight_oi, g_to, options: KernelOptions) -> bool:
