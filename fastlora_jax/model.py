@@ -8,7 +8,7 @@ HF model. LoRA (get_peft_model) adds a separate trainable pytree next to the bas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import ModuleType
 
 import jax
@@ -140,10 +140,9 @@ class CausalLM:
         gigabytes of weights into the compiled program as constants."""
         from fastlora_jax import training
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
-        lean = getattr(self, "use_gradient_checkpointing", False) is not False
         chunk = chunk_tokens or self.loss_chunk_tokens  # None: training.output_layer_loss picks the mode's default
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
-        options = replace(self.kernel_options, memory_lean=lean)
+        options = training.step_options(self.kernel_options, getattr(self, "use_gradient_checkpointing", False))
         family, cfg = self.family, self.cfg
 
         def loss_sum(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None):
@@ -406,11 +405,10 @@ class VisionCausalLM(CausalLM):
         from fastlora_jax import training
         family, cfg = self.family, self.cfg
         remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
-        lean = getattr(self, "use_gradient_checkpointing", False) is not False
         chunk = chunk_tokens or self.loss_chunk_tokens  # None: training.output_layer_loss picks the mode's default
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         compute_dtype = self.dtype
-        options = replace(self.kernel_options, memory_lean=lean)
+        options = training.step_options(self.kernel_options, getattr(self, "use_gradient_checkpointing", False))
         hf_config = self.config
 
         def loss_sum(base_params, lora_params, input_ids, labels, attention_mask=None, dropout_key=None,

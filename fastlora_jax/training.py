@@ -3,7 +3,8 @@
 - The loss never builds `[tokens, vocab]` logits at once: tokens go through the output layer in chunks
   under `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of keeping them.
 - `use_gradient_checkpointing` is a `jax.checkpoint` policy on each decoder layer (run under `lax.scan`):
-  "unsloth" offloads the layer input to pinned host memory and recomputes the layer; True keeps the layer
+  "unsloth" offloads the layer input to pinned host memory (as many layers as `KernelOptions.host_offload_bytes`
+  holds, `step_options`) and recomputes the layer; True keeps the layer
   input on the device and recomputes; False keeps the outputs of matmuls and attention and recomputes only
   elementwise work (norms, rope, the gated activation).
 - The train step differentiates only the LoRA pytree (fp32 master weights; compute in the model dtype),
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from functools import partial
 
 import jax
@@ -82,6 +84,30 @@ def _name_primitive(checkpoint_name):
     """The primitive `checkpoint_name` binds (found by tracing it, not by importing a private module)."""
     jaxpr = jax.make_jaxpr(lambda x: checkpoint_name(x, "probe"))(jnp.zeros(()))
     return jaxpr.eqns[0].primitive
+
+
+def step_options(options: KernelOptions, mode) -> KernelOptions:
+    """The options a loss under `use_gradient_checkpointing=mode` traces with: `memory_lean` for "unsloth" and
+    True; for "unsloth" where it offloads, `host_offload_bytes` None becomes 80% of the host memory available
+    now (so a run keeps on the device what pinned host memory cannot hold instead of failing)."""
+    options = replace(options, memory_lean=mode is not False)
+    if mode == "unsloth" and options.host_offload_bytes is None and host_offload_supported():
+        available = available_host_bytes()
+        if available is not None:
+            options = replace(options, host_offload_bytes=int(0.8 * available))
+    return options
+
+
+def available_host_bytes() -> int | None:
+    """The host memory available to new allocations (Linux's MemAvailable), or None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def host_offload_supported() -> bool:

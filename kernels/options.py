@@ -33,7 +33,11 @@ class KernelOptions:
       (Unsloth's `unsloth_tiled_mlp`). The MLP is then recomputed in the backward pass in every checkpointing
       mode, False included. Set it with `FastLanguageModel.from_pretrained(..., kernel_options=
       KernelOptions(mlp_tile_tokens=8192))`, or `model.kernel_options = replace(model.kernel_options, ...)` before
-      the model's loss or train step is built (they read the options once).
+      the model's loss or train step is built (they read the options once);
+    - `host_offload_bytes`: with `use_gradient_checkpointing="unsloth"`, at most this many bytes of layer inputs
+      go to pinned host memory per micro-batch (per process); the decoder layers beyond that keep their input on
+      the device (as True) instead of the run failing when host memory runs out (`decoder.offloaded_layers`).
+      None (the default): the model's loss sets it to 80% of the host's available memory when it is built.
     """
 
     nf4_matmul: str = "xla"
@@ -42,6 +46,7 @@ class KernelOptions:
     memory_lean: bool = False
     lean_weight_tile_bytes: int = 128 << 20
     mlp_tile_tokens: int = 0
+    host_offload_bytes: int | None = None
 
     def __post_init__(self):
         if self.nf4_matmul not in NF4_MATMULS:
@@ -56,6 +61,10 @@ class KernelOptions:
         if isinstance(self.mlp_tile_tokens, bool) or not isinstance(self.mlp_tile_tokens, int) or self.mlp_tile_tokens < 0:
             raise ValueError(f"mlp_tile_tokens={self.mlp_tile_tokens!r} is not accepted; use 0 (no tiling) or a "
                              "positive int (tokens per MLP tile)")
+        if self.host_offload_bytes is not None and (isinstance(self.host_offload_bytes, bool) or not isinstance(
+                self.host_offload_bytes, int) or self.host_offload_bytes < 0):
+            raise ValueError(f"host_offload_bytes={self.host_offload_bytes!r} is not accepted; use None (80% of the "
+                             "available host memory) or an int >= 0 (bytes)")
 
 
 DEFAULT = KernelOptions()

@@ -16,6 +16,7 @@ targeting, export) is driven by those tables (registry.py says what each entry m
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -533,10 +534,45 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
         return decoder_layer(cfg, layer, x_bsd, cos_l, sin_l, attention_mask_bs, key, dropout_rate, options,
                              data["sliding"], block_ids_bs), None
 
-    if remat is not None:
-        step = jax.checkpoint(step, policy=remat, prevent_cse=False)
-    x, _ = jax.lax.scan(step, x_bsd, (layers, data, layer_keys))
-    return x
+    count = jax.tree.leaves(data)[0].shape[0]
+    offloaded = count if remat is None or options.host_offload_bytes is None else offloaded_layers(
+        indices or range(cfg.num_layers), _host_bytes_per_layer(x_bsd), options.host_offload_bytes)
+    if offloaded < count:
+        warnings.warn(f"host_offload_bytes={options.host_offload_bytes} holds the inputs of {offloaded} of these "
+                      f"{count} decoder layers ({_host_bytes_per_layer(x_bsd)} bytes each); the other layers keep "
+                      "theirs on the device", stacklevel=2)
+    if offloaded == count:
+        if remat is not None:
+            step = jax.checkpoint(step, policy=remat, prevent_cse=False)
+        x, _ = jax.lax.scan(step, x_bsd, (layers, data, layer_keys))
+        return x
+    # Host memory holds the inputs of the first `offloaded` layers only: those run under `remat` (which offloads),
+    # the rest keep their input on the device. Each part scans over layer numbers and reads its layer from the
+    # whole stack (a slice of the stack outside the scan would be a copy of its weights).
+    for start, stop, policy in ((0, offloaded, remat), (offloaded, count, jax.checkpoint_policies.nothing_saveable)):
+        if start == stop:
+            continue
+
+        def indexed_step(x_bsd, i, policy=policy):
+            xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                              (layers, data, layer_keys))
+            return jax.checkpoint(step, policy=policy, prevent_cse=False)(x_bsd, xs)
+
+        x_bsd, _ = jax.lax.scan(indexed_step, x_bsd, jnp.arange(start, stop))
+    return x_bsd
+
+
+def offloaded_layers(layer_indices, bytes_per_layer: int, host_bytes: int) -> int:
+    """How many of these decoder layers (their model-wide indices, ascending) offload their input: those whose
+    index is below `host_bytes // bytes_per_layer`, so that over the whole model (Mllama runs its self-attention
+    layers in several parts) the offloaded inputs fit in `host_bytes` (`KernelOptions.host_offload_bytes`)."""
+    fit = host_bytes // max(bytes_per_layer, 1)
+    return sum(1 for i in layer_indices if i < fit)
+
+
+def _host_bytes_per_layer(x_bsd) -> int:
+    """Host bytes one offloaded layer input takes in this process: its share of the (global) batch."""
+    return int(np.prod(x_bsd.shape)) * x_bsd.dtype.itemsize // jax.process_count()
 
 
 def hidden_states(cfg: DecoderConfig, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
