@@ -43,6 +43,10 @@ for job in "$@"; do
               done ;;
     family-*) spec=${job#family-}; shape=${spec%:*}; batch=${spec#*:}
               python3 benchmarks/train_step.py --vs-unsloth --shape $shape --batch $batch --seq 2048 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    longest-*) spec=${job#longest-}; system=${spec%%:*}; range=${spec#*:}
+              # the longest Llama-3.1-8B sequence that trains one step, by bisection (issue 15), e.g.
+              # longest-ours:131072:524288 and longest-unsloth:131072:524288 (.peers carried); one try per process
+              python3 benchmarks/longest_seq.py --system $system --lo ${range%%:*} --hi ${range#*:} --timeout 280 --budget 520 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     lean-*) spec=${job#lean-}; shape=${spec%:*}; batch=${spec#*:}
               # ours alone, memory-lean mode, 2048 tokens a row
               python3 benchmarks/train_step.py --shape $shape --batch $batch --seq 2048 --gc unsloth --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl" ;;

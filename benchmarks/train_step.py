@@ -112,7 +112,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(steps + 2):
+    for _ in range(steps + 2 if steps else 0):  # --steps 0: the first (compiling) step only (longest_seq.py)
         b = batch_arrays()
         jax.block_until_ready(b)
         t0 = time.perf_counter()
@@ -133,10 +133,10 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
             with sharding.use_mesh(mesh):
                 hlo = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile().as_text()
             Path(os.environ["OUT"], f"hlo_{shape}_{gc}.txt").write_text(hlo)
-    median = float(np.median(times))
+    median = float(np.median(times)) if times else compile_s
     tokens = batch * seq * devices
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()[:devices]]
-    tps = tokens / median
+    tps = tokens / median  # with --steps 0: of the compiling step
     per_device = {} if mesh is None else {
         "mesh": sharding.describe(mesh), "devices": devices, "tokens_per_s_per_device": round(tps / devices, 1),
         "peak_gib_per_device": [round(p / 2 ** 30, 3) for p in peaks]}
