@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,20 +64,37 @@ def try_length(system: str, shape: str, seq: int, timeout: int, mlp_tile_tokens:
     killed = []
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
-        timer = threading.Timer(timeout, lambda: (killed.append(True), proc.kill()))
+
+        def kill():
+            killed.append(True)
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it had just ended
+                pass
+
+        timer = threading.Timer(timeout, kill)
+        timer.daemon = True
         timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak host RSS
-        timer.cancel()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak host RSS
+        except BaseException:  # interrupted: leave no child running
+            kill()
+            raise
+        finally:
+            timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         out_f.seek(0), err_f.seek(0)
         out, err = out_f.read(), err_f.read()
-    timed_out = bool(killed)
+    timed_out = bool(killed) and os.WIFSIGNALED(status)  # a kill that came after a normal exit does not count
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     row = {"bench": "longest_seq_try", "system": system, "shape": shape, "seq": seq,
            "ok": proc.returncode == 0 and bool(lines) and not timed_out,
            "seconds": round(time.perf_counter() - t0, 1), "timed_out": timed_out}
     if lines:
-        got = json.loads(lines[-1])
+        try:
+            got = json.loads(lines[-1])
+        except ValueError:  # a cut-off line: the try did not finish
+            row["ok"], got = False, {}
         row.update({k: got[k] for k in ("peak_gib", "compile_s", "setup_gib") if k in got})
     row["child_max_rss_gib"] = round(usage.ru_maxrss / 2 ** 20, 2)  # ru_maxrss is in KiB on Linux
     if not row["ok"]:

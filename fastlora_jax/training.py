@@ -88,10 +88,13 @@ def _name_primitive(checkpoint_name):
 
 def step_options(options: KernelOptions, mode) -> KernelOptions:
     """The options a loss under `use_gradient_checkpointing=mode` traces with: `memory_lean` for "unsloth" and
-    True; for "unsloth" where it offloads, `host_offload_bytes` None becomes 80% of the host memory available
-    now (so a run keeps on the device what pinned host memory cannot hold instead of failing)."""
+    True; `host_offload_bytes` only for "unsloth", where None becomes 80% of the host memory available now if
+    the backend offloads (so a run keeps on the device what pinned host memory cannot hold instead of failing).
+    Several processes on one host each take that share: give them `host_offload_bytes` explicitly."""
     options = replace(options, memory_lean=mode is not False)
-    if mode == "unsloth" and options.host_offload_bytes is None and host_offload_supported():
+    if mode != "unsloth":  # only "unsloth" offloads: the budget would change the other modes' policies
+        return replace(options, host_offload_bytes=None)
+    if options.host_offload_bytes is None and host_offload_supported():
         available = available_host_bytes()
         if available is not None:
             options = replace(options, host_offload_bytes=int(0.8 * available))

@@ -37,7 +37,8 @@ class KernelOptions:
     - `host_offload_bytes`: with `use_gradient_checkpointing="unsloth"`, at most this many bytes of layer inputs
       go to pinned host memory per micro-batch (per process); the decoder layers beyond that keep their input on
       the device (as True) instead of the run failing when host memory runs out (`decoder.offloaded_layers`).
-      None (the default): the model's loss sets it to 80% of the host's available memory when it is built.
+      None (the default): the model's loss sets it to 80% of the host's available memory when it is built (one
+      process per host; with several, set it). The other checkpointing modes ignore it.
     """
 
     nf4_matmul: str = "xla"

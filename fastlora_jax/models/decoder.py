@@ -553,26 +553,36 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
         if start == stop:
             continue
 
-        def indexed_step(x_bsd, i, policy=policy):
-            xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
-                              (layers, data, layer_keys))
-            return jax.checkpoint(step, policy=policy, prevent_cse=False)(x_bsd, xs)
+        def indexed_step(x_bsd, i):  # the layer is read INSIDE the checkpoint: a read outside would be an
+            xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),  # input it saves,
+                              (layers, data, layer_keys))  # and the scan would stack every layer's weights
+            return step(x_bsd, xs)
 
-        x_bsd, _ = jax.lax.scan(indexed_step, x_bsd, jnp.arange(start, stop))
+        x_bsd, _ = jax.lax.scan(jax.checkpoint(indexed_step, policy=policy, prevent_cse=False), x_bsd,
+                                jnp.arange(start, stop))
     return x_bsd
 
 
 def offloaded_layers(layer_indices, bytes_per_layer: int, host_bytes: int) -> int:
     """How many of these decoder layers (their model-wide indices, ascending) offload their input: those whose
-    index is below `host_bytes // bytes_per_layer`, so that over the whole model (Mllama runs its self-attention
-    layers in several parts) the offloaded inputs fit in `host_bytes` (`KernelOptions.host_offload_bytes`)."""
+    index is below `host_bytes // bytes_per_layer`, so that across the parts a model runs its decoder layers in
+    (Mllama: between its cross-attention layers) the decoder layers' inputs fit in `host_bytes`
+    (`KernelOptions.host_offload_bytes`). Only these layers are counted: Mllama's cross-attention layers and the
+    vision towers offload under their own checkpoints as before."""
     fit = host_bytes // max(bytes_per_layer, 1)
     return sum(1 for i in layer_indices if i < fit)
 
 
 def _host_bytes_per_layer(x_bsd) -> int:
-    """Host bytes one offloaded layer input takes in this process: its share of the (global) batch."""
-    return int(np.prod(x_bsd.shape)) * x_bsd.dtype.itemsize // jax.process_count()
+    """Host bytes one offloaded layer input takes in this process: each of its devices offloads its share of the
+    batch, the whole batch where it is replicated (a batch that the mesh does not divide: `sharding.put_batch`)."""
+    nbytes = int(np.prod(x_bsd.shape)) * x_bsd.dtype.itemsize
+    mesh = jax.sharding.get_abstract_mesh()
+    devices = 1 if mesh.empty else mesh.size
+    if devices == 1:
+        return nbytes
+    local = max(1, devices // jax.process_count())
+    return (nbytes // devices if x_bsd.shape[0] % devices == 0 else nbytes) * local
 
 
 def hidden_states(cfg: DecoderConfig, params: dict, input_ids_bs, cos_bsr, sin_bsr, attention_mask_bs=None,
