@@ -24,8 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+from train_step import PEERS, peers_env  # this folder is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
-PEERS = HERE.parent / ".peers"
 
 # Unsloth: one step of torch_peers.py's workload (its load(), AdamW on the LoRA parameters), nothing timed.
 UNSLOTH_ONE_STEP = r"""
@@ -54,12 +55,8 @@ def try_length(system: str, shape: str, seq: int, timeout: int, mlp_tile_tokens:
                str(seq), "--gc", "unsloth", "--steps", "0", "--mlp-tile-tokens", str(mlp_tile_tokens)]
         env = dict(os.environ)
     else:
-        site = Path("/tmp/peers-site")
-        if not site.is_dir():
-            site.mkdir(parents=True)
-            subprocess.run(["tar", "xzf", str(PEERS / "peers-site.tgz"), "-C", str(site)], check=True)
         cmd = [sys.executable, "-c", UNSLOTH_ONE_STEP, str(PEERS), shape, str(seq)]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(site))
+        env = peers_env()
     t0 = time.perf_counter()
     killed = []
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:

@@ -254,16 +254,20 @@ def main() -> None:
 PEERS = HERE.parent / ".peers"
 
 
-def run_unsloth(shape: str, batch: int, seq: int, gc: str) -> dict:
-    """Unsloth on the same shape, in its own process, from the carried peers bundle (ANCHORS.md)."""
+def peers_env() -> dict:
+    """The environment a peer process runs in: the carried site-packages bundle unpacked once, offline."""
     site = Path("/tmp/peers-site")
     if not site.is_dir():
         site.mkdir(parents=True)
         subprocess.run(["tar", "xzf", str(PEERS / "peers-site.tgz"), "-C", str(site)], check=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(site))
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(site))
+
+
+def run_unsloth(shape: str, batch: int, seq: int, gc: str) -> dict:
+    """Unsloth on the same shape, in its own process, from the carried peers bundle (ANCHORS.md)."""
     cmd = [sys.executable, str(PEERS / "torch_peers.py"), "unsloth", shape, "--bs", str(batch), "--seq", str(seq),
            "--gc", gc]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=peers_env())
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {"bench": "train_step", "system": "unsloth", "shape": shape, "gc": gc,

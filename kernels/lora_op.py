@@ -120,7 +120,7 @@ def lean_row_tiles(weight_oi, dtype, options: KernelOptions = DEFAULT) -> tuple[
     if least <= 1:
         return None
     rows = next((out_dim // n for n in range(least, 2 * least + 1) if out_dim % n == 0 and (out_dim // n) % 8 == 0),
-                -(-(-(-out_dim // least)) // 8) * 8)
+                -(-out_dim // (8 * least)) * 8)  # else ceil(out / least) rounded up to a multiple of 8
     if rows >= out_dim:
         return None
     return tuple((a, min(a + rows, out_dim)) for a in range(0, out_dim, rows))

@@ -535,12 +535,14 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
                              data["sliding"], block_ids_bs), None
 
     count = jax.tree.leaves(data)[0].shape[0]
-    offloaded = count if remat is None or options.host_offload_bytes is None else offloaded_layers(
-        indices or range(cfg.num_layers), _host_bytes_per_layer(x_bsd), options.host_offload_bytes)
-    if offloaded < count:
-        warnings.warn(f"host_offload_bytes={options.host_offload_bytes} holds the inputs of {offloaded} of these "
-                      f"{count} decoder layers ({_host_bytes_per_layer(x_bsd)} bytes each); the other layers keep "
-                      "theirs on the device", stacklevel=2)
+    offloaded = count
+    if remat is not None and options.host_offload_bytes is not None:
+        per_layer = _host_bytes_per_layer(x_bsd)
+        offloaded = offloaded_layers(indices or range(cfg.num_layers), per_layer, options.host_offload_bytes)
+        if offloaded < count:
+            warnings.warn(f"host_offload_bytes={options.host_offload_bytes} holds the inputs of {offloaded} of these "
+                          f"{count} decoder layers ({per_layer} bytes each); the other layers keep theirs on the "
+                          "device", stacklevel=2)
     if offloaded == count:
         if remat is not None:
             step = jax.checkpoint(step, policy=remat, prevent_cse=False)
