@@ -41,13 +41,15 @@ def kernel_options(args):
     """The CLI's kernel flags as the `KernelOptions` every traced program of the run takes."""
     from fastlora_jax.kernels import KernelOptions
     return KernelOptions(nf4_matmul=args.nf4_matmul, lora_fold=not args.no_lora_fold, attention=args.attention,
-                         lean_weight_tile_bytes=args.lean_tile_mib << 20, mlp_tile_tokens=args.mlp_tile_tokens)
+                         lean_weight_tile_bytes=args.lean_tile_mib << 20, mlp_tile_tokens=args.mlp_tile_tokens,
+                         lean_offload=args.lean_offload)
 
 
 def kernel_flags(args) -> list[str]:
     """The same flags for the per-config child process."""
     return (["--nf4-matmul", args.nf4_matmul, "--attention", args.attention, "--lean-tile-mib", str(args.lean_tile_mib),
-             "--mlp-tile-tokens", str(args.mlp_tile_tokens)] + (["--no-lora-fold"] if args.no_lora_fold else []))
+             "--mlp-tile-tokens", str(args.mlp_tile_tokens), "--lean-offload", args.lean_offload]
+            + (["--no-lora-fold"] if args.no_lora_fold else []))
 
 
 def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool,
@@ -149,9 +151,27 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention, "lean_tile_mib": model.kernel_options.lean_weight_tile_bytes >> 20,
-        "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens,
+        "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, **offload_choice(model, cfg, mode, batch, seq, dtype),
         **compiled_memory, **({"profile": profile} if profile else {}),
     }
+
+
+def offload_choice(model, cfg, mode, batch: int, seq: int, dtype) -> dict:
+    """What the "unsloth" step offloads per layer (`decoder.lean_offload_attention` on this shape) and the measured
+    FLOPs per host byte it chose by."""
+    if mode != "unsloth":
+        return {}
+    import jax
+
+    from fastlora_jax import training
+    from fastlora_jax.models import decoder
+    options = training.step_options(model.kernel_options, mode)
+    x = jax.ShapeDtypeStruct((batch, seq, cfg.hidden_size), dtype)
+    attention = training.host_offload_supported() and decoder.lean_offload_attention(cfg, x, cfg.num_layers, options)
+    return {"lean_offload": model.kernel_options.lean_offload, "offloads": "attention" if attention else "layer_input",
+            "flops_per_host_byte": options.flops_per_host_byte,
+            "layer_flops_per_offloaded_byte": round(decoder.layer_forward_flops(cfg, batch, seq) / (
+                batch * seq * decoder.offload_features(cfg, True) * x.dtype.itemsize))}
 
 
 CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports them
@@ -214,6 +234,8 @@ def main() -> None:
     parser.add_argument("--mlp-tile-tokens", type=int, default=0,
                         help="KernelOptions.mlp_tile_tokens: the MLP in sequence tiles of at most N tokens, each "
                              "recomputed in the backward pass (0: untiled; default: %(default)s)")
+    parser.add_argument("--lean-offload", default="auto", choices=["auto", "layer_input", "attention"],
+                        help="KernelOptions.lean_offload (--gc unsloth; default: %(default)s)")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "flash"],
                         help="KernelOptions.attention (default: %(default)s)")
     parser.add_argument("--compile-first", action="store_true",

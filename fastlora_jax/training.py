@@ -4,7 +4,8 @@
   under `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of keeping them.
 - `use_gradient_checkpointing` is a `jax.checkpoint` policy on each decoder layer (run under `lax.scan`):
   "unsloth" offloads the layer input to pinned host memory (as many layers as `KernelOptions.host_offload_bytes`
-  holds, `step_options`) and recomputes the layer; True keeps the layer
+  holds, `step_options`) and recomputes the layer, or also its attention half's outputs where the host link keeps
+  up (`KernelOptions.lean_offload`, `decoder.HostOffload`) and recomputes only the MLP half; True keeps the layer
   input on the device and recomputes; False keeps the outputs of matmuls and attention and recomputes only
   elementwise work (norms, rope, the gated activation).
 - The train step differentiates only the LoRA pytree (fp32 master weights; compute in the model dtype),
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ _warned_no_host = False
 def remat_policy(mode):
     """`use_gradient_checkpointing` -> what `hidden_states(remat=...)` takes (None: no checkpointing)."""
     global _warned_no_host
-    from fastlora_jax.models.decoder import LAYER_INPUT
+    from fastlora_jax.models.decoder import HostOffload
     if mode is False:
         return save_matmul_outputs_policy()
     if mode is True:
@@ -47,30 +48,27 @@ def remat_policy(mode):
                               "pinned host memory to offload to; recomputing layers instead (as True)", stacklevel=3)
                 _warned_no_host = True
             return jax.checkpoint_policies.nothing_saveable
-        return jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
-            offload_src="device", offload_dst="pinned_host")
+        return HostOffload()  # the layer input only; run_layers may add the attention half (lean_offload)
     raise ValueError(f"use_gradient_checkpointing={mode!r} is not accepted; use 'unsloth', True or False")
 
 
 def save_matmul_outputs_policy():
     """use_gradient_checkpointing=False: keep what is expensive to recompute, recompute the rest.
 
-    Kept per layer: its input, the rotated q/k/v, the attention output and its softmax statistics (the
+    Kept per layer: its input, q/k/v (rotated; before their norms where q/k norms follow), the attention output and its softmax statistics (the
     fused attention's forward outputs), the residual after attention, and the gate/up projections.
     Recomputed in the backward pass: the RMS norms, rope and the gated activation (elementwise, memory
     bound, a few percent of a step) — saving them too would cost about as much memory again. The NF4
     dequantized weights are never kept (kernels/lora_op.py re-dequantizes in the backward pass).
     """
-    from jax.ad_checkpoint import checkpoint_name
-
     from fastlora_jax.models.decoder import (
         SAVED_ATTENTION_INPUTS,
         SAVED_MID_RESIDUAL,
         SAVED_MLP_INPUTS,
+        name_primitive,
     )
     names = frozenset((SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS))
-    name_p = _name_primitive(checkpoint_name)
+    name_p = name_primitive()
 
     def policy(prim, *_, **params):
         if prim is name_p:
@@ -78,12 +76,6 @@ def save_matmul_outputs_policy():
         return prim.name.startswith("dot_product_attention_fwd")  # cuDNN attention: output + softmax stats
 
     return policy
-
-
-def _name_primitive(checkpoint_name):
-    """The primitive `checkpoint_name` binds (found by tracing it, not by importing a private module)."""
-    jaxpr = jax.make_jaxpr(lambda x: checkpoint_name(x, "probe"))(jnp.zeros(()))
-    return jaxpr.eqns[0].primitive
 
 
 def step_options(options: KernelOptions, mode) -> KernelOptions:
@@ -98,7 +90,38 @@ def step_options(options: KernelOptions, mode) -> KernelOptions:
         available = available_host_bytes()
         if available is not None:
             options = replace(options, host_offload_bytes=int(0.8 * available))
+    if options.lean_offload == "auto" and options.flops_per_host_byte is None and host_offload_supported():
+        options = replace(options, flops_per_host_byte=measured_flops_per_host_byte())
     return options
+
+
+@cache
+def measured_flops_per_host_byte(side: int = 8192, reps: int = 5) -> float:
+    """This device's bf16 matmul FLOP/s over its device-to-pinned-host copy bytes/s, each the best of `reps`
+    timed runs (a `side`^2 matmul, a copy of one `side`^2 bf16 array: 128 MiB), measured once per process.
+    `KernelOptions(lean_offload="auto")` offloads a layer's attention half when its forward pass does at least
+    this many FLOPs per byte it sends to the host."""
+    import time
+    device = jax.devices()[0]
+    x = jax.device_put(jnp.ones((side, side), jnp.bfloat16), device)
+    matmul = jax.jit(lambda a: a @ a)
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+
+    def to_host(a):
+        return jax.device_put(a, host)
+
+    def best(fn):
+        fn(x).block_until_ready()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn(x).block_until_ready()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    flops_per_s = 2.0 * side ** 3 / best(matmul)
+    bytes_per_s = x.nbytes / best(to_host)
+    return flops_per_s / bytes_per_s
 
 
 def available_host_bytes() -> int | None:

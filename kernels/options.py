@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 NF4_MATMULS = ("xla", "pallas")
 ATTENTIONS = ("auto", "xla", "cudnn", "flash")
+LEAN_OFFLOADS = ("auto", "layer_input", "attention")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,15 @@ class KernelOptions:
       the device (as True) instead of the run failing when host memory runs out (`decoder.offloaded_layers`).
       None (the default): the model's loss sets it to 80% of the host's available memory when it is built (one
       process per host; with several, set it). The other checkpointing modes ignore it.
+    - `lean_offload`: what use_gradient_checkpointing="unsloth" sends to pinned host memory per decoder layer:
+      "layer_input" (Unsloth's scheme: the backward recomputes the whole layer), "attention" (also the rotated
+      q/k/v, the attention output and softmax statistics and the residual after attention: the backward
+      recomputes only the MLP half; 4.5x the host bytes at Llama-3.1-8B) or "auto" (the default): "attention"
+      where the host budget holds it and the host link moves a layer's offloaded bytes in the time the GPU
+      computes the layer's forward pass (`decoder.lean_offload_attention`), else "layer_input";
+    - `flops_per_host_byte`: the device's matmul FLOP/s over its device-to-host copy bytes/s, what "auto"
+      compares a layer's forward FLOPs per offloaded byte with; None: measured once per process when an
+      "unsloth" loss is built on a GPU (`training.measured_flops_per_host_byte`), else "auto" means "layer_input".
     """
 
     nf4_matmul: str = "xla"
@@ -48,6 +58,8 @@ class KernelOptions:
     lean_weight_tile_bytes: int = 128 << 20
     mlp_tile_tokens: int = 0
     host_offload_bytes: int | None = None
+    lean_offload: str = "auto"
+    flops_per_host_byte: float | None = None
 
     def __post_init__(self):
         if self.nf4_matmul not in NF4_MATMULS:
@@ -62,6 +74,12 @@ class KernelOptions:
         if isinstance(self.mlp_tile_tokens, bool) or not isinstance(self.mlp_tile_tokens, int) or self.mlp_tile_tokens < 0:
             raise ValueError(f"mlp_tile_tokens={self.mlp_tile_tokens!r} is not accepted; use 0 (no tiling) or a "
                              "positive int (tokens per MLP tile)")
+        if self.lean_offload not in LEAN_OFFLOADS:
+            raise ValueError(f"lean_offload={self.lean_offload!r} is not one of {LEAN_OFFLOADS}")
+        if self.flops_per_host_byte is not None and (isinstance(self.flops_per_host_byte, bool) or not isinstance(
+                self.flops_per_host_byte, (int, float)) or not self.flops_per_host_byte > 0):
+            raise ValueError(f"flops_per_host_byte={self.flops_per_host_byte!r} is not accepted; use None (measured) "
+                             "or a positive number (matmul FLOPs per device-to-host byte)")
         if self.host_offload_bytes is not None and (isinstance(self.host_offload_bytes, bool) or not isinstance(
                 self.host_offload_bytes, int) or self.host_offload_bytes < 0):
             raise ValueError(f"host_offload_bytes={self.host_offload_bytes!r} is not accepted; use None (80% of the "

@@ -7,7 +7,10 @@ itself: the rule, and that a decoder run in two parts (the layer stack read by i
 gradients of one scan. What the GPU's host copies cost is measured by benchmarks/train_step.py.
 """
 
+from functools import partial
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_l2
@@ -110,3 +113,140 @@ def test_step_options_resolve_the_budget_only_where_layers_offload():
 def test_bad_host_offload_bytes_raises(value):
     with pytest.raises(ValueError, match=f"host_offload_bytes={value!r} is not accepted.*int >= 0"):
         KernelOptions(host_offload_bytes=value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KernelOptions.lean_offload: what "unsloth" sends to the host per layer (issue 15 item 1). The CPU backend offloads
+# to its pinned-host memory kind when the policy asks, so these run the real Offloadable path.
+
+
+def _direct_loss_and_grad(model, ids, labels, mask, remat, options):
+    """The training loss with this policy and these options given directly (the model's loss would recompute as
+    True on the CPU, where `training.remat_policy` does not offload)."""
+    fam, cfg = model.family, model.cfg
+
+    def loss(lora):
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        inv_freq, scaling = fam.rope_tables(model.config, cfg, ids.shape[1])
+        cos, sin = fam.rope_cos_sin(inv_freq, positions, scaling)
+        return training.loss_sum_and_count(
+            model, model.base_params, lora, model.lora_meta, ids, labels, cos, sin, mask, None,
+            compute_dtype=jnp.float32, dropout_rate=0.0, remat=remat, chunk_tokens=None, options=options)[0]
+    return jax.value_and_grad(loss)
+
+
+def _dot_count(fn, arg, min_side: int = 0) -> int:
+    """dot_general equations in the traced function and every jaxpr nested in it (a scan body counts once); with
+    `min_side`, only those of two matrices with no side shorter (the base projections: not the LoRA factors' rank
+    products, not attention's batched products)."""
+    count = 0
+
+    def counted(eqn):
+        shapes = [v.aval.shape for v in eqn.invars]
+        return eqn.primitive.name == "dot_general" and all(len(s) == 2 and min(s) >= min_side for s in shapes)
+
+    def walk(jx):
+        nonlocal count
+        for eqn in jx.eqns:
+            count += counted(eqn)
+            for param in eqn.params.values():
+                for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+    walk(jax.make_jaxpr(fn)(arg).jaxpr)
+    return count
+
+
+@pytest.mark.parametrize("case", ["llama_control", "qwen3"])  # qwen3: q/k norms between the projections and rope
+def test_attention_offload_gives_the_grads_of_layer_input_offload_and_recomputes_less(rng, case):
+    """Offloading the attention half too changes what the backward recomputes, not what it computes: the loss and
+    LoRA gradients equal the layer-input-only run's, and the backward traces fewer matmuls (the q/k/v and o
+    projections are not run again: their outputs and the residual after attention come back from the host)."""
+    model = _peft_model(case)
+    ids, labels, mask = _batch(rng, model.cfg.vocab_size, 2, 23)
+    runs = {}
+    for choice in ("layer_input", "attention"):
+        options = KernelOptions(memory_lean=True, lean_offload=choice)
+        remat = decoder.HostOffload(attention=False)  # run_layers decides `attention` from the options
+        fn = _direct_loss_and_grad(model, ids, labels, mask, remat, options)
+        runs[choice] = jax.jit(fn)(model.lora_params), _dot_count(fn, model.lora_params)
+    (want_loss, want_grads), want_dots = runs["layer_input"]
+    (got_loss, got_grads), got_dots = runs["attention"]
+    assert abs(float(got_loss) - float(want_loss)) <= 1e-6 * abs(float(want_loss))
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        assert rel_l2(g, w) < 1e-6
+    assert got_dots <= want_dots - 4, (got_dots, want_dots)  # q, k, v and o: one gemm each when not recomputed
+
+
+def test_host_offload_policy_names():
+    """The policy offloads the layer input always, the attention half's names only with `attention`; every other
+    value is recomputed (nothing is kept on the device)."""
+    from jax.ad_checkpoint import Offloadable, Recompute
+    name_p = decoder.name_primitive()
+    for attention in (False, True):
+        policy = decoder.HostOffload(attention=attention)
+        assert isinstance(policy(name_p, name=decoder.LAYER_INPUT), Offloadable)
+        for name in decoder.ATTENTION_OFFLOAD_NAMES:
+            assert isinstance(policy(name_p, name=name), Offloadable) == attention
+        assert policy(name_p, name=decoder.SAVED_MLP_INPUTS) is Recompute
+        assert policy(jax.lax.exp_p) is Recompute
+
+
+def _x(batch, seq, cfg):
+    return jax.ShapeDtypeStruct((batch, seq, cfg.hidden_size), jnp.bfloat16)
+
+
+def test_lean_offload_choice_rule():
+    """"layer_input" never adds the attention half; "attention" adds it where the budget holds every layer's share
+    (and warns when it does not); "auto" also needs the layer's forward FLOPs per offloaded byte to reach the
+    device's FLOPs per host byte, and never guesses that ratio."""
+    cfg = _peft_model("llama_control").cfg
+    layers, x = cfg.num_layers, _x(2, 64, cfg)
+    per_layer = 2 * 64 * decoder.offload_features(cfg, True) * 2
+    ratio = decoder.layer_forward_flops(cfg, 2, 64) / per_layer
+    rule = partial(decoder.lean_offload_attention, cfg, x, layers)
+    assert not rule(KernelOptions(lean_offload="layer_input", flops_per_host_byte=1e-9))
+    assert rule(KernelOptions(lean_offload="attention"))
+    assert rule(KernelOptions(lean_offload="attention", host_offload_bytes=layers * per_layer))
+    with pytest.warns(UserWarning, match="lean_offload='attention': host_offload_bytes=.* layer inputs only"):
+        assert not rule(KernelOptions(lean_offload="attention", host_offload_bytes=layers * per_layer - 1))
+    assert not rule(KernelOptions(lean_offload="auto"))  # the ratio unknown (not measured: no GPU)
+    assert rule(KernelOptions(flops_per_host_byte=ratio * 0.99))
+    assert not rule(KernelOptions(flops_per_host_byte=ratio * 1.01))
+    assert not rule(KernelOptions(flops_per_host_byte=ratio * 0.99, host_offload_bytes=layers * per_layer - 1))
+
+
+def test_layer_forward_flops_and_offload_features_by_hand():
+    """Llama-3.1-8B's numbers worked out by hand: 4096 hidden, 32 heads of 128, 8 KV heads, 14336 intermediate."""
+    from transformers import LlamaConfig
+
+    from fastlora_jax.models.registry import family_for
+    hf = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256)
+    cfg = family_for(hf).config(hf)
+    weights = 4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336
+    assert decoder.layer_forward_flops(cfg, 2, 2048) == 2 * 4096 * weights + 4 * 4096 * 1024 * 4096
+    assert decoder.offload_features(cfg, False) == 4096
+    assert decoder.offload_features(cfg, True) == 4096 + 6144 + 4096 + 64 + 4096
+
+
+@pytest.mark.parametrize("field, value", [("lean_offload", "qkv"), ("flops_per_host_byte", 0),
+                                          ("flops_per_host_byte", "fast"), ("flops_per_host_byte", True)])
+def test_bad_lean_offload_options_raise(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r} is not"):
+        KernelOptions(**{field: value})
+
+
+@pytest.mark.parametrize("case", ["llama_control", "qwen3", "phi3"])  # phi3: q/k/v from one fused projection
+def test_false_mode_recomputes_no_matmul(rng, case):
+    """use_gradient_checkpointing=False keeps every matmul output the backward needs: its traced loss-and-grad has
+    as many matmuls as the same loss without checkpointing (which recomputes nothing). Qwen3's q/k norms read the
+    projections' outputs: kept rotated, q_proj and k_proj ran again in the backward."""
+    model = _peft_model(case)
+    ids, labels, mask = _batch(rng, model.cfg.vocab_size, 2, 23)
+    group_rank = 3 * int(model.lora_layout.spec.r)  # q/k/v's A's side by side
+    assert model.cfg.hidden_size > group_rank and 2 * 23 > group_rank
+    counts = [_dot_count(_direct_loss_and_grad(model, ids, labels, mask, remat, KernelOptions()), model.lora_params,
+                         min_side=group_rank + 1) for remat in (training.save_matmul_outputs_policy(), None)]
+    assert counts[0] == counts[1], counts

@@ -17,13 +17,13 @@ targeting, export) is driven by those tables (registry.py says what each entry m
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
+from jax.ad_checkpoint import Offloadable, Recompute, checkpoint_name
 
 from fastlora_jax import kernels, rope
 from fastlora_jax.kernels.options import DEFAULT as DEFAULT_OPTIONS
@@ -35,11 +35,46 @@ CHECKPOINT_RENAMES = ()  # module names are the checkpoint's tensor names
 LOAD_RENAMES = ()
 LAYER_INPUT = "decoder_layer_input"  # the name checkpointing policies save or offload
 # What use_gradient_checkpointing=False keeps (training.remat_policy): the outputs of matmuls and of
-# attention; norms, rope and the gated activation are recomputed from them in the backward pass.
+# attention; norms, rope and the gated activation are recomputed from them in the backward pass. q/k are
+# kept rotated, or as the projections wrote them where q/k norms follow (Qwen3, Gemma 3: the norm's backward
+# reads its input, so a rotated q/k alone made the backward run q_proj and k_proj again).
 SAVED_ATTENTION_INPUTS = "attention_qkv"
 SAVED_MID_RESIDUAL = "attention_residual"
 SAVED_MLP_INPUTS = "mlp_gate_up"
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
+# What use_gradient_checkpointing="unsloth" also offloads with `KernelOptions.lean_offload="attention"`
+# (besides the layer input and the fused attention's forward outputs): the backward then recomputes only the
+# MLP half of the layer's forward.
+ATTENTION_OFFLOAD_NAMES = (SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL)
+
+
+@cache
+def name_primitive():
+    """The primitive `checkpoint_name` binds (found by tracing it, not by importing a private module; traced on
+    first use, not at import, which must not start a backend)."""
+    probe = jax.ShapeDtypeStruct((), jnp.float32)
+    return jax.make_jaxpr(lambda x: checkpoint_name(x, "probe"))(probe).eqns[0].primitive
+
+
+@dataclass(frozen=True)
+class HostOffload:
+    """The `jax.checkpoint` policy of use_gradient_checkpointing="unsloth": the layer input goes to pinned host
+    memory and the layer is recomputed in the backward pass (Unsloth's scheme). With `attention`, the rotated
+    q/k/v, the fused attention's outputs (its output and softmax statistics: the `dot_product_attention_fwd`
+    primitive's results) and the residual after attention go to the host too, so the backward recomputes only the
+    MLP half: no q/k/v/o projection and no attention forward again. `run_layers` decides `attention` per call
+    (`lean_offload_attention`); other stacks (vision towers, Mllama's cross-attention layers) use it as given."""
+    attention: bool = False
+    dst: str = "pinned_host"
+
+    def __call__(self, prim, *_, **params):
+        if prim is name_primitive():
+            names = (LAYER_INPUT,) + (ATTENTION_OFFLOAD_NAMES if self.attention else ())
+            return Offloadable(src="device", dst=self.dst) if params["name"] in names else Recompute
+        if self.attention and prim.name.startswith("dot_product_attention_fwd"):
+            return Offloadable(src="device", dst=self.dst)
+        return Recompute
+
 
 
 class LanguageModelFields:
@@ -396,10 +431,13 @@ def decoder_layer_with_attention(cfg: DecoderConfig, layer: dict, x_bsd, cos_bsr
     q = q.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
     k = k.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(batch, seq, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
+    v = checkpoint_name(v, SAVED_ATTENTION_INPUTS)
+    if cfg.qk_norm:  # the norms' backward reads their input: keep the projections' q/k, recompute norm and rope
+        q, k = checkpoint_name(q, SAVED_ATTENTION_INPUTS), checkpoint_name(k, SAVED_ATTENTION_INPUTS)
         q, k = _norm(cfg, q, attn["q_norm"]), _norm(cfg, k, attn["k_norm"])
     q, k = rope.apply_rotary(q, cos_bsr, sin_bsr), rope.apply_rotary(k, cos_bsr, sin_bsr)
-    q, k, v = (checkpoint_name(t, SAVED_ATTENTION_INPUTS) for t in (q, k, v))
+    if not cfg.qk_norm:
+        q, k = checkpoint_name(q, SAVED_ATTENTION_INPUTS), checkpoint_name(k, SAVED_ATTENTION_INPUTS)
     o, aux = attend(q, k, v)
     attn_out = lin(o.reshape(batch, seq, q_out), attn["o_proj"], ko)
     if cfg.sandwich_norms:
@@ -535,9 +573,11 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
                              data["sliding"], block_ids_bs), None
 
     count = jax.tree.leaves(data)[0].shape[0]
+    if isinstance(remat, HostOffload):
+        remat = replace(remat, attention=lean_offload_attention(cfg, x_bsd, count, options))
     offloaded = count
     if remat is not None and options.host_offload_bytes is not None:
-        per_layer = _host_bytes_per_layer(x_bsd)
+        per_layer = _host_bytes_per_layer(x_bsd, offload_features(cfg, getattr(remat, "attention", False)))
         offloaded = offloaded_layers(indices or range(cfg.num_layers), per_layer, options.host_offload_bytes)
         if offloaded < count:
             warnings.warn(f"host_offload_bytes={options.host_offload_bytes} holds the inputs of {offloaded} of these "
@@ -575,10 +615,56 @@ def offloaded_layers(layer_indices, bytes_per_layer: int, host_bytes: int) -> in
     return sum(1 for i in layer_indices if i < fit)
 
 
-def _host_bytes_per_layer(x_bsd) -> int:
-    """Host bytes one offloaded layer input takes in this process: each of its devices offloads its share of the
-    batch, the whole batch where it is replicated (a batch that the mesh does not divide: `sharding.put_batch`)."""
-    nbytes = int(np.prod(x_bsd.shape)) * x_bsd.dtype.itemsize
+def offload_features(cfg: DecoderConfig, attention: bool) -> int:
+    """Per token, how many compute-dtype values one decoder layer offloads under `HostOffload(attention)`: the
+    layer input; with `attention` also q, k, v, the attention output, its softmax statistics (one fp32 per head:
+    two values) and the residual after attention."""
+    if not attention:
+        return cfg.hidden_size
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return cfg.hidden_size + (q_out + 2 * kv_out) + q_out + 2 * cfg.num_heads + cfg.hidden_size
+
+
+def layer_forward_flops(cfg: DecoderConfig, batch: int, seq: int) -> float:
+    """FLOPs of one decoder layer's forward pass on `batch x seq` tokens: its projections and causal attention
+    (each query attends to about half the sequence; to its window where the model has sliding layers: the
+    cheaper layer, so that the estimate errs towards not offloading)."""
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    weights = cfg.hidden_size * (2 * q_out + 2 * kv_out) + 3 * cfg.hidden_size * cfg.intermediate_size
+    window = cfg.sliding_window if any(cfg.sliding_layers) else None
+    attended = seq / 2 if window is None or window >= seq else window
+    return 2.0 * batch * seq * weights + 4.0 * batch * seq * attended * q_out
+
+
+def lean_offload_attention(cfg: DecoderConfig, x_bsd, count: int, options: KernelOptions) -> bool:
+    """Whether these `count` layers offload their attention half too (`HostOffload.attention`), by
+    `options.lean_offload`: never for "layer_input"; for "attention" and "auto" only where the host budget
+    (`host_offload_bytes`) holds every layer's share; "auto" then only where a layer's forward FLOPs per
+    offloaded byte reach `options.flops_per_host_byte` (the device's matmul rate over its host link: the copy
+    then hides behind the layer's forward compute), and never when that is unknown."""
+    if options.lean_offload == "layer_input":
+        return False
+    batch, seq, _ = x_bsd.shape
+    per_layer = _host_bytes_per_layer(x_bsd, offload_features(cfg, True))
+    if options.host_offload_bytes is not None and count * per_layer > options.host_offload_bytes:
+        if options.lean_offload == "attention":
+            warnings.warn(f"lean_offload='attention': host_offload_bytes={options.host_offload_bytes} does not hold "
+                          f"{count} layers of {per_layer} bytes; offloading the layer inputs only", stacklevel=3)
+        return False
+    if options.lean_offload == "attention":
+        return True
+    if options.flops_per_host_byte is None:
+        return False
+    nbytes = batch * seq * offload_features(cfg, True) * x_bsd.dtype.itemsize
+    return layer_forward_flops(cfg, batch, seq) / nbytes >= options.flops_per_host_byte
+
+
+def _host_bytes_per_layer(x_bsd, features: int | None = None) -> int:
+    """Host bytes one offloaded layer takes in this process (`features` values per token, default the layer input's
+    width): each of its devices offloads its share of the batch, the whole batch where it is replicated (a batch
+    that the mesh does not divide: `sharding.put_batch`)."""
+    features = x_bsd.shape[-1] if features is None else features
+    nbytes = int(np.prod(x_bsd.shape[:-1])) * features * x_bsd.dtype.itemsize
     mesh = jax.sharding.get_abstract_mesh()
     devices = 1 if mesh.empty else mesh.size
     if devices == 1:
