@@ -47,6 +47,14 @@ for job in "$@"; do
               # the longest Llama-3.1-8B sequence that trains one step, by bisection (issue 15), e.g.
               # longest-ours:131072:524288 and longest-unsloth:131072:524288 (.peers carried); one try per process
               python3 benchmarks/longest_seq.py --system $system --lo ${range%%:*} --hi ${range#*:} --timeout 280 --budget 520 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    link) python3 -c "from fastlora_jax import training; f, b = training.measured_device_rates(); print(f'{{\"bench\": \"device_rates\", \"matmul_tflops\": {f/1e12:.1f}, \"to_host_gb_s\": {b/1e9:.1f}, \"flops_per_host_byte\": {f/b:.0f}}}')" 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    offload-*) spec=${job#offload-}; IFS=: read -r shape batch seq tile <<< "$spec"
+              # "unsloth" offloading the layer input only against the attention half too (KernelOptions.lean_offload),
+              # then Unsloth's default in the same invocation (.peers carried); e.g. offload-llama-3.1-8b:2:2048,
+              # offload-llama-3.1-8b:1:32768:8192 (the MLP in sequence tiles of 8192 tokens)
+              steps=5; [ "$seq" -gt 8192 ] && steps=3
+              python3 benchmarks/train_step.py --shape $shape --batch $batch --seq $seq --gc unsloth --lean-offload layer_input --mlp-tile-tokens ${tile:-0} --steps $steps --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+              python3 benchmarks/train_step.py --shape $shape --batch $batch --seq $seq --gc unsloth --lean-offload attention --mlp-tile-tokens ${tile:-0} --steps $steps --timeout 200 ${PEERS:+--vs-unsloth} 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     lean-*) spec=${job#lean-}; shape=${spec%:*}; batch=${spec#*:}
               # ours alone, memory-lean mode, 2048 tokens a row
               python3 benchmarks/train_step.py --shape $shape --batch $batch --seq 2048 --gc unsloth --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl" ;;

@@ -55,8 +55,9 @@ def remat_policy(mode):
 def save_matmul_outputs_policy():
     """use_gradient_checkpointing=False: keep what is expensive to recompute, recompute the rest.
 
-    Kept per layer: its input, q/k/v (rotated; before their norms where q/k norms follow), the attention output and its softmax statistics (the
-    fused attention's forward outputs), the residual after attention, and the gate/up projections.
+    Kept per layer: its input, q/k/v (rotated; before their norms where q/k norms follow), the attention output
+    and its softmax statistics (the fused attention's forward outputs), the residual after attention (o_proj's
+    output where a norm follows it), and the gate/up projections (decoder.py says why these forms).
     Recomputed in the backward pass: the RMS norms, rope and the gated activation (elementwise, memory
     bound, a few percent of a step) — saving them too would cost about as much memory again. The NF4
     dequantized weights are never kept (kernels/lora_op.py re-dequantizes in the backward pass).
@@ -82,7 +83,10 @@ def step_options(options: KernelOptions, mode) -> KernelOptions:
     """The options a loss under `use_gradient_checkpointing=mode` traces with: `memory_lean` for "unsloth" and
     True; `host_offload_bytes` only for "unsloth", where None becomes 80% of the host memory available now if
     the backend offloads (so a run keeps on the device what pinned host memory cannot hold instead of failing).
-    Several processes on one host each take that share: give them `host_offload_bytes` explicitly."""
+    Several processes on one host each take that share: give them `host_offload_bytes` explicitly.
+    For "unsloth" with `lean_offload="auto"` on a GPU it also times the device (`measured_device_rates`, once per
+    process) for `flops_per_host_byte`; with several processes it does not (each would time its own and they
+    could trace different programs), so "auto" offloads the layer inputs only unless the ratio is given."""
     options = replace(options, memory_lean=mode is not False)
     if mode != "unsloth":  # only "unsloth" offloads: the budget would change the other modes' policies
         return replace(options, host_offload_bytes=None)
@@ -90,19 +94,27 @@ def step_options(options: KernelOptions, mode) -> KernelOptions:
         available = available_host_bytes()
         if available is not None:
             options = replace(options, host_offload_bytes=int(0.8 * available))
-    if options.lean_offload == "auto" and options.flops_per_host_byte is None and host_offload_supported():
+    if (options.lean_offload == "auto" and options.flops_per_host_byte is None and host_offload_supported()
+            and jax.process_count() == 1):  # several processes would each time their own and could choose apart
         options = replace(options, flops_per_host_byte=measured_flops_per_host_byte())
     return options
 
 
-@cache
-def measured_flops_per_host_byte(side: int = 8192, reps: int = 5) -> float:
-    """This device's bf16 matmul FLOP/s over its device-to-pinned-host copy bytes/s, each the best of `reps`
-    timed runs (a `side`^2 matmul, a copy of one `side`^2 bf16 array: 128 MiB), measured once per process.
+def measured_flops_per_host_byte() -> float:
+    """This device's bf16 matmul FLOP/s over its device-to-pinned-host copy bytes/s (`measured_device_rates`).
     `KernelOptions(lean_offload="auto")` offloads a layer's attention half when its forward pass does at least
     this many FLOPs per byte it sends to the host."""
+    flops_per_s, bytes_per_s = measured_device_rates()
+    return flops_per_s / bytes_per_s
+
+
+@cache
+def measured_device_rates(side: int = 8192, reps: int = 5) -> tuple[float, float]:
+    """(bf16 matmul FLOP/s, device-to-pinned-host copy bytes/s) of this process's first device, each the best of
+    `reps` timed runs (a `side`^2 matmul, a copy of one `side`^2 bf16 array: 128 MiB), measured once per process
+    (about a second on an H200)."""
     import time
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     x = jax.device_put(jnp.ones((side, side), jnp.bfloat16), device)
     matmul = jax.jit(lambda a: a @ a)
     host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
@@ -119,9 +131,7 @@ def measured_flops_per_host_byte(side: int = 8192, reps: int = 5) -> float:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    flops_per_s = 2.0 * side ** 3 / best(matmul)
-    bytes_per_s = x.nbytes / best(to_host)
-    return flops_per_s / bytes_per_s
+    return 2.0 * side ** 3 / best(matmul), x.nbytes / best(to_host)
 
 
 def available_host_bytes() -> int | None:
@@ -138,7 +148,7 @@ def available_host_bytes() -> int | None:
 
 def host_offload_supported() -> bool:
     try:
-        kinds = jax.devices()[0].addressable_memories()
+        kinds = jax.local_devices()[0].addressable_memories()
     except Exception:
         return False
     return jax.default_backend() == "gpu" and any(m.kind == "pinned_host" for m in kinds)

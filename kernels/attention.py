@@ -106,6 +106,12 @@ def masked_attention(q_bqhd, k_bkgd, v_bkgd, allowed_bqk, scale: float, *, impl:
     return masked_attention_reference(q_bqhd, k_bkgd, v_bkgd, allowed_bqk, scale)
 
 
+def runs_cudnn(q_bshd, logit_softcap, impl: str = "auto") -> bool:
+    """Whether `attention(q_bshd, ..., impl=impl)` runs cuDNN (whose forward outputs a checkpoint policy can keep:
+    the `dot_product_attention_fwd` primitive). `q_bshd` may be a `jax.ShapeDtypeStruct`."""
+    return impl in ("auto", "cudnn") and not _cudnn_why_not(q_bshd, logit_softcap)
+
+
 def _cudnn_why_not(q_bshd, logit_softcap) -> str:
     """Why cuDNN cannot run this call ('' when it can)."""
     if jax.default_backend() != "gpu":

@@ -1,10 +1,12 @@
 """The host-memory budget of use_gradient_checkpointing="unsloth" (KernelOptions.host_offload_bytes; issue 15
 item 2): when pinned host memory cannot hold every layer input, the first layers offload and the rest keep their
-input on the device, instead of the run failing.
+input on the device, instead of the run failing; and what each layer offloads (KernelOptions.lean_offload, item 1).
 
-The CPU has no pinned host memory (the offload policy recomputes as True there), so these tests check the split
-itself: the rule, and that a decoder run in two parts (the layer stack read by index) gives the loss and LoRA
-gradients of one scan. What the GPU's host copies cost is measured by benchmarks/train_step.py.
+`training.remat_policy` offloads only on a GPU (on the CPU the model's "unsloth" loss recomputes as True), so the
+budget tests check the split itself: the rule, and that a decoder run in two parts (the layer stack read by index)
+gives the loss and LoRA gradients of one scan. The lean_offload tests give the policy directly: the CPU backend
+has a pinned-host memory kind, so they run the real offload path. What the GPU's host copies cost is measured by
+benchmarks/train_step.py.
 """
 
 from functools import partial
@@ -158,31 +160,55 @@ def _dot_count(fn, arg, min_side: int = 0) -> int:
     return count
 
 
-@pytest.mark.parametrize("case", ["llama_control", "qwen3"])  # qwen3: q/k norms between the projections and rope
+def _device_puts(fn, arg) -> int:
+    """device_put equations in the traced function (the policy's offloads: one to the host, one back, per value)."""
+    count = 0
+
+    def walk(jx):
+        nonlocal count
+        for eqn in jx.eqns:
+            count += eqn.primitive.name == "device_put"
+            for param in eqn.params.values():
+                for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+    walk(jax.make_jaxpr(fn)(arg).jaxpr)
+    return count
+
+
+# qwen3: q/k norms between the projections and rope; gemma3: those and the sandwich norms after o_proj
+@pytest.mark.parametrize("case", ["llama_control", "qwen3", "gemma3"])
 def test_attention_offload_gives_the_grads_of_layer_input_offload_and_recomputes_less(rng, case):
     """Offloading the attention half too changes what the backward recomputes, not what it computes: the loss and
-    LoRA gradients equal the layer-input-only run's, and the backward traces fewer matmuls (the q/k/v and o
-    projections are not run again: their outputs and the residual after attention come back from the host)."""
+    LoRA gradients equal the layer-input-only run's; the backward traces four base matmuls fewer (q, k, v and o
+    are not projected again: q/k/v and the residual after attention come back from the host; on the CPU the
+    attention core itself is recomputed, cuDNN's outputs being what the GPU offloads); and the values offloaded
+    (out and back) go from the layer input to it and the four attention names (q, k, v, residual)."""
     model = _peft_model(case)
     ids, labels, mask = _batch(rng, model.cfg.vocab_size, 2, 23)
+    group_rank = 3 * int(model.lora_layout.spec.r)
     runs = {}
     for choice in ("layer_input", "attention"):
         options = KernelOptions(memory_lean=True, lean_offload=choice)
         remat = decoder.HostOffload(attention=False)  # run_layers decides `attention` from the options
         fn = _direct_loss_and_grad(model, ids, labels, mask, remat, options)
-        runs[choice] = jax.jit(fn)(model.lora_params), _dot_count(fn, model.lora_params)
-    (want_loss, want_grads), want_dots = runs["layer_input"]
-    (got_loss, got_grads), got_dots = runs["attention"]
+        runs[choice] = (jax.jit(fn)(model.lora_params), _dot_count(fn, model.lora_params, group_rank + 1),
+                        _device_puts(fn, model.lora_params))
+    (want_loss, want_grads), want_dots, want_puts = runs["layer_input"]
+    (got_loss, got_grads), got_dots, got_puts = runs["attention"]
     assert abs(float(got_loss) - float(want_loss)) <= 1e-6 * abs(float(want_loss))
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         assert rel_l2(g, w) < 1e-6
-    assert got_dots <= want_dots - 4, (got_dots, want_dots)  # q, k, v and o: one gemm each when not recomputed
+    assert got_dots == want_dots - 4, (got_dots, want_dots)
+    assert (want_puts, got_puts) == (2, 10)
 
 
 def test_host_offload_policy_names():
     """The policy offloads the layer input always, the attention half's names only with `attention`; every other
     value is recomputed (nothing is kept on the device)."""
     from jax.ad_checkpoint import Offloadable, Recompute
+    from jax.extend.core import Primitive
     name_p = decoder.name_primitive()
     for attention in (False, True):
         policy = decoder.HostOffload(attention=attention)
@@ -191,10 +217,18 @@ def test_host_offload_policy_names():
             assert isinstance(policy(name_p, name=name), Offloadable) == attention
         assert policy(name_p, name=decoder.SAVED_MLP_INPUTS) is Recompute
         assert policy(jax.lax.exp_p) is Recompute
+        cudnn_forward = Primitive("dot_product_attention_fwd_wrapper")  # as jax.nn's cuDNN binds it
+        assert isinstance(policy(cudnn_forward), Offloadable) == attention
 
 
 def _x(batch, seq, cfg):
     return jax.ShapeDtypeStruct((batch, seq, cfg.hidden_size), jnp.bfloat16)
+
+
+def _attention_bytes(cfg, x) -> int:
+    """One layer's host bytes with its attention half (cuDNN's outputs counted where cuDNN would run)."""
+    cudnn = decoder._attention_runs_cudnn(cfg, x, KernelOptions())
+    return x.shape[0] * x.shape[1] * decoder.offload_features(cfg, True, cudnn) * x.dtype.itemsize
 
 
 def test_lean_offload_choice_rule():
@@ -203,9 +237,9 @@ def test_lean_offload_choice_rule():
     device's FLOPs per host byte, and never guesses that ratio."""
     cfg = _peft_model("llama_control").cfg
     layers, x = cfg.num_layers, _x(2, 64, cfg)
-    per_layer = 2 * 64 * decoder.offload_features(cfg, True) * 2
+    per_layer = _attention_bytes(cfg, x)
     ratio = decoder.layer_forward_flops(cfg, 2, 64) / per_layer
-    rule = partial(decoder.lean_offload_attention, cfg, x, layers)
+    rule = partial(decoder.lean_offload_attention, cfg, x, range(layers))
     assert not rule(KernelOptions(lean_offload="layer_input", flops_per_host_byte=1e-9))
     assert rule(KernelOptions(lean_offload="attention"))
     assert rule(KernelOptions(lean_offload="attention", host_offload_bytes=layers * per_layer))
@@ -215,6 +249,18 @@ def test_lean_offload_choice_rule():
     assert rule(KernelOptions(flops_per_host_byte=ratio * 0.99))
     assert not rule(KernelOptions(flops_per_host_byte=ratio * 1.01))
     assert not rule(KernelOptions(flops_per_host_byte=ratio * 0.99, host_offload_bytes=layers * per_layer - 1))
+
+
+def test_lean_offload_choice_counts_the_budget_model_wide():
+    """Mllama runs its decoder layers in parts (between its cross-attention layers): a budget of two layers with
+    their attention half lets the part of layers 0-1 offload it, not the part of layers 2-3 (whose inputs the
+    budget, counted model-wide as `offloaded_layers` counts, would not hold with it)."""
+    cfg = _peft_model("llama_control").cfg
+    x = _x(2, 64, cfg)
+    per_layer = _attention_bytes(cfg, x)
+    options = KernelOptions(flops_per_host_byte=1.0, host_offload_bytes=2 * per_layer)
+    assert decoder.lean_offload_attention(cfg, x, (0, 1), options)
+    assert not decoder.lean_offload_attention(cfg, x, (2, 3), options)
 
 
 def test_layer_forward_flops_and_offload_features_by_hand():
@@ -238,15 +284,17 @@ def test_bad_lean_offload_options_raise(field, value):
         KernelOptions(**{field: value})
 
 
-@pytest.mark.parametrize("case", ["llama_control", "qwen3", "phi3"])  # phi3: q/k/v from one fused projection
+# phi3: q/k/v from one fused projection; gemma2/3: sandwich norms (gemma3 also q/k norms)
+@pytest.mark.parametrize("case", ["llama_control", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_false_mode_recomputes_no_matmul(rng, case):
     """use_gradient_checkpointing=False keeps every matmul output the backward needs: its traced loss-and-grad has
-    as many matmuls as the same loss without checkpointing (which recomputes nothing). Qwen3's q/k norms read the
-    projections' outputs: kept rotated, q_proj and k_proj ran again in the backward."""
+    as many matmuls as the same loss without checkpointing (which recomputes nothing), but for Gemma's down_proj
+    (its post-feedforward norm reads down_proj's output, which False does not keep: decoder.py says why). Qwen3's
+    q/k norms read the projections' outputs: kept rotated, q_proj and k_proj ran again in the backward."""
     model = _peft_model(case)
     ids, labels, mask = _batch(rng, model.cfg.vocab_size, 2, 23)
     group_rank = 3 * int(model.lora_layout.spec.r)  # q/k/v's A's side by side
     assert model.cfg.hidden_size > group_rank and 2 * 23 > group_rank
     counts = [_dot_count(_direct_loss_and_grad(model, ids, labels, mask, remat, KernelOptions()), model.lora_params,
                          min_side=group_rank + 1) for remat in (training.save_matmul_outputs_policy(), None)]
-    assert counts[0] == counts[1], counts
+    assert counts[0] == counts[1] + model.cfg.sandwich_norms, counts

@@ -37,7 +37,10 @@ LAYER_INPUT = "decoder_layer_input"  # the name checkpointing policies save or o
 # What use_gradient_checkpointing=False keeps (training.remat_policy): the outputs of matmuls and of
 # attention; norms, rope and the gated activation are recomputed from them in the backward pass. q/k are
 # kept rotated, or as the projections wrote them where q/k norms follow (Qwen3, Gemma 3: the norm's backward
-# reads its input, so a rotated q/k alone made the backward run q_proj and k_proj again).
+# reads its input, so a rotated q/k alone made the backward run q_proj and k_proj again); likewise the residual
+# after attention, or o_proj's output where a norm follows it (Gemma's sandwich norms). Gemma's post-feedforward
+# norm reads down_proj's output, which is not kept: False recomputes down_proj there (keeping it would add a
+# hidden-sized tensor per token and layer to False's peak).
 SAVED_ATTENTION_INPUTS = "attention_qkv"
 SAVED_MID_RESIDUAL = "attention_residual"
 SAVED_MLP_INPUTS = "mlp_gate_up"
@@ -59,10 +62,11 @@ def name_primitive():
 @dataclass(frozen=True)
 class HostOffload:
     """The `jax.checkpoint` policy of use_gradient_checkpointing="unsloth": the layer input goes to pinned host
-    memory and the layer is recomputed in the backward pass (Unsloth's scheme). With `attention`, the rotated
-    q/k/v, the fused attention's outputs (its output and softmax statistics: the `dot_product_attention_fwd`
-    primitive's results) and the residual after attention go to the host too, so the backward recomputes only the
-    MLP half: no q/k/v/o projection and no attention forward again. `run_layers` decides `attention` per call
+    memory and the layer is recomputed in the backward pass (Unsloth's scheme). With `attention`, q/k/v, the
+    residual after attention (the names `use_gradient_checkpointing=False` keeps: ATTENTION_OFFLOAD_NAMES) and,
+    where cuDNN runs the attention, its output and softmax statistics (the `dot_product_attention_fwd`
+    primitive's results) go to the host too, so the backward recomputes only the MLP half: no q/k/v/o projection
+    again, and with cuDNN no attention forward. `run_layers` decides `attention` per call
     (`lean_offload_attention`); other stacks (vision towers, Mllama's cross-attention layers) use it as given."""
     attention: bool = False
     dst: str = "pinned_host"
@@ -74,7 +78,6 @@ class HostOffload:
         if self.attention and prim.name.startswith("dot_product_attention_fwd"):
             return Offloadable(src="device", dst=self.dst)
         return Recompute
-
 
 
 class LanguageModelFields:
@@ -383,7 +386,6 @@ def linears(x, modules: list[dict], keys: list, dropout_rate: float = 0.0,
             for i, (m, k) in enumerate(zip(modules, keys))]
 
 
-
 def host_array(x) -> np.ndarray:
     """A processor output (numpy, jax or torch, without importing torch) as numpy; torch's bfloat16, which numpy
     has no dtype for, as float32."""
@@ -440,9 +442,10 @@ def decoder_layer_with_attention(cfg: DecoderConfig, layer: dict, x_bsd, cos_bsr
         q, k = checkpoint_name(q, SAVED_ATTENTION_INPUTS), checkpoint_name(k, SAVED_ATTENTION_INPUTS)
     o, aux = attend(q, k, v)
     attn_out = lin(o.reshape(batch, seq, q_out), attn["o_proj"], ko)
-    if cfg.sandwich_norms:
-        attn_out = _norm(cfg, attn_out, layer["post_attention_layernorm"])
-    x_bsd = checkpoint_name(x_bsd + attn_out, SAVED_MID_RESIDUAL)
+    if cfg.sandwich_norms:  # the norm's backward reads o_proj's output: keep that, recompute x + norm(it)
+        x_bsd = x_bsd + _norm(cfg, checkpoint_name(attn_out, SAVED_MID_RESIDUAL), layer["post_attention_layernorm"])
+    else:
+        x_bsd = checkpoint_name(x_bsd + attn_out, SAVED_MID_RESIDUAL)
     return x_bsd + mlp_block(cfg, layer, x_bsd, (kg, ku, kd), dropout_rate, options), aux
 
 
@@ -574,10 +577,12 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
 
     count = jax.tree.leaves(data)[0].shape[0]
     if isinstance(remat, HostOffload):
-        remat = replace(remat, attention=lean_offload_attention(cfg, x_bsd, count, options))
+        remat = replace(remat, attention=lean_offload_attention(cfg, x_bsd, indices or range(count), options))
     offloaded = count
     if remat is not None and options.host_offload_bytes is not None:
-        per_layer = _host_bytes_per_layer(x_bsd, offload_features(cfg, getattr(remat, "attention", False)))
+        attention = getattr(remat, "attention", False)
+        per_layer = _host_bytes_per_layer(
+            x_bsd, offload_features(cfg, attention, attention and _attention_runs_cudnn(cfg, x_bsd, options)))
         offloaded = offloaded_layers(indices or range(cfg.num_layers), per_layer, options.host_offload_bytes)
         if offloaded < count:
             warnings.warn(f"host_offload_bytes={options.host_offload_bytes} holds the inputs of {offloaded} of these "
@@ -615,14 +620,19 @@ def offloaded_layers(layer_indices, bytes_per_layer: int, host_bytes: int) -> in
     return sum(1 for i in layer_indices if i < fit)
 
 
-def offload_features(cfg: DecoderConfig, attention: bool) -> int:
+def offload_features(cfg: DecoderConfig, attention: bool, cudnn: bool = True) -> int:
     """Per token, how many compute-dtype values one decoder layer offloads under `HostOffload(attention)`: the
-    layer input; with `attention` also q, k, v, the attention output, its softmax statistics (one fp32 per head:
-    two values) and the residual after attention."""
+    layer input; with `attention` also q, k, v, the residual after attention (or o_proj's output) and, where cuDNN
+    runs the attention (`cudnn`), its output and softmax statistics (one fp32 per head: two values)."""
     if not attention:
         return cfg.hidden_size
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return cfg.hidden_size + (q_out + 2 * kv_out) + q_out + 2 * cfg.num_heads + cfg.hidden_size
+    return cfg.hidden_size + (q_out + 2 * kv_out) + cfg.hidden_size + (q_out + 2 * cfg.num_heads if cudnn else 0)
+
+
+def _attention_runs_cudnn(cfg: DecoderConfig, x_bsd, options: KernelOptions) -> bool:
+    q = jax.ShapeDtypeStruct((*x_bsd.shape[:2], cfg.num_heads, cfg.head_dim), x_bsd.dtype)
+    return kernels.attention_runs_cudnn(q, cfg.attn_logit_softcap, options.attention)
 
 
 def layer_forward_flops(cfg: DecoderConfig, batch: int, seq: int) -> float:
@@ -636,27 +646,32 @@ def layer_forward_flops(cfg: DecoderConfig, batch: int, seq: int) -> float:
     return 2.0 * batch * seq * weights + 4.0 * batch * seq * attended * q_out
 
 
-def lean_offload_attention(cfg: DecoderConfig, x_bsd, count: int, options: KernelOptions) -> bool:
-    """Whether these `count` layers offload their attention half too (`HostOffload.attention`), by
-    `options.lean_offload`: never for "layer_input"; for "attention" and "auto" only where the host budget
-    (`host_offload_bytes`) holds every layer's share; "auto" then only where a layer's forward FLOPs per
-    offloaded byte reach `options.flops_per_host_byte` (the device's matmul rate over its host link: the copy
-    then hides behind the layer's forward compute), and never when that is unknown."""
+def lean_offload_attention(cfg: DecoderConfig, x_bsd, layer_indices, options: KernelOptions) -> bool:
+    """Whether these decoder layers (their model-wide indices) offload their attention half too
+    (`HostOffload.attention`), by `options.lean_offload`: never for "layer_input"; for "attention" and "auto" only
+    where the host budget (`host_offload_bytes`) holds every one of them with it, counted model-wide as
+    `offloaded_layers` counts (Mllama runs its decoder layers in parts); "auto" then only where a layer's
+    forward FLOPs per offloaded byte reach `options.flops_per_host_byte` (the device's matmul rate over its host
+    link: the copy then hides behind the layer's forward compute), and never when that is unknown."""
     if options.lean_offload == "layer_input":
         return False
     batch, seq, _ = x_bsd.shape
-    per_layer = _host_bytes_per_layer(x_bsd, offload_features(cfg, True))
-    if options.host_offload_bytes is not None and count * per_layer > options.host_offload_bytes:
+    features = offload_features(cfg, True, _attention_runs_cudnn(cfg, x_bsd, options))
+    per_layer = _host_bytes_per_layer(x_bsd, features)
+    layer_indices = tuple(layer_indices)
+    if (options.host_offload_bytes is not None
+            and offloaded_layers(layer_indices, per_layer, options.host_offload_bytes) < len(layer_indices)):
         if options.lean_offload == "attention":
             warnings.warn(f"lean_offload='attention': host_offload_bytes={options.host_offload_bytes} does not hold "
-                          f"{count} layers of {per_layer} bytes; offloading the layer inputs only", stacklevel=3)
+                          f"layers {layer_indices} at {per_layer} bytes each; offloading the layer inputs only",
+                          stacklevel=3)
         return False
     if options.lean_offload == "attention":
         return True
     if options.flops_per_host_byte is None:
         return False
-    nbytes = batch * seq * offload_features(cfg, True) * x_bsd.dtype.itemsize
-    return layer_forward_flops(cfg, batch, seq) / nbytes >= options.flops_per_host_byte
+    return layer_forward_flops(cfg, batch, seq) / (batch * seq * features * x_bsd.dtype.itemsize) \
+        >= options.flops_per_host_byte
 
 
 def _host_bytes_per_layer(x_bsd, features: int | None = None) -> int:
