@@ -66,6 +66,27 @@ def test_checkpointing_modes_give_same_gradients_on_gpu(tmp_path, rng):
             assert rel_l2(np.asarray(grads[mode][key]), np.asarray(value)) < 1e-5, (mode, key)
 
 
+@pytest.mark.parametrize("lean_offload", ["layer_input", "attention"])
+def test_unsloth_offloads_give_false_mode_gradients_in_bf16_on_gpu(tmp_path, rng, lean_offload):
+    """"unsloth" with each `KernelOptions.lean_offload` (in bf16, so cuDNN runs the attention and "attention"
+    offloads its outputs: the path the CPU cannot take) against False, which saves those values on the device:
+    the same ops in the same order either way, so the gradients agree to bf16's rounding of the sums."""
+    from fastlora_jax.kernels import KernelOptions
+    model_dir = write_tiny_llama(tmp_path / "m", seed=int(rng.integers(1 << 30)), tokenizer=False)
+    model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="bfloat16", load_in_4bit=True,
+                                                 kernel_options=KernelOptions(lean_offload=lean_offload))
+    ids = jnp.asarray(rng.integers(0, 512, size=(2, 64)))
+    grads = {}
+    for mode in ("unsloth", False):
+        pm = FastLanguageModel.get_peft_model(model, r=8, init_lora_weights=False, use_gradient_checkpointing=mode)
+        fn = pm.loss_sum_fn()
+        g = jax.jit(jax.grad(lambda lp, base: fn(base, lp, ids, ids)[0].astype(jnp.float32)))(pm.lora_params,
+                                                                                              pm.base_params)
+        grads[mode] = pm.peft_state_dict(g)
+    for key, value in grads[False].items():
+        assert rel_l2(np.asarray(grads["unsloth"][key], np.float32), np.asarray(value, np.float32)) < 2e-2, key
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_cudnn_attention_matches_reference(rng, padded):
     from fastlora_jax.kernels.attention import attention
