@@ -167,11 +167,13 @@ def offload_choice(model, cfg, mode, batch: int, seq: int, dtype) -> dict:
     from fastlora_jax.models import decoder
     options = training.step_options(model.kernel_options, mode)
     x = jax.ShapeDtypeStruct((batch, seq, cfg.hidden_size), dtype)
-    attention = training.host_offload_supported() and decoder.lean_offload_attention(cfg, x, cfg.num_layers, options)
+    attention = training.host_offload_supported() and decoder.lean_offload_attention(cfg, x, range(cfg.num_layers),
+                                                                                       options)
     return {"lean_offload": model.kernel_options.lean_offload, "offloads": "attention" if attention else "layer_input",
             "flops_per_host_byte": options.flops_per_host_byte,
             "layer_flops_per_offloaded_byte": round(decoder.layer_forward_flops(cfg, batch, seq) / (
-                batch * seq * decoder.offload_features(cfg, True) * x.dtype.itemsize))}
+                batch * seq * decoder.offload_features(cfg, True, decoder.offloads_attention_outputs(cfg, x, options))
+                * x.dtype.itemsize))}
 
 
 CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports them

@@ -211,7 +211,7 @@ def test_host_offload_policy_names():
     from jax.extend.core import Primitive
     name_p = decoder.name_primitive()
     for attention in (False, True):
-        policy = decoder.HostOffload(attention=attention)
+        policy = decoder.HostOffload(attention=attention, attention_outputs=True)
         assert isinstance(policy(name_p, name=decoder.LAYER_INPUT), Offloadable)
         for name in decoder.ATTENTION_OFFLOAD_NAMES:
             assert isinstance(policy(name_p, name=name), Offloadable) == attention
@@ -227,7 +227,7 @@ def _x(batch, seq, cfg):
 
 def _attention_bytes(cfg, x) -> int:
     """One layer's host bytes with its attention half (cuDNN's outputs counted where cuDNN would run)."""
-    cudnn = decoder._attention_runs_cudnn(cfg, x, KernelOptions())
+    cudnn = decoder.offloads_attention_outputs(cfg, x, KernelOptions())
     return x.shape[0] * x.shape[1] * decoder.offload_features(cfg, True, cudnn) * x.dtype.itemsize
 
 

@@ -64,18 +64,19 @@ class HostOffload:
     """The `jax.checkpoint` policy of use_gradient_checkpointing="unsloth": the layer input goes to pinned host
     memory and the layer is recomputed in the backward pass (Unsloth's scheme). With `attention`, q/k/v, the
     residual after attention (the names `use_gradient_checkpointing=False` keeps: ATTENTION_OFFLOAD_NAMES) and,
-    where cuDNN runs the attention, its output and softmax statistics (the `dot_product_attention_fwd`
-    primitive's results) go to the host too, so the backward recomputes only the MLP half: no q/k/v/o projection
+    with `attention_outputs` (where cuDNN runs the attention: `offloads_attention_outputs`), its output and softmax
+    statistics (the `dot_product_attention_fwd` primitive's results) go to the host too, so the backward recomputes only the MLP half: no q/k/v/o projection
     again, and with cuDNN no attention forward. `run_layers` decides `attention` per call
     (`lean_offload_attention`); other stacks (vision towers, Mllama's cross-attention layers) use it as given."""
     attention: bool = False
+    attention_outputs: bool = False  # with `attention`: cuDNN's outputs too (`offloads_attention_outputs`)
     dst: str = "pinned_host"
 
     def __call__(self, prim, *_, **params):
         if prim is name_primitive():
             names = (LAYER_INPUT,) + (ATTENTION_OFFLOAD_NAMES if self.attention else ())
             return Offloadable(src="device", dst=self.dst) if params["name"] in names else Recompute
-        if self.attention and prim.name.startswith("dot_product_attention_fwd"):
+        if self.attention and self.attention_outputs and prim.name.startswith("dot_product_attention_fwd"):
             return Offloadable(src="device", dst=self.dst)
         return Recompute
 
@@ -577,12 +578,13 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
 
     count = jax.tree.leaves(data)[0].shape[0]
     if isinstance(remat, HostOffload):
-        remat = replace(remat, attention=lean_offload_attention(cfg, x_bsd, indices or range(count), options))
+        attention = lean_offload_attention(cfg, x_bsd, indices or range(count), options)
+        remat = replace(remat, attention=attention,
+                        attention_outputs=attention and offloads_attention_outputs(cfg, x_bsd, options))
     offloaded = count
     if remat is not None and options.host_offload_bytes is not None:
-        attention = getattr(remat, "attention", False)
-        per_layer = _host_bytes_per_layer(
-            x_bsd, offload_features(cfg, attention, attention and _attention_runs_cudnn(cfg, x_bsd, options)))
+        per_layer = _host_bytes_per_layer(x_bsd, offload_features(cfg, getattr(remat, "attention", False),
+                                                                  getattr(remat, "attention_outputs", False)))
         offloaded = offloaded_layers(indices or range(cfg.num_layers), per_layer, options.host_offload_bytes)
         if offloaded < count:
             warnings.warn(f"host_offload_bytes={options.host_offload_bytes} holds the inputs of {offloaded} of these "
@@ -630,9 +632,14 @@ def offload_features(cfg: DecoderConfig, attention: bool, cudnn: bool = True) ->
     return cfg.hidden_size + (q_out + 2 * kv_out) + cfg.hidden_size + (q_out + 2 * cfg.num_heads if cudnn else 0)
 
 
-def _attention_runs_cudnn(cfg: DecoderConfig, x_bsd, options: KernelOptions) -> bool:
+def offloads_attention_outputs(cfg: DecoderConfig, x_bsd, options: KernelOptions) -> bool:
+    """Whether `HostOffload(attention=True)` can take the attention's own outputs too: where cuDNN runs it, and
+    not inside `by_window`'s `lax.cond` (a family with both window kinds): XLA (JAX 0.11.2, H200) fails to compile
+    a host offload of a value made inside a cond ("Expected instruction to have shape ... S(5)", Gemma-3-1B).
+    Elsewhere the backward recomputes the attention core from the offloaded q/k/v."""
     q = jax.ShapeDtypeStruct((*x_bsd.shape[:2], cfg.num_heads, cfg.head_dim), x_bsd.dtype)
-    return kernels.attention_runs_cudnn(q, cfg.attn_logit_softcap, options.attention)
+    return len(set(cfg.sliding_layers)) <= 1 and kernels.attention_runs_cudnn(q, cfg.attn_logit_softcap,
+                                                                              options.attention)
 
 
 def layer_forward_flops(cfg: DecoderConfig, batch: int, seq: int) -> float:
@@ -656,7 +663,7 @@ def lean_offload_attention(cfg: DecoderConfig, x_bsd, layer_indices, options: Ke
     if options.lean_offload == "layer_input":
         return False
     batch, seq, _ = x_bsd.shape
-    features = offload_features(cfg, True, _attention_runs_cudnn(cfg, x_bsd, options))
+    features = offload_features(cfg, True, offloads_attention_outputs(cfg, x_bsd, options))
     per_layer = _host_bytes_per_layer(x_bsd, features)
     layer_indices = tuple(layer_indices)
     if (options.host_offload_bytes is not None
