@@ -41,9 +41,10 @@ class KernelOptions:
       None (the default): the model's loss sets it to 80% of the host's available memory when it is built (one
       process per host; with several, set it). The other checkpointing modes ignore it.
     - `lean_offload`: what use_gradient_checkpointing="unsloth" sends to pinned host memory per decoder layer:
-      "layer_input" (Unsloth's scheme: the backward recomputes the whole layer), "attention" (also the rotated
-      q/k/v, the attention output and softmax statistics and the residual after attention: the backward
-      recomputes only the MLP half; 4.5x the host bytes at Llama-3.1-8B) or "auto" (the default): "attention"
+      "layer_input" (Unsloth's scheme: the backward recomputes the whole layer), "attention" (also q/k/v, the
+      residual after attention and, where cuDNN runs the attention outside a per-layer window choice, its output
+      and softmax statistics: the backward recomputes only the MLP half; 4.5x the host bytes at Llama-3.1-8B;
+      `decoder.HostOffload`) or "auto" (the default): "attention"
       where the host budget holds it and the host link moves a layer's offloaded bytes in the time the GPU
       computes the layer's forward pass (`decoder.lean_offload_attention`), else "layer_input";
     - `flops_per_host_byte`: the device's matmul FLOP/s over its device-to-host copy bytes/s, what "auto"
