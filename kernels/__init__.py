@@ -7,4 +7,5 @@ from fastlora_jax.kernels.lora_op import lora_linear, lora_linear_group
 from fastlora_jax.kernels.options import KernelOptions
 from fastlora_jax.kernels.reference import ACTIVATIONS, dense_weight, embedding, linear, rms_norm, softcap
 
-__all__ = ["ACTIVATIONS", "KernelOptions", "attention", "attention_runs_cudnn", "cached_attention", "dense_weight", "embedding", "linear", "lora_linear", "lora_linear_group", "masked_attention", "rms_norm", "softcap"]
+__all__ = ["ACTIVATIONS", "KernelOptions", "attention", "attention_runs_cudnn", "cached_attention", "dense_weight",
+           "embedding", "linear", "lora_linear", "lora_linear_group", "masked_attention", "rms_norm", "softcap"]

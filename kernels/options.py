@@ -35,21 +35,23 @@ class KernelOptions:
       mode, False included. Set it with `FastLanguageModel.from_pretrained(..., kernel_options=
       KernelOptions(mlp_tile_tokens=8192))`, or `model.kernel_options = replace(model.kernel_options, ...)` before
       the model's loss or train step is built (they read the options once);
-    - `host_offload_bytes`: with `use_gradient_checkpointing="unsloth"`, at most this many bytes of layer inputs
-      go to pinned host memory per micro-batch (per process); the decoder layers beyond that keep their input on
-      the device (as True) instead of the run failing when host memory runs out (`decoder.offloaded_layers`).
-      None (the default): the model's loss sets it to 80% of the host's available memory when it is built (one
-      process per host; with several, set it). The other checkpointing modes ignore it.
-    - `lean_offload`: what use_gradient_checkpointing="unsloth" sends to pinned host memory per decoder layer:
-      "layer_input" (Unsloth's scheme: the backward recomputes the whole layer), "attention" (also q/k/v, the
-      residual after attention and, where cuDNN runs the attention outside a per-layer window choice, its output
-      and softmax statistics: the backward recomputes only the MLP half; 4.5x the host bytes at Llama-3.1-8B;
-      `decoder.HostOffload`) or "auto" (the default): "attention"
-      where the host budget holds it and the host link moves a layer's offloaded bytes in the time the GPU
-      computes the layer's forward pass (`decoder.lean_offload_attention`), else "layer_input";
+    - `host_offload_bytes`: with `use_gradient_checkpointing="unsloth"`, at most this many bytes of offloaded
+      layer values (the inputs, and the attention half where `lean_offload` adds it) go to pinned host memory per
+      micro-batch (per process); the decoder layers beyond that keep their input on the device (as True) instead
+      of the run failing when host memory runs out (`decoder.offloaded_layers`). None (the default): the model's
+      loss sets it to 80% of the host's available memory when it is built (one process per host; with several,
+      set it). The other checkpointing modes ignore it.
+    - `lean_offload`: what use_gradient_checkpointing="unsloth" sends to pinned host memory per decoder layer
+      (`decoder.HostOffload`): "layer_input" (Unsloth's scheme: the backward recomputes the whole layer),
+      "attention" (also q/k/v, the residual after attention and, where cuDNN runs the attention outside a
+      per-layer window choice, its output and softmax statistics: the backward then recomputes only the MLP half,
+      else also the attention core; at Llama-3.1-8B 4.5x the host bytes, 3.5x without cuDNN's outputs) or "auto"
+      (the default): "attention" where the host budget holds it and the host link moves a layer's offloaded bytes
+      in the time the GPU computes the layer's forward pass (`decoder.lean_offload_attention`), else "layer_input";
     - `flops_per_host_byte`: the device's matmul FLOP/s over its device-to-host copy bytes/s, what "auto"
-      compares a layer's forward FLOPs per offloaded byte with; None: measured once per process when an
-      "unsloth" loss is built on a GPU (`training.measured_flops_per_host_byte`), else "auto" means "layer_input".
+      compares a layer's forward FLOPs per offloaded byte with; None: measured when an "unsloth" loss is built on
+      a GPU by a single process (`training.measured_flops_per_host_byte`, once per process); elsewhere (no GPU,
+      several processes) "auto" means "layer_input" unless it is given.
     """
 
     nf4_matmul: str = "xla"

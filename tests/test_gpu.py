@@ -76,6 +76,10 @@ def test_unsloth_offloads_give_false_mode_gradients_in_bf16_on_gpu(tmp_path, rng
     model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="bfloat16", load_in_4bit=True,
                                                  kernel_options=KernelOptions(lean_offload=lean_offload))
     ids = jnp.asarray(rng.integers(0, 512, size=(2, 64)))
+    if lean_offload == "attention":  # the path under test: cuDNN runs, and its outputs go to the host
+        from fastlora_jax.models import decoder
+        x = jax.ShapeDtypeStruct((2, 64, model.cfg.hidden_size), jnp.bfloat16)
+        assert decoder.offloads_attention_outputs(model.cfg, x, model.kernel_options)
     grads = {}
     for mode in ("unsloth", False):
         pm = FastLanguageModel.get_peft_model(model, r=8, init_lora_weights=False, use_gradient_checkpointing=mode)

@@ -219,6 +219,8 @@ def test_host_offload_policy_names():
         assert policy(jax.lax.exp_p) is Recompute
         cudnn_forward = Primitive("dot_product_attention_fwd_wrapper")  # as jax.nn's cuDNN binds it
         assert isinstance(policy(cudnn_forward), Offloadable) == attention
+    # cuDNN's outputs stay recomputed without `attention_outputs` (a family with both window kinds)
+    assert decoder.HostOffload(attention=True, attention_outputs=False)(cudnn_forward) is Recompute
 
 
 def _x(batch, seq, cfg):
@@ -251,16 +253,37 @@ def test_lean_offload_choice_rule():
     assert not rule(KernelOptions(flops_per_host_byte=ratio * 0.99, host_offload_bytes=layers * per_layer - 1))
 
 
-def test_lean_offload_choice_counts_the_budget_model_wide():
-    """Mllama runs its decoder layers in parts (between its cross-attention layers): a budget of two layers with
-    their attention half lets the part of layers 0-1 offload it, not the part of layers 2-3 (whose inputs the
-    budget, counted model-wide as `offloaded_layers` counts, would not hold with it)."""
-    cfg = _peft_model("llama_control").cfg
-    x = _x(2, 64, cfg)
+def test_lean_offload_choice_is_one_for_the_model_and_stays_in_budget(rng):
+    """Mllama runs its decoder layers in parts (between its cross-attention layers; here the tiny model's stack in
+    two parts, layers (0, 1) and (2,)): the choice is made for the whole model, so with a budget that holds two
+    layers with their attention half neither part takes it (a per-part choice gave the first part the attention
+    half and the second one its layer input too: more than the budget), and with one that holds all of them both do."""
+    model = _peft_model("llama_control")
+    cfg = model.cfg
+    ids, labels, mask = _batch(rng, cfg.vocab_size, 2, 23)
+    x = jax.ShapeDtypeStruct((2, 23, cfg.hidden_size), jnp.float32)
     per_layer = _attention_bytes(cfg, x)
-    options = KernelOptions(flops_per_host_byte=1.0, host_offload_bytes=2 * per_layer)
-    assert decoder.lean_offload_attention(cfg, x, (0, 1), options)
-    assert not decoder.lean_offload_attention(cfg, x, (2, 3), options)
+    base, lora = model.base_params, model.lora_params
+
+    def offloads(budget):
+        options = KernelOptions(memory_lean=True, lean_offload="attention", host_offload_bytes=budget)
+        from fastlora_jax.lora import combine
+        params = combine(base, lora, model.lora_meta)
+        layers = params["model"]["layers"]
+        cos = sin = jnp.ones((2, 23, cfg.head_dim), jnp.float32)
+        h = jnp.asarray(rng.standard_normal((2, 23, cfg.hidden_size)), jnp.float32)
+
+        def run(x, idx):
+            sub = jax.tree.map(lambda a: a[jnp.asarray(idx)], layers)
+            return decoder.run_layers(cfg, sub, x, cos, sin, remat=decoder.HostOffload(), options=options,
+                                      indices=idx)
+
+        return _device_puts(jax.grad(lambda x: run(run(x, (0, 1)), (2,)).sum()), h)
+
+    assert cfg.num_layers == 3  # below: each part's scan body traces its offloads once, out and back
+    with pytest.warns(UserWarning, match="lean_offload='attention'"):
+        assert offloads(2 * per_layer) == 2 * 2  # the layer input only, in both parts (per part: 5 * 2 + 2)
+    assert offloads(3 * per_layer) == 2 * 2 * 5  # the input and the four attention names, in both parts
 
 
 def test_layer_forward_flops_and_offload_features_by_hand():
@@ -275,6 +298,7 @@ def test_layer_forward_flops_and_offload_features_by_hand():
     assert decoder.layer_forward_flops(cfg, 2, 2048) == 2 * 4096 * weights + 4 * 4096 * 1024 * 4096
     assert decoder.offload_features(cfg, False) == 4096
     assert decoder.offload_features(cfg, True) == 4096 + 6144 + 4096 + 64 + 4096
+    assert decoder.offload_features(cfg, True, cudnn=False) == 4096 + 6144 + 4096
 
 
 @pytest.mark.parametrize("field, value", [("lean_offload", "qkv"), ("flops_per_host_byte", 0),

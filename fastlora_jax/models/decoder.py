@@ -62,12 +62,13 @@ def name_primitive():
 @dataclass(frozen=True)
 class HostOffload:
     """The `jax.checkpoint` policy of use_gradient_checkpointing="unsloth": the layer input goes to pinned host
-    memory and the layer is recomputed in the backward pass (Unsloth's scheme). With `attention`, q/k/v, the
-    residual after attention (the names `use_gradient_checkpointing=False` keeps: ATTENTION_OFFLOAD_NAMES) and,
-    with `attention_outputs` (where cuDNN runs the attention: `offloads_attention_outputs`), its output and softmax
-    statistics (the `dot_product_attention_fwd` primitive's results) go to the host too, so the backward recomputes only the MLP half: no q/k/v/o projection
-    again, and with cuDNN no attention forward. `run_layers` decides `attention` per call
-    (`lean_offload_attention`); other stacks (vision towers, Mllama's cross-attention layers) use it as given."""
+    memory and the layer is recomputed in the backward pass (Unsloth's scheme). With `attention`, q/k/v and the
+    residual after attention (the names `use_gradient_checkpointing=False` keeps: ATTENTION_OFFLOAD_NAMES) go to
+    the host too, and with `attention_outputs` (`offloads_attention_outputs`) cuDNN attention's output and softmax
+    statistics (the `dot_product_attention_fwd` primitive's results): the backward then recomputes only the MLP
+    half (without `attention_outputs`, also the attention core from q/k/v; never the q/k/v/o projections).
+    `run_layers` decides both for the whole model (`lean_offload_attention`); other stacks (vision towers,
+    Mllama's cross-attention layers) use the policy as given."""
     attention: bool = False
     attention_outputs: bool = False  # with `attention`: cuDNN's outputs too (`offloads_attention_outputs`)
     dst: str = "pinned_host"
@@ -487,7 +488,8 @@ def tiled_mlp_block(cfg: DecoderConfig, layer: dict, x_bsd, keys, dropout_rate: 
     (JAX partial-evaluates nested checkpoints with the outer policy), so SAVED_MLP_INPUTS there would make
     use_gradient_checkpointing=False keep every tile's gate/up and undo the point of tiling. A tiled MLP is
     therefore recomputed in the backward pass in every mode, as Unsloth's tiled MLP is; False keeps the tile
-    inputs (the SAVED_MID_RESIDUAL it keeps anyway).
+    inputs (the SAVED_MID_RESIDUAL it keeps anyway; with sandwich norms that is o_proj's output, from which the
+    tile inputs are recomputed elementwise).
 
     LoRA dropout: each tile draws its masks from the module's key folded with the tile index, so the masks
     differ from the untiled ones (same rate, independent per tile); without dropout tiled equals untiled up
@@ -577,15 +579,16 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
                              data["sliding"], block_ids_bs), None
 
     count = jax.tree.leaves(data)[0].shape[0]
-    if isinstance(remat, HostOffload):
-        attention = lean_offload_attention(cfg, x_bsd, indices or range(count), options)
+    layer_indices = indices or range(cfg.num_layers)
+    if isinstance(remat, HostOffload):  # one choice for the model (Mllama runs its decoder layers in parts)
+        attention = lean_offload_attention(cfg, x_bsd, range(cfg.num_layers), options)
         remat = replace(remat, attention=attention,
                         attention_outputs=attention and offloads_attention_outputs(cfg, x_bsd, options))
     offloaded = count
     if remat is not None and options.host_offload_bytes is not None:
         per_layer = _host_bytes_per_layer(x_bsd, offload_features(cfg, getattr(remat, "attention", False),
                                                                   getattr(remat, "attention_outputs", False)))
-        offloaded = offloaded_layers(indices or range(cfg.num_layers), per_layer, options.host_offload_bytes)
+        offloaded = offloaded_layers(layer_indices, per_layer, options.host_offload_bytes)
         if offloaded < count:
             warnings.warn(f"host_offload_bytes={options.host_offload_bytes} holds the inputs of {offloaded} of these "
                           f"{count} decoder layers ({per_layer} bytes each); the other layers keep theirs on the "
@@ -654,10 +657,11 @@ def layer_forward_flops(cfg: DecoderConfig, batch: int, seq: int) -> float:
 
 
 def lean_offload_attention(cfg: DecoderConfig, x_bsd, layer_indices, options: KernelOptions) -> bool:
-    """Whether these decoder layers (their model-wide indices) offload their attention half too
+    """Whether these layers (model-wide indices; `run_layers` passes all of the model's, so that Mllama's parts
+    choose alike and their inputs stay within one budget) offload their attention half too
     (`HostOffload.attention`), by `options.lean_offload`: never for "layer_input"; for "attention" and "auto" only
-    where the host budget (`host_offload_bytes`) holds every one of them with it, counted model-wide as
-    `offloaded_layers` counts (Mllama runs its decoder layers in parts); "auto" then only where a layer's
+    where the host budget (`host_offload_bytes`) holds every one of them with it, counted as `offloaded_layers`
+    counts; "auto" then only where a layer's
     forward FLOPs per offloaded byte reach `options.flops_per_host_byte` (the device's matmul rate over its host
     link: the copy then hides behind the layer's forward compute), and never when that is unknown."""
     if options.lean_offload == "layer_input":
