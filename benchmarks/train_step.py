@@ -171,9 +171,7 @@ def offload_choice(model, cfg, mode, batch: int, seq: int, dtype) -> dict:
                                                                                        options)
     return {"lean_offload": model.kernel_options.lean_offload, "offloads": "attention" if attention else "layer_input",
             "flops_per_host_byte": options.flops_per_host_byte,
-            "layer_flops_per_offloaded_byte": round(decoder.layer_forward_flops(cfg, batch, seq) / (
-                batch * seq * decoder.offload_features(cfg, True, decoder.offloads_attention_outputs(cfg, x, options))
-                * x.dtype.itemsize))}
+            "layer_flops_per_offloaded_byte": round(decoder.layer_flops_per_offloaded_byte(cfg, x, options))}
 
 
 CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports them

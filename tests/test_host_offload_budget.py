@@ -40,25 +40,25 @@ def _scans(model, ids, labels, mask):
     return sum(1 for eqn in jaxpr.eqns if eqn.primitive.name == "scan")
 
 
+def _equations(jaxpr):
+    """Every equation of the jaxpr and of every jaxpr nested in it (a scan body once)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
 def _scan_outputs_of_weight_dtype(model, ids, labels, mask) -> list:
     """The outputs of every scan in the traced loss-and-grad that are uint8 (what NF4 weights are made of): a
     scan that saves its layers' weights as residuals stacks them there."""
     loss = model.loss_sum_fn()
     jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda lora: loss(model.base_params, lora, ids, labels, mask, None)[0]))(
         model.lora_params)
-    found = []
-
-    def walk(jx):
-        for eqn in jx.eqns:
-            if eqn.primitive.name == "scan":
-                found.extend(v.aval for v in eqn.outvars if v.aval.dtype == np.uint8)
-            for param in eqn.params.values():
-                for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-    walk(jaxpr.jaxpr)
-    return found
+    return [v.aval for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "scan"
+            for v in eqn.outvars if v.aval.dtype == np.uint8]
 
 
 def _loss_and_grads(model, ids, labels, mask):
@@ -141,40 +141,15 @@ def _dot_count(fn, arg, min_side: int = 0) -> int:
     """dot_general equations in the traced function and every jaxpr nested in it (a scan body counts once); with
     `min_side`, only those of two matrices with no side shorter (the base projections: not the LoRA factors' rank
     products, not attention's batched products)."""
-    count = 0
-
     def counted(eqn):
         shapes = [v.aval.shape for v in eqn.invars]
         return eqn.primitive.name == "dot_general" and all(len(s) == 2 and min(s) >= min_side for s in shapes)
-
-    def walk(jx):
-        nonlocal count
-        for eqn in jx.eqns:
-            count += counted(eqn)
-            for param in eqn.params.values():
-                for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-    walk(jax.make_jaxpr(fn)(arg).jaxpr)
-    return count
+    return sum(map(counted, _equations(jax.make_jaxpr(fn)(arg).jaxpr)))
 
 
 def _device_puts(fn, arg) -> int:
     """device_put equations in the traced function (the policy's offloads: one to the host, one back, per value)."""
-    count = 0
-
-    def walk(jx):
-        nonlocal count
-        for eqn in jx.eqns:
-            count += eqn.primitive.name == "device_put"
-            for param in eqn.params.values():
-                for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-    walk(jax.make_jaxpr(fn)(arg).jaxpr)
-    return count
+    return sum(eqn.primitive.name == "device_put" for eqn in _equations(jax.make_jaxpr(fn)(arg).jaxpr))
 
 
 # qwen3: q/k norms between the projections and rope; gemma3: those and the sandwich norms after o_proj

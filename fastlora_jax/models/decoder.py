@@ -71,14 +71,13 @@ class HostOffload:
     Mllama's cross-attention layers) use the policy as given."""
     attention: bool = False
     attention_outputs: bool = False  # with `attention`: cuDNN's outputs too (`offloads_attention_outputs`)
-    dst: str = "pinned_host"
 
     def __call__(self, prim, *_, **params):
         if prim is name_primitive():
             names = (LAYER_INPUT,) + (ATTENTION_OFFLOAD_NAMES if self.attention else ())
-            return Offloadable(src="device", dst=self.dst) if params["name"] in names else Recompute
+            return Offloadable(src="device", dst="pinned_host") if params["name"] in names else Recompute
         if self.attention and self.attention_outputs and prim.name.startswith("dot_product_attention_fwd"):
-            return Offloadable(src="device", dst=self.dst)
+            return Offloadable(src="device", dst="pinned_host")
         return Recompute
 
 
@@ -656,17 +655,24 @@ def layer_forward_flops(cfg: DecoderConfig, batch: int, seq: int) -> float:
     return 2.0 * batch * seq * weights + 4.0 * batch * seq * attended * q_out
 
 
+def layer_flops_per_offloaded_byte(cfg: DecoderConfig, x_bsd, options: KernelOptions) -> float:
+    """A layer's forward FLOPs per byte it offloads with its attention half (what "auto" compares with
+    `options.flops_per_host_byte`)."""
+    batch, seq, _ = x_bsd.shape
+    features = offload_features(cfg, True, offloads_attention_outputs(cfg, x_bsd, options))
+    return layer_forward_flops(cfg, batch, seq) / (batch * seq * features * x_bsd.dtype.itemsize)
+
+
 def lean_offload_attention(cfg: DecoderConfig, x_bsd, layer_indices, options: KernelOptions) -> bool:
     """Whether these layers (model-wide indices; `run_layers` passes all of the model's, so that Mllama's parts
     choose alike and their inputs stay within one budget) offload their attention half too
     (`HostOffload.attention`), by `options.lean_offload`: never for "layer_input"; for "attention" and "auto" only
     where the host budget (`host_offload_bytes`) holds every one of them with it, counted as `offloaded_layers`
-    counts; "auto" then only where a layer's
-    forward FLOPs per offloaded byte reach `options.flops_per_host_byte` (the device's matmul rate over its host
-    link: the copy then hides behind the layer's forward compute), and never when that is unknown."""
+    counts; "auto" then only where `layer_flops_per_offloaded_byte` reaches `options.flops_per_host_byte` (the
+    device's matmul rate over its host link: the copy then hides behind the layer's forward compute), and never
+    when that is unknown."""
     if options.lean_offload == "layer_input":
         return False
-    batch, seq, _ = x_bsd.shape
     features = offload_features(cfg, True, offloads_attention_outputs(cfg, x_bsd, options))
     per_layer = _host_bytes_per_layer(x_bsd, features)
     layer_indices = tuple(layer_indices)
@@ -679,17 +685,14 @@ def lean_offload_attention(cfg: DecoderConfig, x_bsd, layer_indices, options: Ke
         return False
     if options.lean_offload == "attention":
         return True
-    if options.flops_per_host_byte is None:
-        return False
-    return layer_forward_flops(cfg, batch, seq) / (batch * seq * features * x_bsd.dtype.itemsize) \
-        >= options.flops_per_host_byte
+    return (options.flops_per_host_byte is not None
+            and layer_flops_per_offloaded_byte(cfg, x_bsd, options) >= options.flops_per_host_byte)
 
 
-def _host_bytes_per_layer(x_bsd, features: int | None = None) -> int:
-    """Host bytes one offloaded layer takes in this process (`features` values per token, default the layer input's
-    width): each of its devices offloads its share of the batch, the whole batch where it is replicated (a batch
-    that the mesh does not divide: `sharding.put_batch`)."""
-    features = x_bsd.shape[-1] if features is None else features
+def _host_bytes_per_layer(x_bsd, features: int) -> int:
+    """Host bytes one offloaded layer takes in this process (`features` values per token, `offload_features`):
+    each of its devices offloads its share of the batch, the whole batch where it is replicated (a batch that the
+    mesh does not divide: `sharding.put_batch`)."""
     nbytes = int(np.prod(x_bsd.shape[:-1])) * features * x_bsd.dtype.itemsize
     mesh = jax.sharding.get_abstract_mesh()
     devices = 1 if mesh.empty else mesh.size
