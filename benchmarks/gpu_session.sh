@@ -11,6 +11,9 @@ memdump_tar() {  # the largest compiled step's scheduled HLO, buffer assignment,
   local hlo; hlo=$(ls -S "$1"/*jit_step*after_optimizations.txt | head -1)
   tar -czf "$OUT/memdump_$2.tgz" -C "$1" $(cd "$1" && ls "$(basename ${hlo%.txt})"*.txt)
 }
+prof_tar() {  # the profiles' compiled HLO and per-kernel times as ONE file (a call brings back at most 8 files)
+  (cd "$OUT" && ls hlo_*.txt kernels_*.json >/dev/null 2>&1 && tar -czf "prof_$(date +%H%M%S).tgz" hlo_*.txt kernels_*.json && rm -f hlo_*.txt kernels_*.json)
+}
 for job in "$@"; do
   case "$job" in
     test) python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
@@ -20,7 +23,14 @@ for job in "$@"; do
     peers) python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth false --timeout 150 ${PROFILE:+--profile $PROFILE} 2>&1 | tee -a "$OUT/bench.jsonl"
            python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth false --timeout 150 ${PROFILE:+--profile $PROFILE} 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     prof) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 2 --seq 2048 --gc false unsloth --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
-          python3 benchmarks/train_step.py --shape llama-3.2-1b --batch 4 --seq 2048 --gc false unsloth --profile 2 --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+          python3 benchmarks/train_step.py --shape llama-3.2-1b --batch 4 --seq 2048 --gc false unsloth --profile 2 --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
+          prof_tar ;;
+    prof32k) # the long-context lean point (MLP in sequence tiles of 8192), one profiled step
+          python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --mlp-tile-tokens 8192 --steps 2 --profile 1 --timeout 240 2>&1 | tee -a "$OUT/bench.jsonl"
+          prof_tar ;;
+    deq) # what the training step's NF4 path costs per op: one-pass dequantize (+ lean select tree) then cuBLAS, the
+         # dequantize alone (GB/s), and cuBLAS on a dense W
+         python3 benchmarks/nf4_matmul.py --models llama-3.1-8b llama-3.2-1b --m 4096 --reps 5 --impls xla_onepass xla_onepass_lean dequant dequant_lean dense 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl" ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}

@@ -10,6 +10,10 @@ and transposed (dy @ deq(W), the backward's dX), one JSON line each:
               (packed + absmax) + output, each once
   *_frac      floor / time (1.0 = at the floor)
 
+`--impls xla_onepass dequant ...` times what the training step runs instead of the reference: lora_op's one-pass
+dequantize then cuBLAS (`xla_onepass_ms`, `_lean` with the memory-lean select tree), and that dequantize alone
+(`dequant_ms`, `dequant_gbps` = NF4 bytes in + bf16 bytes out per second).
+
 With `--lora R` every op also carries a rank-R LoRA term (x @ deq(W)^T + xa @ b^T; dy @ deq(W) + gb @ a),
 and the line gets `lora_r` and two more timings:
 
@@ -38,7 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastlora_jax.kernels import KernelOptions
 from fastlora_jax.kernels import nf4_matmul as nm
+from fastlora_jax.kernels.lora_op import dense_base_weight
 from fastlora_jax.quant import NF4Weight
 
 PEAK_FLOPS = 784e12  # bf16 dense, H100 SXM (the project's ANCHORS.md figure)
@@ -167,6 +173,20 @@ def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impl
                 if lr is not None:
                     y = y + jnp.einsum(lora_eq, *lr, preferred_element_type=jnp.float32)
                 return y.astype(jnp.bfloat16)
+        elif impl in ("xla_onepass", "xla_onepass_lean", "dequant", "dequant_lean"):
+            # what the training step runs: lora_op's one-pass dequantize (an indexed table load, or the memory-lean
+            # select tree), then cuBLAS; "dequant*" is the dequantize alone (bytes in, a bf16 W out)
+            options = KernelOptions(memory_lean=impl.endswith("_lean"))
+            eq = "mn,nk->mk" if transposed else "mk,nk->mn"
+
+            def one(x, w, lr):
+                d = dense_base_weight(w, jnp.bfloat16, options)
+                if impl.startswith("dequant"):
+                    return d
+                y = jnp.einsum(eq, x, d, preferred_element_type=jnp.float32)
+                if lr is not None:
+                    y = y + jnp.einsum(lora_eq, *lr, preferred_element_type=jnp.float32)
+                return y.astype(jnp.bfloat16)
         elif impl == "pallas_nolora":
             def one(x, w, lr):
                 return op(x, w, impl="pallas", config=config)
@@ -235,6 +255,13 @@ def bench_shape(model, m, n, k, transposed, *, sets, reps, copy_bw, config, impl
             line["lora_step_ms"] = round((res["pallas"] - res["pallas_nolora"]) * 1e3, 4)
         if res.get("pallas") and res.get("pallas_unfused"):
             line["fused_speedup_vs_unfused"] = round(res["pallas_unfused"] / res["pallas"], 3)
+    for impl in ("xla_onepass", "xla_onepass_lean", "dequant", "dequant_lean"):
+        if res.get(impl):
+            line[f"{impl}_ms"] = round(res[impl] * 1e3, 4)
+            if impl.startswith("dequant"):  # bytes: NF4 in (packed + scales), bf16 W out
+                line[f"{impl}_gbps"] = round((ws[0].nbytes + n * k * 2) / res[impl] / 1e9, 1)
+            elif res.get("dense"):
+                line[f"dense_over_{impl}"] = round(res["dense"] / res[impl], 3)
     if "dense_pallas" in res:
         line["dense_pallas_ms"] = None if res["dense_pallas"] is None else round(res["dense_pallas"] * 1e3, 4)
     if var_ms:
@@ -260,7 +287,8 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=list(SHAPES))
     ap.add_argument("--ops", nargs="+", default=["fwd", "t"], choices=["fwd", "t"])
     ap.add_argument("--impls", nargs="+", default=None,
-                    choices=["pallas", "xla", "dense", "dense_pallas", "pallas_nolora", "pallas_unfused"],
+                    choices=["pallas", "xla", "dense", "dense_pallas", "pallas_nolora", "pallas_unfused",
+                             "xla_onepass", "xla_onepass_lean", "dequant", "dequant_lean"],
                     help="default: pallas xla dense (+ pallas_nolora pallas_unfused with --lora)")
     ap.add_argument("--lora", type=int, default=None, metavar="R",
                     help="add a rank-R LoRA term to every op (R <= 64 for the kernel)")

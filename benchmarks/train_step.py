@@ -130,11 +130,13 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
             for _ in range(profile_steps):
                 lora, opt_state, metrics = step(lora, opt_state, batch_arrays(), None)
             jax.block_until_ready(metrics)
-        profile = summarize_trace(trace_dir, profile_steps)
+        out_json = (str(Path(os.environ["OUT"], f"kernels_{shape}_{gc}_{batch}x{seq}.json"))
+                    if os.environ.get("OUT") and shape != "tiny" else None)
+        profile = summarize_trace(trace_dir, profile_steps, out_json)
         if os.environ.get("OUT") and shape != "tiny":  # the compiled HLO, to map kernel names to ops
             with sharding.use_mesh(mesh):
                 hlo = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile().as_text()
-            Path(os.environ["OUT"], f"hlo_{shape}_{gc}.txt").write_text(hlo)
+            Path(os.environ["OUT"], f"hlo_{shape}_{gc}_{batch}x{seq}.txt").write_text(hlo)
     median = float(np.median(times)) if times else compile_s
     tokens = batch * seq * devices
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()[:devices]]
@@ -182,7 +184,7 @@ CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports th
 )
 
 
-def summarize_trace(trace_dir: str, steps: int) -> dict:
+def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> dict:
     """GPU kernel time per step by category and the top kernels, from the profiler's xplane file."""
     import glob
 
@@ -205,6 +207,8 @@ def summarize_trace(trace_dir: str, steps: int) -> dict:
         low = name.lower()
         category = next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
         by_category[category] = by_category.get(category, 0.0) + ms
+    if out_json:  # every kernel, to map the fusions to the compiled HLO afterwards
+        Path(out_json).write_text(json.dumps(dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))))
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
     return {"gpu_ms_per_step": round(sum(per_kernel.values()), 2),
             "by_category_ms": {k: round(v, 2) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
