@@ -31,6 +31,16 @@ for job in "$@"; do
     deq) # what the training step's NF4 path costs per op: one-pass dequantize (+ lean select tree) then cuBLAS, the
          # dequantize alone (GB/s), and cuBLAS on a dense W
          python3 benchmarks/nf4_matmul.py --models llama-3.1-8b llama-3.2-1b --m 4096 --reps 5 --impls xla_onepass xla_onepass_lean dequant dequant_lean dense 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl" ;;
+    pipe) # XLA's pipelined host offloading (training.XLA_STEP_OPTIONS) against the step without it, "unsloth" mode
+          T="python3 benchmarks/train_step.py"; OFF="--xla-option xla_gpu_enable_pipelined_host_offloading=false"
+          python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py -k offloads 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -3
+          $T --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth --lean-offload layer_input $OFF --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          $T --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth --lean-offload layer_input --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          $T --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth --lean-offload attention --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          $T --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth --lean-offload layer_input --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
+          $T --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth --lean-offload attention --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
+          $T --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --lean-offload attention --mlp-tile-tokens 8192 --steps 3 --timeout 240 2>&1 | tee -a "$OUT/bench.jsonl"
+          prof_tar ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}

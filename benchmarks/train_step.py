@@ -49,12 +49,24 @@ def kernel_flags(args) -> list[str]:
     """The same flags for the per-config child process."""
     return (["--nf4-matmul", args.nf4_matmul, "--attention", args.attention, "--lean-tile-mib", str(args.lean_tile_mib),
              "--mlp-tile-tokens", str(args.mlp_tile_tokens), "--lean-offload", args.lean_offload]
-            + (["--no-lora-fold"] if args.no_lora_fold else []))
+            + (["--no-lora-fold"] if args.no_lora_fold else [])
+            + [flag for opt in args.xla_option for flag in ("--xla-option", opt)])
+
+
+def xla_options(specs: list[str]) -> dict:
+    """`NAME=true|false|int` pairs -> the step's extra XLA options (training.make_train_step's compiler_options)."""
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name.startswith("xla_"):
+            raise SystemExit(f"--xla-option {spec!r}: expected NAME=VALUE with an XLA option name (xla_...)")
+        out[name] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return out
 
 
 def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit: bool,
             profile_steps: int = 0, options=None, loss_chunk_tokens: int = 0, compile_first: bool = False,
-            mesh_spec: str | None = None) -> dict:
+            mesh_spec: str | None = None, xla_step_options: dict | None = None) -> dict:
     from fastlora_jax import sharding
     mesh = sharding.resolve_mesh(mesh_spec)  # first: jax.distributed (if its variables are set) before any device use
 
@@ -86,7 +98,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     opt_state = optimizer.init(lora)
     if mesh is not None:
         opt_state = sharding.place(opt_state, sharding.replicated(mesh))
-    step = make_train_step(model, optimizer)
+    step = make_train_step(model, optimizer, compiler_options=xla_step_options)
     rng = np.random.default_rng(0)
     jax.block_until_ready((lora, opt_state))
     setup_stats = [d.memory_stats() or {} for d in jax.local_devices()[:devices]]  # CPU: no stats
@@ -153,7 +165,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention, "lean_tile_mib": model.kernel_options.lean_weight_tile_bytes >> 20,
-        "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, **offload_choice(model, cfg, mode, batch, seq, dtype),
+        "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, **({"xla_options": xla_step_options} if xla_step_options else {}), **offload_choice(model, cfg, mode, batch, seq, dtype),
         **compiled_memory, **({"profile": profile} if profile else {}),
     }
 
@@ -184,6 +196,24 @@ CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports th
 )
 
 
+def copy_overlap(intervals) -> tuple[int, int]:
+    """(time anything runs on the GPU, time a host copy runs while no kernel does), from (start, end, is_copy)
+    intervals: what the step would lose if the copies could not hide behind compute."""
+    edges = sorted([(a, 1, c) for a, b, c in intervals] + [(b, -1, c) for a, b, c in intervals])
+    busy = exposed = 0
+    running = {True: 0, False: 0}
+    last = None
+    for t, delta, is_copy in edges:
+        if last is not None and t > last:
+            if running[True] or running[False]:
+                busy += t - last
+            if running[True] and not running[False]:
+                exposed += t - last
+        running[is_copy] += delta
+        last = t
+    return busy, exposed
+
+
 def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> dict:
     """GPU kernel time per step by category and the top kernels, from the profiler's xplane file."""
     import glob
@@ -194,6 +224,7 @@ def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> 
         return {"error": "no trace written"}
     data = ProfileData.from_file(files[0])
     per_kernel: dict[str, float] = {}
+    intervals = []  # (start, end, is a host copy)
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -202,6 +233,7 @@ def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> 
                 continue
             for event in line.events:
                 per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.duration_ns / 1e6 / steps
+                intervals.append((event.start_ns, event.end_ns, event.name in ("MemcpyD2H", "MemcpyH2D")))
     by_category: dict[str, float] = {}
     for name, ms in per_kernel.items():
         low = name.lower()
@@ -210,7 +242,10 @@ def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> 
     if out_json:  # every kernel, to map the fusions to the compiled HLO afterwards
         Path(out_json).write_text(json.dumps(dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))))
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    busy, exposed = copy_overlap(intervals)
     return {"gpu_ms_per_step": round(sum(per_kernel.values()), 2),
+            "gpu_busy_ms_per_step": round(busy / 1e6 / steps, 2),
+            "host_copy_exposed_ms_per_step": round(exposed / 1e6 / steps, 2),
             "by_category_ms": {k: round(v, 2) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[name[:120], round(ms, 3)] for name, ms in top]}
 
@@ -246,12 +281,15 @@ def main() -> None:
                         help="compile the step ahead and report the peak after compiling and XLA's memory analysis")
     parser.add_argument("--mesh", default=None, metavar="data=N,fsdp=M",
                         help="run over a mesh of N x M devices (fastlora_jax.sharding); --batch rows per device")
+    parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an XLA option of the step over training.XLA_STEP_OPTIONS, e.g. "
+                             "xla_gpu_enable_pipelined_host_offloading=false (repeatable)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args.shape, args.batch, args.seq, args.gc[0], args.steps, not args.no_4bit,
                                  args.profile, kernel_options(args), args.loss_chunk_tokens,
-                                 args.compile_first, args.mesh)), flush=True)
+                                 args.compile_first, args.mesh, xla_options(args.xla_option))), flush=True)
         return
     ours = {}
     for gc in args.gc:

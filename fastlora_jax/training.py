@@ -435,14 +435,22 @@ def _from_torch(x):
     return x.detach().cpu().numpy() if hasattr(x, "detach") else x
 
 
-# XLA options of the compiled step. Dynamic-slice fusion lets a cuBLAS gemm read a layer's slice of a
-# stacked array and write its output straight into the scan's stacked residuals, without a copy each way
-# (Llama-8B, False mode: 301.6 -> 297.2 ms per step, H100). Ignored off the GPU.
-XLA_STEP_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True}
+# XLA options of the compiled step (ignored off the GPU).
+# - Dynamic-slice fusion lets a cuBLAS gemm read a layer's slice of a stacked array and write its output straight
+#   into the scan's stacked residuals, without a copy each way (Llama-8B, False mode: 301.6 -> 297.2 ms per step,
+#   H100).
+# - Pipelined host offloading: without it the backward's copy of a layer's offloaded residuals back from the host
+#   starts in that layer's own iteration of the scan, with nothing to hide behind but a dequantize, and the
+#   forward's copy to the host must finish within its iteration (the "unsloth" profiles on the H200: MemcpyH2D
+#   19.5 ms of a 361 ms Llama-8B step, all of it exposed). XLA's collective pipeliner then moves the reload one
+#   iteration ahead and the write-back one behind.
+XLA_STEP_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_pipelined_host_offloading": True}
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation):
+def make_train_step(model, optimizer: optax.GradientTransformation, compiler_options: dict | None = None):
     """`step(lora_params, opt_state, batch, dropout_key) -> (lora_params, opt_state, metrics)`, jitted once per shape.
+
+    `compiler_options`: XLA options merged over `XLA_STEP_OPTIONS` (e.g. one of them set False, to time without it).
 
     `batch` is either
 
@@ -504,8 +512,12 @@ def make_train_step(model, optimizer: optax.GradientTransformation):
             (grads, loss_total, count), _ = jax.lax.scan(micro, init, (batch, keys))
         return update(lora_params, opt_state, grads, loss_total, count)
 
-    jitted = jax.jit(step, donate_argnums=(1, 2), compiler_options=XLA_STEP_OPTIONS)
-    jitted_grads = jax.jit(grads_of, compiler_options=XLA_STEP_OPTIONS)
+    if compiler_options is not None and not isinstance(compiler_options, dict):
+        raise ValueError(f"compiler_options must be None or a dict of XLA option names to values, got "
+                         f"{type(compiler_options).__name__}")
+    xla_options = {**XLA_STEP_OPTIONS, **(compiler_options or {})}
+    jitted = jax.jit(step, donate_argnums=(1, 2), compiler_options=xla_options)
+    jitted_grads = jax.jit(grads_of, compiler_options=xla_options)
     jitted_add = jax.jit(lambda total, new: jax.tree.map(jnp.add, total, new), donate_argnums=0)
     jitted_update = jax.jit(update, donate_argnums=(0, 1))
 

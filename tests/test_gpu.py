@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_l2
-from fastlora_jax import FastLanguageModel
+from fastlora_jax import FastLanguageModel, training
 from fastlora_jax.tiny import write_tiny_llama
 
 pytestmark = pytest.mark.gpu
@@ -72,7 +72,8 @@ def test_unsloth_offloads_give_false_mode_gradients_in_bf16_on_gpu(tmp_path, rng
     offloads its outputs: the path the CPU cannot take) against False, which saves those values on the device:
     the same ops in the same order either way, so the gradients agree to bf16's rounding of the sums."""
     from fastlora_jax.kernels import KernelOptions
-    model_dir = write_tiny_llama(tmp_path / "m", seed=int(rng.integers(1 << 30)), tokenizer=False)
+    # 6 layers: the pipelined reloads run one iteration ahead over several iterations of the scan
+    model_dir = write_tiny_llama(tmp_path / "m", seed=int(rng.integers(1 << 30)), tokenizer=False, num_hidden_layers=6)
     model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="bfloat16", load_in_4bit=True,
                                                  kernel_options=KernelOptions(lean_offload=lean_offload))
     ids = jnp.asarray(rng.integers(0, 512, size=(2, 64)))
@@ -84,8 +85,10 @@ def test_unsloth_offloads_give_false_mode_gradients_in_bf16_on_gpu(tmp_path, rng
     for mode in ("unsloth", False):
         pm = FastLanguageModel.get_peft_model(model, r=8, init_lora_weights=False, use_gradient_checkpointing=mode)
         fn = pm.loss_sum_fn()
-        g = jax.jit(jax.grad(lambda lp, base: fn(base, lp, ids, ids)[0].astype(jnp.float32)))(pm.lora_params,
-                                                                                              pm.base_params)
+        # compiled as the training step is (XLA_STEP_OPTIONS: pipelined host offloading moves the copies across
+        # the scan's iterations, so a reload racing its use would show here)
+        g = jax.jit(jax.grad(lambda lp, base: fn(base, lp, ids, ids)[0].astype(jnp.float32)),
+                    compiler_options=training.XLA_STEP_OPTIONS)(pm.lora_params, pm.base_params)
         grads[mode] = pm.peft_state_dict(g)
     for key, value in grads[False].items():
         assert rel_l2(np.asarray(grads["unsloth"][key], np.float32), np.asarray(value, np.float32)) < 2e-2, key
