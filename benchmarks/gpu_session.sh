@@ -41,6 +41,15 @@ for job in "$@"; do
           $T --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth --lean-offload attention --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
           $T --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --lean-offload attention --mlp-tile-tokens 8192 --steps 3 --timeout 240 2>&1 | tee -a "$OUT/bench.jsonl"
           prof_tar ;;
+    pgle) # the step's schedule from a measured profile (JAX's PGLE: XLA's scheduler otherwise prices a host copy at HBM
+          # speed and hides it behind one kernel) against the default, "unsloth" mode
+          T="python3 benchmarks/train_step.py"; PG="env JAX_ENABLE_PGLE=true JAX_PGLE_PROFILING_RUNS=2"
+          $PG $T --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth --lean-offload layer_input --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          $PG $T --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth --lean-offload attention --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          XLA_FLAGS="--xla_gpu_enable_command_buffer=" $T --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth --lean-offload layer_input --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          $PG $T --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
+          $PG $T --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --lean-offload attention --mlp-tile-tokens 8192 --steps 3 --timeout 240 2>&1 | tee -a "$OUT/bench.jsonl"
+          prof_tar ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}

@@ -225,6 +225,7 @@ def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> 
     data = ProfileData.from_file(files[0])
     per_kernel: dict[str, float] = {}
     intervals = []  # (start, end, is a host copy)
+    copy_lines: dict[str, float] = {}  # which streams the host copies ran on
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -233,7 +234,11 @@ def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> 
                 continue
             for event in line.events:
                 per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.duration_ns / 1e6 / steps
-                intervals.append((event.start_ns, event.end_ns, event.name in ("MemcpyD2H", "MemcpyH2D")))
+                is_copy = event.name in ("MemcpyD2H", "MemcpyH2D")
+                intervals.append((event.start_ns, event.end_ns, is_copy))
+                if is_copy:
+                    key = f"{line.name}: {event.name}"
+                    copy_lines[key] = copy_lines.get(key, 0.0) + event.duration_ns / 1e6 / steps
     by_category: dict[str, float] = {}
     for name, ms in per_kernel.items():
         low = name.lower()
@@ -246,6 +251,7 @@ def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> 
     return {"gpu_ms_per_step": round(sum(per_kernel.values()), 2),
             "gpu_busy_ms_per_step": round(busy / 1e6 / steps, 2),
             "host_copy_exposed_ms_per_step": round(exposed / 1e6 / steps, 2),
+            "host_copy_ms_by_stream": {k: round(v, 2) for k, v in sorted(copy_lines.items())},
             "by_category_ms": {k: round(v, 2) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[name[:120], round(ms, 3)] for name, ms in top]}
 

@@ -439,12 +439,10 @@ def _from_torch(x):
 # - Dynamic-slice fusion lets a cuBLAS gemm read a layer's slice of a stacked array and write its output straight
 #   into the scan's stacked residuals, without a copy each way (Llama-8B, False mode: 301.6 -> 297.2 ms per step,
 #   H100).
-# - Pipelined host offloading: without it the backward's copy of a layer's offloaded residuals back from the host
-#   starts in that layer's own iteration of the scan, with nothing to hide behind but a dequantize, and the
-#   forward's copy to the host must finish within its iteration (the "unsloth" profiles on the H200: MemcpyH2D
-#   19.5 ms of a 361 ms Llama-8B step, all of it exposed). XLA's collective pipeliner then moves the reload one
-#   iteration ahead and the write-back one behind.
-XLA_STEP_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_pipelined_host_offloading": True}
+# - Not xla_gpu_enable_pipelined_host_offloading (the reload of an offloaded layer input one scan iteration ahead):
+#   on the H200 it made "unsloth" slower (Llama-8B 2 x 2048: 11,098 against 11,226 tokens/s; 1 x 32768 with the
+#   attention offload: 6,896 against 7,350 tokens/s and 10.6 against 9.2 GiB).
+XLA_STEP_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True}
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, compiler_options: dict | None = None):

@@ -85,8 +85,7 @@ def test_unsloth_offloads_give_false_mode_gradients_in_bf16_on_gpu(tmp_path, rng
     for mode in ("unsloth", False):
         pm = FastLanguageModel.get_peft_model(model, r=8, init_lora_weights=False, use_gradient_checkpointing=mode)
         fn = pm.loss_sum_fn()
-        # compiled as the training step is (XLA_STEP_OPTIONS: pipelined host offloading moves the copies across
-        # the scan's iterations, so a reload racing its use would show here)
+        # compiled as the training step is (training.XLA_STEP_OPTIONS), so that a copy racing its use shows here
         g = jax.jit(jax.grad(lambda lp, base: fn(base, lp, ids, ids)[0].astype(jnp.float32)),
                     compiler_options=training.XLA_STEP_OPTIONS)(pm.lora_params, pm.base_params)
         grads[mode] = pm.peft_state_dict(g)
