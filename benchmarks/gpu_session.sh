@@ -50,6 +50,14 @@ for job in "$@"; do
           $PG $T --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
           $PG $T --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --lean-offload attention --mlp-tile-tokens 8192 --steps 3 --timeout 240 2>&1 | tee -a "$OUT/bench.jsonl"
           prof_tar ;;
+    cmdbuf) # XLA's command buffers put the host-offload copies on the compute stream (exposed); without them, or
+          # without one command type, the copies run on their own streams
+          T="python3 benchmarks/train_step.py"; NOCB="--xla-option xla_gpu_enable_command_buffer="
+          XLA_FLAGS="--xla_gpu_enable_command_buffer=-DYNAMIC_SLICE_FUSION" $T --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth --lean-offload layer_input --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          $T --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth --lean-offload attention $NOCB --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          $T --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth $NOCB --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
+          $T --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --lean-offload attention --mlp-tile-tokens 8192 $NOCB --steps 3 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          prof_tar ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}
