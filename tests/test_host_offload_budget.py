@@ -297,3 +297,50 @@ def test_false_mode_recomputes_no_matmul(rng, case):
     counts = [_dot_count(_direct_loss_and_grad(model, ids, labels, mask, remat, KernelOptions()), model.lora_params,
                          min_side=group_rank + 1) for remat in (training.save_matmul_outputs_policy(), None)]
     assert counts[0] == counts[1] + model.cfg.sandwich_norms, counts
+
+
+def _default_command_buffer_types() -> set[str]:
+    """The installed XLA's default `xla_gpu_enable_command_buffer`, read back from a dump of its debug options: a
+    "-X" flag makes the list differ from the default, so the dump writes it out (XLA reads XLA_FLAGS once per
+    process, hence the subprocess)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as dump:
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_dump_to={dump} --xla_gpu_enable_command_buffer=-DYNAMIC_SLICE_FUSION")
+        subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; jax.jit(lambda x: x * 2)(jnp.ones(3))"],
+                       env=env, check=True, capture_output=True)
+        import glob
+        lines = {line.split(":", 1)[1].strip() for path in glob.glob(f"{dump}/*debug_options")
+                 for line in open(path) if line.startswith("xla_gpu_enable_command_buffer:")}
+    return lines | {"DYNAMIC_SLICE_FUSION"}
+
+
+def test_host_offload_step_leaves_only_dynamic_slice_fusions_out_of_command_buffers():
+    """HOST_OFFLOAD_STEP_OPTIONS is this XLA's default command-buffer list without DYNAMIC_SLICE_FUSION (the host
+    copies), nothing else: a jaxlib whose default changed fails here instead of silently turning more off."""
+    default = _default_command_buffer_types()
+    assert "FUSION" in default and "DYNAMIC_SLICE_FUSION" in default, default
+    ours = set(training.HOST_OFFLOAD_STEP_OPTIONS["xla_gpu_enable_command_buffer"].split(","))
+    assert ours == default - {"DYNAMIC_SLICE_FUSION"}
+    # and XLA accepts the value (a bad one fails to compile even on the CPU)
+    f = jax.jit(lambda x: x * 2, compiler_options=training.HOST_OFFLOAD_STEP_OPTIONS)
+    np.testing.assert_array_equal(np.asarray(f(jnp.arange(3.0))), [0.0, 2.0, 4.0])
+
+
+def test_step_compiler_options_by_mode(monkeypatch):
+    """Only a step that offloads ("unsloth" where the backend offloads) takes the command-buffer change; the caller's
+    options go over both; a non-dict is refused by name."""
+    key = "xla_gpu_enable_command_buffer"
+    monkeypatch.setattr(training, "host_offload_supported", lambda: True)
+    assert training.step_compiler_options("unsloth")[key] == training.HOST_OFFLOAD_STEP_OPTIONS[key]
+    for mode in (False, True):
+        assert key not in training.step_compiler_options(mode)
+    assert training.step_compiler_options("unsloth", {key: ""})[key] == ""
+    assert training.step_compiler_options(False)["xla_gpu_enable_dynamic_slice_fusion"] is True
+    monkeypatch.setattr(training, "host_offload_supported", lambda: False)
+    assert key not in training.step_compiler_options("unsloth")
+    with pytest.raises(ValueError, match="compiler_options must be None or a dict"):
+        training.step_compiler_options("unsloth", [key])
