@@ -58,6 +58,16 @@ for job in "$@"; do
           $T --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth $NOCB --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
           $T --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --lean-offload attention --mlp-tile-tokens 8192 $NOCB --steps 3 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
           prof_tar ;;
+    lookup-*) spec=${job#lookup-}; shape=${spec%:*}; batch=${spec#*:}
+          # the memory-lean NF4 lookup: the select tree (the "auto" default there) against the indexed table load
+          for lookup in select table; do
+            python3 benchmarks/train_step.py --shape $shape --batch $batch --seq 2048 --gc unsloth --nf4-lookup $lookup --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          done ;;
+    cb32k) # the long-context lean point with the host-offload step options (training.HOST_OFFLOAD_STEP_OPTIONS) and
+           # with XLA's default command buffers (DYNAMIC_SLICE_FUSION recorded too)
+          for cb in "" "--xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION"; do
+            python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --mlp-tile-tokens 8192 --steps 3 $cb --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          done ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}

@@ -42,13 +42,14 @@ def kernel_options(args):
     from fastlora_jax.kernels import KernelOptions
     return KernelOptions(nf4_matmul=args.nf4_matmul, lora_fold=not args.no_lora_fold, attention=args.attention,
                          lean_weight_tile_bytes=args.lean_tile_mib << 20, mlp_tile_tokens=args.mlp_tile_tokens,
-                         lean_offload=args.lean_offload)
+                         lean_offload=args.lean_offload, nf4_lookup=args.nf4_lookup)
 
 
 def kernel_flags(args) -> list[str]:
     """The same flags for the per-config child process."""
     return (["--nf4-matmul", args.nf4_matmul, "--attention", args.attention, "--lean-tile-mib", str(args.lean_tile_mib),
-             "--mlp-tile-tokens", str(args.mlp_tile_tokens), "--lean-offload", args.lean_offload]
+             "--mlp-tile-tokens", str(args.mlp_tile_tokens), "--lean-offload", args.lean_offload,
+             "--nf4-lookup", args.nf4_lookup]
             + (["--no-lora-fold"] if args.no_lora_fold else [])
             + [flag for opt in args.xla_option for flag in ("--xla-option", opt)])
 
@@ -165,7 +166,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention, "lean_tile_mib": model.kernel_options.lean_weight_tile_bytes >> 20,
-        "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, **({"xla_options": xla_step_options} if xla_step_options else {}), **offload_choice(model, cfg, mode, batch, seq, dtype),
+        "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, "nf4_lookup": model.kernel_options.nf4_lookup, **({"xla_options": xla_step_options} if xla_step_options else {}), **offload_choice(model, cfg, mode, batch, seq, dtype),
         **compiled_memory, **({"profile": profile} if profile else {}),
     }
 
@@ -281,6 +282,8 @@ def main() -> None:
                              "recomputed in the backward pass (0: untiled; default: %(default)s)")
     parser.add_argument("--lean-offload", default="auto", choices=["auto", "layer_input", "attention"],
                         help="KernelOptions.lean_offload (--gc unsloth; default: %(default)s)")
+    parser.add_argument("--nf4-lookup", default="auto", choices=["auto", "table", "select"],
+                        help="KernelOptions.nf4_lookup (default: %(default)s)")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "flash"],
                         help="KernelOptions.attention (default: %(default)s)")
     parser.add_argument("--compile-first", action="store_true",

@@ -50,7 +50,7 @@ def dense_base_weight(weight_oi, dtype, options: KernelOptions = DEFAULT) -> jax
         return weight_oi.astype(dtype)
     if not _one_pass_dequantizes(weight_oi):
         return weight_oi.dequantize(dtype)
-    pair = _dequantized_pairs(weight_oi, dtype, options.memory_lean)  # [out, in / 2, 2]
+    pair = _dequantized_pairs(weight_oi, dtype, _table_lookup(options))  # [out, in / 2, 2]
     return pair.reshape(weight_oi.weight_shape)
 
 
@@ -59,39 +59,48 @@ def _one_pass_dequantizes(weight) -> bool:
     return not weight.stack_shape and len(shape) == 2 and weight.blocksize == 64 and shape[1] % 64 == 0
 
 
-def _dequantized_pairs(weight_oi: NF4Weight, dtype, lean: bool) -> jax.Array:
+def _table_lookup(options: KernelOptions) -> bool:
+    """Whether the one-pass dequantize looks the 16 NF4 values up as an indexed load (else a select tree):
+    `options.nf4_lookup`, where "auto" keeps the select tree for the memory-lean modes."""
+    if options.nf4_lookup == "auto":
+        return not options.memory_lean
+    return options.nf4_lookup == "table"
+
+
+def _dequantized_pairs(weight_oi: NF4Weight, dtype, table: bool) -> jax.Array:
     """`[out, in / 2, 2]`: each byte's two dequantized values; for 16-bit dtypes a bitcast of one 32-bit
     word per pair (`_dequantized_words`), so that XLA keeps the whole dequantize one elementwise kernel."""
     if jnp.dtype(dtype).itemsize == 2:
-        return lax.bitcast_convert_type(_dequantized_words(weight_oi, dtype, lean), dtype)
-    first, second = _dequantized_halves(weight_oi, dtype, lean)
+        return lax.bitcast_convert_type(_dequantized_words(weight_oi, dtype, table), dtype)
+    first, second = _dequantized_halves(weight_oi, dtype, table)
     return jnp.stack([first, second], axis=-1).reshape(weight_oi.weight_shape[0], -1, 2)
 
 
-def _dequantized_halves(weight_oi: NF4Weight, dtype, lean: bool):
+def _dequantized_halves(weight_oi: NF4Weight, dtype, table: bool):
     weight_oi = gathered(weight_oi)
     out_dim, in_dim = weight_oi.weight_shape
     scale_ob = weight_oi.absmax_f32().reshape(out_dim, in_dim // 64)
     packed_obj = weight_oi.packed.reshape(out_dim, in_dim // 64, 32)
-    table = jnp.asarray(weight_oi.quant_map, jnp.float32)
+    values = jnp.asarray(weight_oi.quant_map, jnp.float32)
     scale = scale_ob[:, :, None]
-    first = (_lookup16(table, packed_obj >> 4, lean) * scale).astype(dtype)  # the high nibble comes first
-    second = (_lookup16(table, packed_obj & 0xF, lean) * scale).astype(dtype)
+    first = (_lookup16(values, packed_obj >> 4, table) * scale).astype(dtype)  # the high nibble comes first
+    second = (_lookup16(values, packed_obj & 0xF, table) * scale).astype(dtype)
     return first.reshape(out_dim, in_dim // 2), second.reshape(out_dim, in_dim // 2)
 
 
-def _dequantized_words(weight_oi: NF4Weight, dtype, lean: bool) -> jax.Array:
+def _dequantized_words(weight_oi: NF4Weight, dtype, table: bool) -> jax.Array:
     """`[out, in / 2]` uint32: a byte's two 16-bit values packed low-first (little-endian GPUs and CPUs)."""
-    first, second = _dequantized_halves(weight_oi, dtype, lean)
+    first, second = _dequantized_halves(weight_oi, dtype, table)
     return (lax.bitcast_convert_type(first, jnp.uint16).astype(jnp.uint32)
             | (lax.bitcast_convert_type(second, jnp.uint16).astype(jnp.uint32) << 16))
 
 
-def _lookup16(table_16, code, lean: bool):
-    """`table[code]` for 4-bit codes: an indexed load of the 16-entry table, fused into the dequantize kernel
-    (Llama-8B 2 x 2048 False: 291.7 -> 283.1 ms per step against a 4-level select tree, H100). Memory-lean
-    (`lean`): the select tree instead: the indexed load raised the memory-lean peak by 9 MB."""
-    if not lean:
+def _lookup16(table_16, code, indexed: bool):
+    """`table[code]` for 4-bit codes: `indexed`, an indexed load of the 16-entry table, fused into the dequantize
+    kernel (Llama-8B 2 x 2048 False: 291.7 -> 283.1 ms per step against a 4-level select tree, H100; the dequantize
+    alone 3.1 against 1.9 TB/s on the H200); else the select tree (the memory-lean default: the indexed load raised
+    the memory-lean peak by 9 MB on the H100)."""
+    if indexed:
         return table_16.at[code.astype(jnp.int32)].get(mode="promise_in_bounds")
     level = [table_16[i] for i in range(16)]
     for bit in range(4):
@@ -252,7 +261,7 @@ def _dx_with_lora(g_to, gb_tr, weight_oi, a_ri, options: KernelOptions):
     dtype = g_to.dtype
     (a0, b0, w0), *rest = _weight_tiles(weight_oi, dtype, options)  # A goes below the first tile
     if jnp.dtype(dtype).itemsize == 2 and _one_pass_dequantizes(w0) and a_ri.shape[1] % 2 == 0:
-        words = jnp.concatenate([_dequantized_words(w0, dtype, options.memory_lean),
+        words = jnp.concatenate([_dequantized_words(w0, dtype, _table_lookup(options)),
                                  _as_words(a_ri.astype(dtype))], axis=0)
         w_ki = lax.bitcast_convert_type(words, dtype).reshape(words.shape[0], -1)
     else:

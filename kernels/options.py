@@ -12,6 +12,7 @@ from dataclasses import dataclass
 NF4_MATMULS = ("xla", "pallas")
 ATTENTIONS = ("auto", "xla", "cudnn", "flash")
 LEAN_OFFLOADS = ("auto", "layer_input", "attention")
+NF4_LOOKUPS = ("auto", "table", "select")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class KernelOptions:
       else also the attention core; at Llama-3.1-8B 4.5x the host bytes, 3.5x without cuDNN's outputs) or "auto"
       (the default): "attention" where the host budget holds it and the host link moves a layer's offloaded bytes
       in the time the GPU computes the layer's forward pass (`decoder.lean_offload_attention`), else "layer_input";
+    - `nf4_lookup`: how the one-pass NF4 dequantize looks its 16 values up: "table" (an indexed load of the table:
+      3.1 TB/s on the H200), "select" (a 4-level select tree: 1.9 TB/s, but the memory-lean peak was 9 MB lower on
+      an H100) or "auto" (the default: "select" in the memory-lean modes, else "table");
     - `flops_per_host_byte`: the device's matmul FLOP/s over its device-to-host copy bytes/s, what "auto"
       compares a layer's forward FLOPs per offloaded byte with; None: measured when an "unsloth" loss is built on
       a GPU by a single process (`training.measured_flops_per_host_byte`, once per process); elsewhere (no GPU,
@@ -63,6 +67,7 @@ class KernelOptions:
     host_offload_bytes: int | None = None
     lean_offload: str = "auto"
     flops_per_host_byte: float | None = None
+    nf4_lookup: str = "auto"
 
     def __post_init__(self):
         if self.nf4_matmul not in NF4_MATMULS:
@@ -79,6 +84,8 @@ class KernelOptions:
                              "positive int (tokens per MLP tile)")
         if self.lean_offload not in LEAN_OFFLOADS:
             raise ValueError(f"lean_offload={self.lean_offload!r} is not one of {LEAN_OFFLOADS}")
+        if self.nf4_lookup not in NF4_LOOKUPS:
+            raise ValueError(f"nf4_lookup={self.nf4_lookup!r} is not one of {NF4_LOOKUPS}")
         if self.flops_per_host_byte is not None and (isinstance(self.flops_per_host_byte, bool) or not isinstance(
                 self.flops_per_host_byte, (int, float)) or not self.flops_per_host_byte > 0):
             raise ValueError(f"flops_per_host_byte={self.flops_per_host_byte!r} is not accepted; use None (measured) "

@@ -28,13 +28,26 @@ from fastlora_jax.training import (
 @pytest.mark.parametrize("shape", [(96, 128), (40, 192), (33, 64)])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("lean", [False, True])  # the table lookup as an indexed load, or as a select tree
-def test_one_pass_dequantize_is_bit_exact(rng, shape, double_quant, dtype, lean):
+# the table lookup as an indexed load ("auto" outside the memory-lean modes, "table") or a select tree ("auto" in
+# them, "select")
+@pytest.mark.parametrize("lean, lookup", [(False, "auto"), (True, "auto"), (True, "table"), (False, "select")])
+def test_one_pass_dequantize_is_bit_exact(rng, shape, double_quant, dtype, lean, lookup):
     w = NF4Weight.quantize(jnp.asarray(rng.standard_normal(shape) * 0.05, jnp.float32), double_quant=double_quant)
-    options = KernelOptions(memory_lean=lean)
+    options = KernelOptions(memory_lean=lean, nf4_lookup=lookup)
     fast = np.asarray(jax.jit(lora_op.dense_base_weight, static_argnums=(1, 2))(w, dtype, options)).view(np.uint8)
     ref = np.asarray(w.dequantize(dtype)).view(np.uint8)
     assert np.array_equal(fast, ref)
+    # and the path taken is the one asked for: a gather of the table, or the select tree's bit tests and no gather
+    prims = {eqn.primitive.name for eqn in jax.make_jaxpr(lora_op.dense_base_weight, static_argnums=(1, 2))(
+        w, dtype, options).eqns}
+    indexed = lookup == "table" or (lookup == "auto" and not lean)
+    assert ("gather" in prims) == indexed and ("ne" in prims) == (not indexed), prims
+
+
+@pytest.mark.parametrize("value", ["gather", None, True])
+def test_bad_nf4_lookup_raises(value):
+    with pytest.raises(ValueError, match=rf"nf4_lookup={value!r} is not one of \('auto', 'table', 'select'\)"):
+        KernelOptions(nf4_lookup=value)
 
 
 def _lean_options(lean) -> KernelOptions:
