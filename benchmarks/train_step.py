@@ -80,7 +80,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
     from fastlora_jax import FastLanguageModel
     from fastlora_jax.model import CausalLM
     from fastlora_jax.models.registry import family_for
-    from fastlora_jax.training import make_optimizer, make_train_step
+    from fastlora_jax.training import make_optimizer, make_train_step, step_compiler_options
 
     hf_config = shape_config(shape)
     family = family_for(hf_config, where=f"shape {shape!r}")
@@ -166,7 +166,9 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "compile_s": round(compile_s, 1), "loss": float(metrics["loss"]), "steps": steps, "jax": jax.__version__,
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention, "lean_tile_mib": model.kernel_options.lean_weight_tile_bytes >> 20,
-        "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, "nf4_lookup": model.kernel_options.nf4_lookup, **({"xla_options": xla_step_options} if xla_step_options else {}), **offload_choice(model, cfg, mode, batch, seq, dtype),
+        "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, "nf4_lookup": model.kernel_options.nf4_lookup,
+        "xla_options": step_compiler_options(model.use_gradient_checkpointing, xla_step_options),
+        **offload_choice(model, cfg, mode, batch, seq, dtype),
         **compiled_memory, **({"profile": profile} if profile else {}),
     }
 
@@ -198,8 +200,8 @@ CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports th
 
 
 def copy_overlap(intervals) -> tuple[int, int]:
-    """(time anything runs on the GPU, time a host copy runs while no kernel does), from (start, end, is_copy)
-    intervals: what the step would lose if the copies could not hide behind compute."""
+    """(time anything runs on the GPU, time a host copy runs while nothing else does), from (start, end, is_copy)
+    intervals of one GPU: the copy time not hidden. "Anything else" includes device-to-device copies and memsets."""
     edges = sorted([(a, 1, c) for a, b, c in intervals] + [(b, -1, c) for a, b, c in intervals])
     busy = exposed = 0
     running = {True: 0, False: 0}
@@ -225,11 +227,12 @@ def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> 
         return {"error": "no trace written"}
     data = ProfileData.from_file(files[0])
     per_kernel: dict[str, float] = {}
-    intervals = []  # (start, end, is a host copy)
+    busy = exposed = 0
     copy_lines: dict[str, float] = {}  # which streams the host copies ran on
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
+        intervals = []  # (start, end, is a host copy) of this GPU: a copy hides only behind its own GPU's kernels
         for line in plane.lines:
             if not line.name.startswith("Stream"):
                 continue
@@ -240,6 +243,8 @@ def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> 
                 if is_copy:
                     key = f"{line.name}: {event.name}"
                     copy_lines[key] = copy_lines.get(key, 0.0) + event.duration_ns / 1e6 / steps
+        plane_busy, plane_exposed = copy_overlap(intervals)
+        busy, exposed = busy + plane_busy, exposed + plane_exposed
     by_category: dict[str, float] = {}
     for name, ms in per_kernel.items():
         low = name.lower()
@@ -248,7 +253,6 @@ def summarize_trace(trace_dir: str, steps: int, out_json: str | None = None) -> 
     if out_json:  # every kernel, to map the fusions to the compiled HLO afterwards
         Path(out_json).write_text(json.dumps(dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))))
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
-    busy, exposed = copy_overlap(intervals)
     return {"gpu_ms_per_step": round(sum(per_kernel.values()), 2),
             "gpu_busy_ms_per_step": round(busy / 1e6 / steps, 2),
             "host_copy_exposed_ms_per_step": round(exposed / 1e6 / steps, 2),
@@ -291,7 +295,7 @@ def main() -> None:
     parser.add_argument("--mesh", default=None, metavar="data=N,fsdp=M",
                         help="run over a mesh of N x M devices (fastlora_jax.sharding); --batch rows per device")
     parser.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
-                        help="an XLA option of the step over training.XLA_STEP_OPTIONS, e.g. "
+                        help="an XLA option of the step over its own (training.step_compiler_options), e.g. "
                              "xla_gpu_enable_pipelined_host_offloading=false (repeatable)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

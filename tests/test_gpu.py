@@ -72,7 +72,7 @@ def test_unsloth_offloads_give_false_mode_gradients_in_bf16_on_gpu(tmp_path, rng
     offloads its outputs: the path the CPU cannot take) against False, which saves those values on the device:
     the same ops in the same order either way, so the gradients agree to bf16's rounding of the sums."""
     from fastlora_jax.kernels import KernelOptions
-    # 6 layers: the pipelined reloads run one iteration ahead over several iterations of the scan
+    # 6 layers: copies of several scan iterations in flight beside the kernels
     model_dir = write_tiny_llama(tmp_path / "m", seed=int(rng.integers(1 << 30)), tokenizer=False, num_hidden_layers=6)
     model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="bfloat16", load_in_4bit=True,
                                                  kernel_options=KernelOptions(lean_offload=lean_offload))

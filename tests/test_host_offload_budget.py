@@ -9,6 +9,11 @@ has a pinned-host memory kind, so they run the real offload path. What the GPU's
 benchmarks/train_step.py.
 """
 
+import glob
+import os
+import subprocess
+import sys
+import tempfile
 from functools import partial
 
 import jax
@@ -302,20 +307,18 @@ def test_false_mode_recomputes_no_matmul(rng, case):
 def _default_command_buffer_types() -> set[str]:
     """The installed XLA's default `xla_gpu_enable_command_buffer`, read back from a dump of its debug options: a
     "-X" flag makes the list differ from the default, so the dump writes it out (XLA reads XLA_FLAGS once per
-    process, hence the subprocess)."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
+    process, hence the subprocess). This is jaxlib's XLA; the GPU plugin of the same release builds the same one."""
     with tempfile.TemporaryDirectory() as dump:
         env = dict(os.environ, JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"--xla_dump_to={dump} --xla_gpu_enable_command_buffer=-DYNAMIC_SLICE_FUSION")
-        subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; jax.jit(lambda x: x * 2)(jnp.ones(3))"],
-                       env=env, check=True, capture_output=True)
-        import glob
-        lines = {line.split(":", 1)[1].strip() for path in glob.glob(f"{dump}/*debug_options")
-                 for line in open(path) if line.startswith("xla_gpu_enable_command_buffer:")}
-    return lines | {"DYNAMIC_SLICE_FUSION"}
+        proc = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp; jax.jit(lambda x: x * 2)(jnp.ones(3))"],
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        types = set()
+        for path in glob.glob(f"{dump}/*debug_options"):
+            with open(path) as f:
+                types |= {line.split(":", 1)[1].strip() for line in f if line.startswith("xla_gpu_enable_command_buffer:")}
+    return types | {"DYNAMIC_SLICE_FUSION"}
 
 
 def test_host_offload_step_leaves_only_dynamic_slice_fusions_out_of_command_buffers():
@@ -340,7 +343,55 @@ def test_step_compiler_options_by_mode(monkeypatch):
         assert key not in training.step_compiler_options(mode)
     assert training.step_compiler_options("unsloth", {key: ""})[key] == ""
     assert training.step_compiler_options(False)["xla_gpu_enable_dynamic_slice_fusion"] is True
+    # an option the user sets in XLA_FLAGS is the user's (compiler options would win over it)
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 --{key}=")
+    assert key not in training.step_compiler_options("unsloth")
+    assert "xla_gpu_enable_dynamic_slice_fusion" in training.step_compiler_options("unsloth")
+    monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setattr(training, "host_offload_supported", lambda: False)
     assert key not in training.step_compiler_options("unsloth")
     with pytest.raises(ValueError, match="compiler_options must be None or a dict"):
         training.step_compiler_options("unsloth", [key])
+
+
+def test_train_step_compiles_with_the_step_options(rng, monkeypatch):
+    """make_train_step asks step_compiler_options for the model's mode and compiles both of its jitted forms (one
+    stacked batch; a list of micro-batches) with the result: an option XLA refuses reaches the compiler."""
+    import optax
+    model = _peft_model("llama_control")
+    ids, labels, mask = _batch(rng, model.cfg.vocab_size, 2, 23)
+    asked = []
+    real = training.step_compiler_options
+    monkeypatch.setattr(training, "step_compiler_options", lambda mode, opts=None: asked.append(mode) or real(mode, opts))
+    step = training.make_train_step(model, optax.sgd(1e-3),
+                                    compiler_options={"xla_gpu_enable_command_buffer": "BOGUS"})
+    assert asked == [model.use_gradient_checkpointing]
+    stacked = {"input_ids": ids[None], "labels": labels[None], "attention_mask": mask[None]}
+    listed = [{"input_ids": ids[:1], "labels": labels[:1], "attention_mask": mask[:1]},
+              {"input_ids": ids[1:], "labels": labels[1:], "attention_mask": mask[1:]}]
+    for batch in (stacked, listed):
+        with pytest.raises(Exception, match="'BOGUS' is not a valid enum value"):
+            step(model.lora_params, optax.sgd(1e-3).init(model.lora_params), batch, None)
+
+
+def test_profile_counts_only_the_copy_time_no_kernel_hides():
+    """benchmarks/train_step.py's `copy_overlap` (the "host copies exposed" of its profile): a copy hides behind
+    any kernel running at the same time, also one that starts as it ends or starts with it; copies overlapping
+    each other count once."""
+    import importlib.util
+    here = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    saved = list(sys.path)
+    try:  # the script puts its own folder on sys.path (for config_process); leave sys.path as it was
+        spec = importlib.util.spec_from_file_location("train_step_bench", os.path.join(here, "train_step.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path[:] = saved
+    kernel, copy = False, True
+    assert bench.copy_overlap([]) == (0, 0)
+    # kernel 0-10, copy 5-20 (10-20 exposed), copy 25-30 with a kernel from 28 (25-28 exposed)
+    assert bench.copy_overlap([(0, 10, kernel), (5, 20, copy), (25, 30, copy), (28, 40, kernel)]) == (35, 13)
+    # a copy starting exactly when a kernel ends is exposed whole; one inside a kernel is hidden
+    assert bench.copy_overlap([(0, 10, kernel), (10, 15, copy), (2, 4, copy)]) == (15, 5)
+    # two copies overlapping each other, no kernel: their union
+    assert bench.copy_overlap([(0, 10, copy), (5, 12, copy)]) == (12, 12)
