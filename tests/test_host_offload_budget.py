@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from functools import partial
 
 import jax
@@ -142,14 +143,18 @@ def _direct_loss_and_grad(model, ids, labels, mask, remat, options):
     return jax.value_and_grad(loss)
 
 
+def _dot_shapes(fn, arg, min_side: int = 0) -> Counter:
+    """{operand shapes: count} of the dot_general equations in the traced function and every jaxpr nested in it (a
+    scan body counts once); with `min_side`, only those of two matrices with no side shorter (the base projections:
+    not the LoRA factors' rank products, not attention's batched products)."""
+    shapes = (tuple(v.aval.shape for v in eqn.invars) for eqn in _equations(jax.make_jaxpr(fn)(arg).jaxpr)
+              if eqn.primitive.name == "dot_general")
+    return Counter(s for s in shapes if all(len(side) == 2 and min(side) >= min_side for side in s))
+
+
 def _dot_count(fn, arg, min_side: int = 0) -> int:
-    """dot_general equations in the traced function and every jaxpr nested in it (a scan body counts once); with
-    `min_side`, only those of two matrices with no side shorter (the base projections: not the LoRA factors' rank
-    products, not attention's batched products)."""
-    def counted(eqn):
-        shapes = [v.aval.shape for v in eqn.invars]
-        return eqn.primitive.name == "dot_general" and all(len(s) == 2 and min(s) >= min_side for s in shapes)
-    return sum(map(counted, _equations(jax.make_jaxpr(fn)(arg).jaxpr)))
+    """How many dot_generals `_dot_shapes` finds."""
+    return sum(_dot_shapes(fn, arg, min_side).values())
 
 
 def _device_puts(fn, arg) -> int:

@@ -24,7 +24,8 @@ ratio (1, 2) after some text, and two images, (1, 1) and (2, 1), the first at th
 - generation: the KV cache (vision keys/values kept from the prefill) gives the full forward's logits, and greedy
   ids with images equal transformers' generate through PEFT;
 - training: the collator's batch is MllamaProcessor's (labels on the replies only), train-step gradients over
-  micro-batches with different image counts equal torch autograd through PEFT, the checkpointing modes agree,
+  micro-batches with different image counts equal torch autograd through PEFT, the checkpointing modes agree
+  (False recomputes no base matmul: its traced backward has those of no checkpointing),
   SFTTrainer lowers the loss in each mode; benchmarks/vl_train_step.py runs its tiny Mllama shape.
 The tests marked slow (compiling whole train steps and generation) are about 5 of this file's ~8 CPU minutes.
 """
@@ -849,6 +850,37 @@ def test_checkpointing_modes_give_the_same_gradients(tiny):
                for mode in (True, False)}
     for a, b in zip(results[False], results[True]):  # the same math; XLA may fuse (and so round) differently
         assert np.abs(b).max() > 0 and rel_l2(a, b) < 1e-6
+
+
+def test_false_mode_recomputes_no_matmul_with_images(tiny, monkeypatch):
+    """use_gradient_checkpointing=False keeps every base matmul output the backward needs, in the vision encoder and
+    in both kinds of text layer: the traced loss-and-grad of a collator's batch with images (through the train
+    step's micro-batch and loss) has as many base-projection matmuls, shape by shape, as the same loss without
+    checkpointing. The cross-attention layers' q_norm and k_norm read the projections' outputs: with q and k kept
+    normed, q_proj and k_proj (over every vision token) ran again in the backward of each cross-attention scan.
+    Not counted: the LoRA factors' products (a side of at most 3 * r), which False recomputes with the norms."""
+    from fastlora_jax import training
+    from fastlora_jax.vision_data import UnslothVisionDataCollator
+    from test_host_offload_budget import _dot_shapes
+    model = training_model(tiny, False)
+    mb = training.prepare_micro_batch(model, UnslothVisionDataCollator(model, tiny.processor)(
+        records(2, sizes=((28, 28), (20, 50)))))
+    args = (mb["input_ids"], mb["labels"], mb["attention_mask"], None)
+    group_rank = 3 * int(model.lora_layout.spec.r)  # q/k/v's A's side by side
+
+    def matmuls():
+        loss = model.loss_sum_fn()
+        fn = jax.grad(lambda lora: loss(model.base_params, lora, *args, mb["position_ids"], mb["vision"])[0])
+        return _dot_shapes(fn, model.lora_params, min_side=group_rank + 1)
+
+    kept = matmuls()
+    monkeypatch.setattr(training, "remat_policy", lambda mode: None)  # no checkpointing: nothing recomputed
+    plain = matmuls()
+    t = tiny.cfg.text
+    vision_rows = mb["vision"]["pixel_values"].shape[1] * tiny.cfg.vision.max_num_tiles * tiny.cfg.vision.num_patches
+    k_proj = ((mb["input_ids"].shape[0] * vision_rows, t.hidden_size), (t.num_kv_heads * t.head_dim, t.hidden_size))
+    assert plain[k_proj] > 0, plain  # the images went through: the cross-attention k_proj/v_proj over them
+    assert kept == plain, {s: (kept[s], plain[s]) for s in kept.keys() | plain.keys() if kept[s] != plain[s]}
 
 
 @pytest.mark.slow

@@ -509,13 +509,17 @@ def cross_attention_allowed(cfg: Config, cross_attention_mask_bsit, dtype):
 def cross_attention_kv(cfg: Config, layer: dict, states_bvd, keys=(None, None), dropout_rate: float = 0.0,
                        options: KernelOptions = DEFAULT_OPTIONS):
     """One cross-attention layer's keys (k_norm'd) and values of the vision tokens: `[B, V, kv_heads, head_dim]`
-    each. They depend on the image only, so generation computes them once, at prefill."""
+    each. They depend on the image only, so generation computes them once, at prefill.
+
+    Named for the checkpoint policies as k_proj's output, before k_norm: the norm's backward reads its input, so
+    a policy that kept only the normed keys ran k_proj (over every vision token) again in the backward."""
     t = cfg.text
     attn = layer["cross_attn"]
     batch = states_bvd.shape[0]
-    k, v = decoder.linears(states_bvd, [attn["k_proj"], attn["v_proj"]], list(keys), dropout_rate, options)
-    k = kernels.rms_norm(k.reshape(batch, -1, t.num_kv_heads, t.head_dim), attn["k_norm"]["weight"], t.rms_norm_eps)
-    return k, v.reshape(batch, -1, t.num_kv_heads, t.head_dim)
+    k, v = (a.reshape(batch, -1, t.num_kv_heads, t.head_dim) for a in decoder.linears(
+        states_bvd, [attn["k_proj"], attn["v_proj"]], list(keys), dropout_rate, options))
+    k, v = checkpoint_name(k, SAVED_ATTENTION_INPUTS), checkpoint_name(v, SAVED_ATTENTION_INPUTS)
+    return kernels.rms_norm(k, attn["k_norm"]["weight"], t.rms_norm_eps), v
 
 
 def cross_attention_layer(cfg: Config, layer: dict, x_bsd, states_bvd, allowed_bsv, row_mask_bs, key=None,
@@ -530,11 +534,12 @@ def cross_attention_layer(cfg: Config, layer: dict, x_bsd, states_bvd, allowed_b
     lin = partial(decoder.linear_module, dropout_rate=dropout_rate, options=options)
     h = kernels.rms_norm(x_bsd, layer["input_layernorm"]["weight"], t.rms_norm_eps)
     q = lin(h, attn["q_proj"], kq).reshape(batch, seq, t.num_heads, t.head_dim)
-    q = kernels.rms_norm(q, attn["q_norm"]["weight"], t.rms_norm_eps)
+    # q_proj's output kept (and k_proj's, v_proj's: cross_attention_kv), not the normed q: q_norm's backward
+    # reads its input, so keeping q after the norm ran q_proj again; the norms are recomputed
+    q = kernels.rms_norm(checkpoint_name(q, SAVED_ATTENTION_INPUTS), attn["q_norm"]["weight"], t.rms_norm_eps)
     if kv is None:
         kv = cross_attention_kv(cfg, layer, states_bvd.astype(x_bsd.dtype), (kk, kv_key), dropout_rate, options)
     k, v = (a.astype(x_bsd.dtype) for a in kv)
-    q, k, v = (checkpoint_name(a, SAVED_ATTENTION_INPUTS) for a in (q, k, v))
     o = kernels.masked_attention(q, k, v, allowed_bsv, t.head_dim ** -0.5, impl=options.attention)
     o = o.reshape(batch, seq, t.num_heads * t.head_dim)
     o = lin(o, attn["o_proj"], ko)
