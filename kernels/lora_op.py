@@ -60,11 +60,18 @@ def _one_pass_dequantizes(weight) -> bool:
 
 
 def _table_lookup(options: KernelOptions) -> bool:
-    """Whether the one-pass dequantize looks the 16 NF4 values up as an indexed load (else a select tree):
-    `options.nf4_lookup`, where "auto" keeps the select tree for the memory-lean modes."""
+    """Whether the one-pass dequantize of a weight multiplied on its own (not folded with its LoRA B: down_proj, the
+    folds' fallbacks) looks the 16 NF4 values up as an indexed load, else a select tree: `options.nf4_lookup`,
+    where "auto" keeps the select tree for the memory-lean modes."""
     if options.nf4_lookup == "auto":
         return not options.memory_lean
     return options.nf4_lookup == "table"
+
+
+def _folded_table_lookup(options: KernelOptions) -> bool:
+    """The same for a weight folded with its LoRA B (`_folded_weight`: q/k/v, o, gate/up): an indexed load in every
+    mode unless `options.nf4_lookup` is "select"."""
+    return options.nf4_lookup != "select"
 
 
 def _dequantized_pairs(weight_oi: NF4Weight, dtype, table: bool) -> jax.Array:
@@ -438,7 +445,7 @@ def _scale_columns(t_tR, scalings, ranks, dtype):
     return (t_tR.astype(jnp.float32) * s_R).astype(dtype)
 
 
-def _folded_weight(weights, column_blocks, dtype, lean: bool = False):
+def _folded_weight(weights, column_blocks, dtype, table: bool = True):
     """`[sum(out), in + c]`: the modules' dequantized W stacked by rows, each followed by its `[out, c]` block.
 
     For 16-bit dtypes the concatenation happens on the packed 32-bit words, before the one bitcast: XLA then
@@ -446,11 +453,12 @@ def _folded_weight(weights, column_blocks, dtype, lean: bool = False):
     arrays was a separate copy of every weight, ~15 ms per Llama-8B step).
     """
     if jnp.dtype(dtype).itemsize == 2 and all(_one_pass_dequantizes(w) for w in weights):
-        words = [jnp.concatenate([_dequantized_words(w, dtype, lean), _as_words(c.astype(dtype))], axis=1)
+        words = [jnp.concatenate([_dequantized_words(w, dtype, table), _as_words(c.astype(dtype))], axis=1)
                  for w, c in zip(weights, column_blocks)]
         folded = lax.bitcast_convert_type(jnp.concatenate(words, axis=0), dtype)
         return folded.reshape(folded.shape[0], -1)
-    return jnp.concatenate([jnp.concatenate([dense_base_weight(w, dtype), c.astype(dtype)], axis=1)
+    options = KernelOptions(nf4_lookup="table" if table else "select")
+    return jnp.concatenate([jnp.concatenate([dense_base_weight(w, dtype, options), c.astype(dtype)], axis=1)
                             for w, c in zip(weights, column_blocks)], axis=0)
 
 
@@ -489,10 +497,11 @@ def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
         ys = []
         for w, b in zip(weights, _b_blocks(bs, ranks)):
             tiles = _tile_outputs(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b: jnp.einsum(
-                "tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype), preferred_element_type=dtype))
+                "tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype, _folded_table_lookup(options)),
+                preferred_element_type=dtype))
             ys.append(tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=1))
         return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
-    w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype)
+    w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, _folded_table_lookup(options))
     y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)
     offsets = np.cumsum([0] + [b.shape[0] for b in bs])
     ys = tuple(y_tO[:, offsets[i]:offsets[i + 1]] for i in range(len(bs)))
@@ -508,7 +517,8 @@ def _folded_bwd(options, ranks, residuals, gs):
     dx, gbs, dbs = None, [], []
     for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):
         gw_tk = _tile_sum(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b, g=g: jnp.einsum(
-            "to,ok->tk", g[:, r0:r1], _folded_weight([wt], [b[r0:r1]], dtype), preferred_element_type=dtype))
+            "to,ok->tk", g[:, r0:r1], _folded_weight([wt], [b[r0:r1]], dtype, _folded_table_lookup(options)),
+            preferred_element_type=dtype))
         dx = gw_tk[:, :in_dim] if dx is None else dx + gw_tk[:, :in_dim]
         gbs.append(gw_tk[:, in_dim:in_dim + b.shape[1]])
         s32 = s.astype(jnp.float32)

@@ -50,8 +50,10 @@ class KernelOptions:
       (the default): "attention" where the host budget holds it and the host link moves a layer's offloaded bytes
       in the time the GPU computes the layer's forward pass (`decoder.lean_offload_attention`), else "layer_input";
     - `nf4_lookup`: how the one-pass NF4 dequantize looks its 16 values up: "table" (an indexed load of the table:
-      3.1 TB/s on the H200), "select" (a 4-level select tree: 1.9 TB/s, but the memory-lean peak was 9 MB lower on
-      an H100) or "auto" (the default: "select" in the memory-lean modes, else "table");
+      3.1 TB/s on the H200), "select" (a 4-level select tree: 1.9 TB/s) or "auto" (the default): the table for the
+      weights folded with their LoRA B (q/k/v, o, gate/up) and, outside the memory-lean modes, for the others; in
+      the memory-lean modes the select tree for the weights multiplied on their own (down_proj), where the table
+      raised the peak by 9 MB on an H100;
     - `flops_per_host_byte`: the device's matmul FLOP/s over its device-to-host copy bytes/s, what "auto"
       compares a layer's forward FLOPs per offloaded byte with; None: measured when an "unsloth" loss is built on
       a GPU by a single process (`training.measured_flops_per_host_byte`, once per process); elsewhere (no GPU,

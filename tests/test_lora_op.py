@@ -41,7 +41,43 @@ def test_one_pass_dequantize_is_bit_exact(rng, shape, double_quant, dtype, lean,
     prims = {eqn.primitive.name for eqn in jax.make_jaxpr(lora_op.dense_base_weight, static_argnums=(1, 2))(
         w, dtype, options).eqns}
     indexed = lookup == "table" or (lookup == "auto" and not lean)
-    assert ("gather" in prims) == indexed and ("ne" in prims) == (not indexed), prims
+    assert ("ne" in prims) == (not indexed), prims
+    table_gathers = [e for e in jax.make_jaxpr(lora_op.dense_base_weight, static_argnums=(1, 2))(w, dtype, options).eqns
+                     if e.primitive.name == "gather" and e.invars[0].aval.shape == (16,)]
+    assert bool(table_gathers) == indexed
+
+
+# what each (memory_lean, nf4_lookup) takes: the folded group (gate/up: outputs >= input, q/k/v, o), and a module
+# multiplied on its own (down_proj), forward and backward; True = the table's indexed load (a gather)
+_LOOKUP_PATHS = {(False, "auto"): (True, True), (True, "auto"): (True, False), (False, "table"): (True, True),
+                 (True, "table"): (True, True), (False, "select"): (False, False), (True, "select"): (False, False)}
+
+
+@pytest.mark.parametrize("lean, lookup", list(_LOOKUP_PATHS))
+def test_nf4_lookup_reaches_every_dequantize(rng, lean, lookup):
+    """The traced loss-and-grad of a folded bf16 group and of a lone NF4 linear gathers the table exactly where the
+    option says (the folded weights kept the indexed load in every mode before the option existed: "auto" does)."""
+    folded_gathers, alone_gathers = _LOOKUP_PATHS[(lean, lookup)]
+    options = KernelOptions(memory_lean=lean, nf4_lookup=lookup)
+    group = [_module(rng, True, False, out=96, inp=64) for _ in range(2)]
+    assert lora_op.folds_into_base(64, group, options)
+    alone = _module(rng, True, False, out=64, inp=128)
+    assert not lora_op.folds_into_base(128, [alone], options)
+
+    from test_host_offload_budget import _equations
+
+    def gathers(fn, *args):  # from the 16-entry NF4 table (the double-quantized scales gather from 256 entries)
+        return any(eqn.primitive.name == "gather" and eqn.invars[0].aval.shape == (16,)
+                   for eqn in _equations(jax.make_jaxpr(fn)(*args).jaxpr))
+
+    x16 = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.bfloat16)
+    group16 = [{k: (v.astype(jnp.bfloat16) if k in ("lora_A", "lora_B") else v) for k, v in m.items()} for m in group]
+    assert gathers(jax.grad(lambda x: sum(y.astype(jnp.float32).sum() for y in lora_op.lora_linear_group(
+        x, group16, options=options))), x16) == folded_gathers
+    x = jnp.asarray(rng.standard_normal((2, 5, 128)), jnp.bfloat16)
+    alone16 = {k: (v.astype(jnp.bfloat16) if k in ("lora_A", "lora_B") else v) for k, v in alone.items()}
+    assert gathers(jax.grad(lambda x: lora_op.lora_linear(x, alone16, options=options).astype(jnp.float32).sum()),
+                   x) == alone_gathers
 
 
 @pytest.mark.parametrize("value", ["gather", None, True])
