@@ -469,8 +469,9 @@ def step_compiler_options(mode, compiler_options: dict | None = None) -> dict:
                          f"{type(compiler_options).__name__}")
     offloads = mode == "unsloth" and host_offload_supported()
     ours = {**XLA_STEP_OPTIONS, **(HOST_OFFLOAD_STEP_OPTIONS if offloads else {})}
-    user_flags = os.environ.get("XLA_FLAGS", "")
-    ours = {name: value for name, value in ours.items() if f"--{name}=" not in user_flags}
+    user_flags = os.environ.get("XLA_FLAGS", "").split()
+    ours = {name: value for name, value in ours.items()
+            if not any(flag == f"--{name}" or flag.startswith(f"--{name}=") for flag in user_flags)}
     return {**ours, **(compiler_options or {})}
 
 

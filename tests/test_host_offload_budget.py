@@ -352,6 +352,10 @@ def test_step_compiler_options_by_mode(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 --{key}=")
     assert key not in training.step_compiler_options("unsloth")
     assert "xla_gpu_enable_dynamic_slice_fusion" in training.step_compiler_options("unsloth")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion")  # a bare boolean flag is a setting too
+    assert "xla_gpu_enable_dynamic_slice_fusion" not in training.step_compiler_options(False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion_extra=1")  # another flag's name
+    assert "xla_gpu_enable_dynamic_slice_fusion" in training.step_compiler_options(False)
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setattr(training, "host_offload_supported", lambda: False)
     assert key not in training.step_compiler_options("unsloth")
