@@ -24,6 +24,7 @@ rule makes the choices of its forward.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import jax
@@ -445,7 +446,7 @@ def _scale_columns(t_tR, scalings, ranks, dtype):
     return (t_tR.astype(jnp.float32) * s_R).astype(dtype)
 
 
-def _folded_weight(weights, column_blocks, dtype, table: bool = True):
+def _folded_weight(weights, column_blocks, dtype, options: KernelOptions = DEFAULT):
     """`[sum(out), in + c]`: the modules' dequantized W stacked by rows, each followed by its `[out, c]` block.
 
     For 16-bit dtypes the concatenation happens on the packed 32-bit words, before the one bitcast: XLA then
@@ -453,12 +454,13 @@ def _folded_weight(weights, column_blocks, dtype, table: bool = True):
     arrays was a separate copy of every weight, ~15 ms per Llama-8B step).
     """
     if jnp.dtype(dtype).itemsize == 2 and all(_one_pass_dequantizes(w) for w in weights):
+        table = _folded_table_lookup(options)
         words = [jnp.concatenate([_dequantized_words(w, dtype, table), _as_words(c.astype(dtype))], axis=1)
                  for w, c in zip(weights, column_blocks)]
         folded = lax.bitcast_convert_type(jnp.concatenate(words, axis=0), dtype)
         return folded.reshape(folded.shape[0], -1)
-    options = KernelOptions(nf4_lookup="table" if table else "select")
-    return jnp.concatenate([jnp.concatenate([dense_base_weight(w, dtype, options), c.astype(dtype)], axis=1)
+    lookup = replace(options, nf4_lookup="table" if _folded_table_lookup(options) else "select")
+    return jnp.concatenate([jnp.concatenate([dense_base_weight(w, dtype, lookup), c.astype(dtype)], axis=1)
                             for w, c in zip(weights, column_blocks)], axis=0)
 
 
@@ -497,11 +499,11 @@ def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
         ys = []
         for w, b in zip(weights, _b_blocks(bs, ranks)):
             tiles = _tile_outputs(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b: jnp.einsum(
-                "tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype, _folded_table_lookup(options)),
+                "tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype, options),
                 preferred_element_type=dtype))
             ys.append(tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=1))
         return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
-    w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, _folded_table_lookup(options))
+    w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, options)
     y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)
     offsets = np.cumsum([0] + [b.shape[0] for b in bs])
     ys = tuple(y_tO[:, offsets[i]:offsets[i + 1]] for i in range(len(bs)))
@@ -517,8 +519,7 @@ def _folded_bwd(options, ranks, residuals, gs):
     dx, gbs, dbs = None, [], []
     for w, b, s, xa, g in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks), gs):
         gw_tk = _tile_sum(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b, g=g: jnp.einsum(
-            "to,ok->tk", g[:, r0:r1], _folded_weight([wt], [b[r0:r1]], dtype, _folded_table_lookup(options)),
-            preferred_element_type=dtype))
+            "to,ok->tk", g[:, r0:r1], _folded_weight([wt], [b[r0:r1]], dtype, options), preferred_element_type=dtype))
         dx = gw_tk[:, :in_dim] if dx is None else dx + gw_tk[:, :in_dim]
         gbs.append(gw_tk[:, in_dim:in_dim + b.shape[1]])
         s32 = s.astype(jnp.float32)

@@ -38,12 +38,11 @@ def test_one_pass_dequantize_is_bit_exact(rng, shape, double_quant, dtype, lean,
     ref = np.asarray(w.dequantize(dtype)).view(np.uint8)
     assert np.array_equal(fast, ref)
     # and the path taken is the one asked for: a gather of the table, or the select tree's bit tests and no gather
-    prims = {eqn.primitive.name for eqn in jax.make_jaxpr(lora_op.dense_base_weight, static_argnums=(1, 2))(
-        w, dtype, options).eqns}
+    eqns = jax.make_jaxpr(lora_op.dense_base_weight, static_argnums=(1, 2))(w, dtype, options).eqns
+    prims = {eqn.primitive.name for eqn in eqns}
     indexed = lookup == "table" or (lookup == "auto" and not lean)
     assert ("ne" in prims) == (not indexed), prims
-    table_gathers = [e for e in jax.make_jaxpr(lora_op.dense_base_weight, static_argnums=(1, 2))(w, dtype, options).eqns
-                     if e.primitive.name == "gather" and e.invars[0].aval.shape == (16,)]
+    table_gathers = [e for e in eqns if e.primitive.name == "gather" and e.invars[0].aval.shape == (16,)]
     assert bool(table_gathers) == indexed
 
 
@@ -70,12 +69,15 @@ def test_nf4_lookup_reaches_every_dequantize(rng, lean, lookup):
         return any(eqn.primitive.name == "gather" and eqn.invars[0].aval.shape == (16,)
                    for eqn in _equations(jax.make_jaxpr(fn)(*args).jaxpr))
 
+    def bf16_lora(m):  # bf16 compute: the one-pass words path
+        return {k: (v.astype(jnp.bfloat16) if k in ("lora_A", "lora_B") else v) for k, v in m.items()}
+
     x16 = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.bfloat16)
-    group16 = [{k: (v.astype(jnp.bfloat16) if k in ("lora_A", "lora_B") else v) for k, v in m.items()} for m in group]
+    group16 = [bf16_lora(m) for m in group]
     assert gathers(jax.grad(lambda x: sum(y.astype(jnp.float32).sum() for y in lora_op.lora_linear_group(
         x, group16, options=options))), x16) == folded_gathers
     x = jnp.asarray(rng.standard_normal((2, 5, 128)), jnp.bfloat16)
-    alone16 = {k: (v.astype(jnp.bfloat16) if k in ("lora_A", "lora_B") else v) for k, v in alone.items()}
+    alone16 = bf16_lora(alone)
     assert gathers(jax.grad(lambda x: lora_op.lora_linear(x, alone16, options=options).astype(jnp.float32).sum()),
                    x) == alone_gathers
 
