@@ -64,6 +64,10 @@ for job in "$@"; do
           for cb in "" "--xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION"; do
             python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --mlp-tile-tokens 8192 --steps 3 $cb --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
           done ;;
+    dsf) # use_gradient_checkpointing=False with XLA's dynamic-slice fusion (cuBLAS writing into a slice of the scan's
+         # stacked residuals instead of a copy after each gemm), profiled; `prof` has the same point without it
+          python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 2 --seq 2048 --gc false --xla-option xla_gpu_enable_dynamic_slice_fusion=true --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          prof_tar ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}
