@@ -222,7 +222,9 @@ def test_false_mode_keeps_no_dequantized_weight():
     weight_shapes = {(192, 64), (64, 192), (64, 64), (32, 64)}
     weight_shapes |= {(2,) + s for s in weight_shapes}
     assert not weight_shapes & set(residual_shapes), residual_shapes
-    assert (2, 1, 32, 192) in residual_shapes  # the gate/up outputs are kept, stacked over the 2 layers
+    # gate/up kept as the one folded gemm's output, stacked over the 2 layers (not as two column halves, which the
+    # scan copied into two stacks)
+    assert (2, 1, 32, 384) in residual_shapes and (2, 1, 32, 192) not in residual_shapes, residual_shapes
 
 
 @pytest.mark.parametrize("nf4", [True, False])
@@ -280,6 +282,40 @@ def test_lora_folded_into_nf4_matmul_matches_reference(rng, outs_ranks, lean):
     assert abs(got[0] - want[0]) <= 1e-4 * magnitude  # fp32; the folded gemm sums in another order
     for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         assert rel_l2(g, w) < 1e-4
+
+
+@pytest.mark.parametrize("nf4, lean", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("ranks", [(8, 16), (5, 3)])  # odd ranks: the 32-bit words get a zero column
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_group_concatenated_matches_reference(rng, nf4, lean, ranks, dtype):
+    """`lora_linear_group(concatenated=True)`: the modules' outputs side by side, values and every gradient as PEFT's
+    math, whether written whole by one folded gemm (NF4 outside the memory-lean modes: `_folded_whole_core`, whose
+    backward takes the cotangent whole) or concatenated after the group (lean, 16-bit base)."""
+    mods = [_module(rng, nf4, bias=True, out=160, r=ranks[0]), _module(rng, nf4, bias=False, out=96, r=ranks[1])]
+    options = _lean_options(lean)
+    assert lora_op.writes_group_whole(128, mods, options) == (nf4 and not lean)
+    x = jnp.asarray(rng.standard_normal((2, 9, 128)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((2, 9, 256)), jnp.float32)
+
+    def loss(op, x, lora):
+        ms = [dict(m, lora_A=a.astype(dtype), lora_B=b.astype(dtype)) for m, (a, b) in zip(mods, lora)]
+        return jnp.sum(jnp.tanh(op(x.astype(dtype), ms).astype(jnp.float32)) * probe)
+
+    def whole(x, ms):
+        return lora_op.lora_linear_group(x, ms, options=options, concatenated=True)
+
+    def ref(x, ms):  # in fp32 whatever the dtype under test
+        return jnp.concatenate([reference.lora_linear(x.astype(jnp.float32), jax.tree.map(
+            lambda v: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v, m)) for m in ms], axis=-1)
+
+    lora = [(m["lora_A"], m["lora_B"]) for m in mods]
+    got = jax.value_and_grad(lambda x, lora: loss(whole, x, lora), argnums=(0, 1))(x, lora)
+    want = jax.value_and_grad(lambda x, lora: loss(ref, x, lora), argnums=(0, 1))(x, lora)
+    magnitude = float(jnp.sum(jnp.abs(jnp.tanh(ref(x, mods)) * probe)))
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2  # bf16: inputs, weights and outputs rounded to 8 bits
+    assert abs(got[0] - want[0]) <= tol * magnitude  # a sum that cancels: bounded by its terms
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert g.shape == w.shape and rel_l2(g.astype(jnp.float32), w) < tol
 
 
 @pytest.mark.parametrize("ranks", [(16, 16, 16), (5, 3, 8)])  # odd ranks: the 32-bit words get a zero column
