@@ -519,30 +519,36 @@ def _mlp(cfg: DecoderConfig, layer: dict, x_bsd, keys, dropout_rate: float, opti
     lin = partial(linear_module, dropout_rate=dropout_rate, options=options)
     h = _norm(cfg, x_bsd, layer["pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"])
     act = kernels.ACTIVATIONS[cfg.hidden_act]
-    gate_up = None
-    if cfg.fused_gate_up:
-        gate_up = lin(h, mlp["gate_up_proj"], kg)
-    elif _gate_up_whole(h, [mlp["gate_proj"], mlp["up_proj"]], [kg, ku], dropout_rate, options):
-        gate_up = kernels.lora_linear_group(h, [mlp["gate_proj"], mlp["up_proj"]], options=options, concatenated=True)
-    if gate_up is not None:  # kept whole (one stacked residual the gemm writes), used as its two halves
-        gate_up = gate_up if saved_name is None else checkpoint_name(gate_up, saved_name)
-        gate, up = gate_up[..., :cfg.intermediate_size], gate_up[..., cfg.intermediate_size:]
-    else:
-        gate, up = linears(h, [mlp["gate_proj"], mlp["up_proj"]], [kg, ku], dropout_rate, options)
-        if saved_name is not None:
-            gate, up = checkpoint_name(gate, saved_name), checkpoint_name(up, saved_name)
+    gate, up = gate_up_projections(h, mlp, (kg, ku), cfg.intermediate_size, dropout_rate, options, saved_name)
     mlp_out = lin(act(gate) * up, mlp["down_proj"], kd)
     if cfg.sandwich_norms:
         mlp_out = _norm(cfg, mlp_out, layer["post_feedforward_layernorm"])
     return mlp_out
 
 
-def _gate_up_whole(h, modules: list[dict], keys: list, dropout_rate: float, options: KernelOptions) -> bool:
-    """Whether gate and up run as one folded gemm whose output stays whole (`kernels.writes_group_whole`): both
-    with LoRA, no DoRA, no dropout mask between them."""
-    return (all("lora_A" in m and "lora_magnitude_vector" not in m for m in modules)
-            and (dropout_rate == 0.0 or all(k is None for k in keys))
-            and kernels.writes_group_whole(h.shape[-1], modules, options))
+def gate_up_projections(h, mlp: dict, keys, intermediate_size: int, dropout_rate: float, options: KernelOptions,
+                        saved_name: str | None):
+    """`(gate, up)` of a gated MLP (`mlp` holds gate_proj and up_proj, or Phi's fused gate_up_proj), tagged
+    `saved_name` for checkpoint policies (None: untagged).
+
+    Where one gemm writes both (a fused gate_up_proj; gate and up folded into one NF4 gemm with their LoRA B,
+    `kernels.writes_group_whole`) the tag is on that gemm's output, whole: use_gradient_checkpointing=False then
+    keeps the one array the gemm wrote (its slice of the scan's stack), not two column halves copied out of it."""
+    kg, ku = keys
+    if "gate_up_proj" in mlp:
+        gate_up = linear_module(h, mlp["gate_up_proj"], kg, dropout_rate, options)
+    else:
+        modules = [mlp["gate_proj"], mlp["up_proj"]]
+        whole = (all("lora_A" in m and "lora_magnitude_vector" not in m for m in modules)
+                 and (dropout_rate == 0.0 or (kg is None and ku is None))
+                 and kernels.writes_group_whole(h.shape[-1], modules, options))
+        if not whole:
+            gate, up = linears(h, modules, [kg, ku], dropout_rate, options)
+            return (gate, up) if saved_name is None else (checkpoint_name(gate, saved_name),
+                                                          checkpoint_name(up, saved_name))
+        gate_up = kernels.lora_linear_group(h, modules, options=options, concatenated=True)
+    gate_up = gate_up if saved_name is None else checkpoint_name(gate_up, saved_name)
+    return gate_up[..., :intermediate_size], gate_up[..., intermediate_size:]
 
 
 def causal_attention(cfg: DecoderConfig, attention_mask_bs, sliding_l, options: KernelOptions = DEFAULT_OPTIONS,

@@ -545,8 +545,8 @@ def cross_attention_layer(cfg: Config, layer: dict, x_bsd, states_bvd, allowed_b
     o = lin(o, attn["o_proj"], ko)
     x_bsd = checkpoint_name(x_bsd + _gate(layer["cross_attn_attn_gate"]).astype(o.dtype) * o, SAVED_MID_RESIDUAL)
     h = kernels.rms_norm(x_bsd, layer["post_attention_layernorm"]["weight"], t.rms_norm_eps)
-    gate, up = decoder.linears(h, [mlp["gate_proj"], mlp["up_proj"]], [kg, ku], dropout_rate, options)
-    gate, up = checkpoint_name(gate, SAVED_MLP_INPUTS), checkpoint_name(up, SAVED_MLP_INPUTS)
+    gate, up = decoder.gate_up_projections(h, mlp, (kg, ku), t.intermediate_size, dropout_rate, options,
+                                           SAVED_MLP_INPUTS)
     h = lin(kernels.ACTIVATIONS[t.hidden_act](gate) * up, mlp["down_proj"], kd)
     if row_mask_bs is not None:
         h = row_mask_bs[..., None].astype(h.dtype) * h
