@@ -133,6 +133,26 @@ def test_lora_linear_value_and_gradients_match_reference(rng, nf4, dropout, bias
         assert rel_l2(g, w) < 1e-5
 
 
+@pytest.mark.parametrize("lean", [False, True])
+def test_unfolded_nf4_backward_computes_dx_in_one_gemm(rng, lean):
+    """A down_proj-like NF4 linear (out < in: not folded into its base matmul) computes the backward's dx as ONE
+    gemm over `[g | gb]` and `[[deq(W)]; [A]]` (contraction out + r) in every mode; with lora_fold=False,
+    `g @ deq(W)` and `gb @ A` apart."""
+    from test_host_offload_budget import _equations
+
+    module = _module(rng, True, False, out=96, inp=128, r=8)
+    module = {k: (v.astype(jnp.bfloat16) if k in ("lora_A", "lora_B") else v) for k, v in module.items()}
+    x = jnp.asarray(rng.standard_normal((2, 5, 128)), jnp.bfloat16)
+    for fold in (True, False):
+        options = KernelOptions(memory_lean=lean, lora_fold=fold)
+        jaxpr = jax.make_jaxpr(jax.grad(
+            lambda x: lora_op.lora_linear(x, module, options=options).astype(jnp.float32).sum()))(x).jaxpr
+        contractions = [eqn.invars[0].aval.shape[eqn.params["dimension_numbers"][0][0][0]]
+                        for eqn in _equations(jaxpr) if eqn.primitive.name == "dot_general"]
+        assert (96 + 8 in contractions) == fold, contractions
+        assert lora_op._folds_lora_into_dx(module["weight"], x, options) == fold
+
+
 @pytest.mark.parametrize("lean", [False, True, "tiled"])
 def test_lora_linear_bf16_close_to_fp32_reference(rng, lean):
     """bf16 values and gradients (x, A, B) against the fp32 reference; with `lean` the backward's dx is one
@@ -222,9 +242,7 @@ def test_false_mode_keeps_no_dequantized_weight():
     weight_shapes = {(192, 64), (64, 192), (64, 64), (32, 64)}
     weight_shapes |= {(2,) + s for s in weight_shapes}
     assert not weight_shapes & set(residual_shapes), residual_shapes
-    # gate/up kept as the one folded gemm's output, stacked over the 2 layers (not as two column halves, which the
-    # scan copied into two stacks)
-    assert (2, 1, 32, 384) in residual_shapes and (2, 1, 32, 192) not in residual_shapes, residual_shapes
+    assert (2, 1, 32, 192) in residual_shapes  # the gate/up outputs are kept, stacked over the 2 layers
 
 
 @pytest.mark.parametrize("nf4", [True, False])
@@ -282,40 +300,6 @@ def test_lora_folded_into_nf4_matmul_matches_reference(rng, outs_ranks, lean):
     assert abs(got[0] - want[0]) <= 1e-4 * magnitude  # fp32; the folded gemm sums in another order
     for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         assert rel_l2(g, w) < 1e-4
-
-
-@pytest.mark.parametrize("nf4, lean", [(True, False), (True, True), (False, False)])
-@pytest.mark.parametrize("ranks", [(8, 16), (5, 3)])  # odd ranks: the 32-bit words get a zero column
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_group_concatenated_matches_reference(rng, nf4, lean, ranks, dtype):
-    """`lora_linear_group(concatenated=True)`: the modules' outputs side by side, values and every gradient as PEFT's
-    math, whether written whole by one folded gemm (NF4 outside the memory-lean modes: `_folded_whole_core`, whose
-    backward takes the cotangent whole) or concatenated after the group (lean, 16-bit base)."""
-    mods = [_module(rng, nf4, bias=True, out=160, r=ranks[0]), _module(rng, nf4, bias=False, out=96, r=ranks[1])]
-    options = _lean_options(lean)
-    assert lora_op.writes_group_whole(128, mods, options) == (nf4 and not lean)
-    x = jnp.asarray(rng.standard_normal((2, 9, 128)), jnp.float32)
-    probe = jnp.asarray(rng.standard_normal((2, 9, 256)), jnp.float32)
-
-    def loss(op, x, lora):
-        ms = [dict(m, lora_A=a.astype(dtype), lora_B=b.astype(dtype)) for m, (a, b) in zip(mods, lora)]
-        return jnp.sum(jnp.tanh(op(x.astype(dtype), ms).astype(jnp.float32)) * probe)
-
-    def whole(x, ms):
-        return lora_op.lora_linear_group(x, ms, options=options, concatenated=True)
-
-    def ref(x, ms):  # in fp32 whatever the dtype under test
-        return jnp.concatenate([reference.lora_linear(x.astype(jnp.float32), jax.tree.map(
-            lambda v: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v, m)) for m in ms], axis=-1)
-
-    lora = [(m["lora_A"], m["lora_B"]) for m in mods]
-    got = jax.value_and_grad(lambda x, lora: loss(whole, x, lora), argnums=(0, 1))(x, lora)
-    want = jax.value_and_grad(lambda x, lora: loss(ref, x, lora), argnums=(0, 1))(x, lora)
-    magnitude = float(jnp.sum(jnp.abs(jnp.tanh(ref(x, mods)) * probe)))
-    tol = 1e-4 if dtype == jnp.float32 else 2e-2  # bf16: inputs, weights and outputs rounded to 8 bits
-    assert abs(got[0] - want[0]) <= tol * magnitude  # a sum that cancels: bounded by its terms
-    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
-        assert g.shape == w.shape and rel_l2(g.astype(jnp.float32), w) < tol
 
 
 @pytest.mark.parametrize("ranks", [(16, 16, 16), (5, 3, 8)])  # odd ranks: the 32-bit words get a zero column

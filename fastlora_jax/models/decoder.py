@@ -528,27 +528,21 @@ def _mlp(cfg: DecoderConfig, layer: dict, x_bsd, keys, dropout_rate: float, opti
 
 def gate_up_projections(h, mlp: dict, keys, intermediate_size: int, dropout_rate: float, options: KernelOptions,
                         saved_name: str | None):
-    """`(gate, up)` of a gated MLP (`mlp` holds gate_proj and up_proj, or Phi's fused gate_up_proj), tagged
+    """`(gate, up)` of a gated MLP (`mlp` holds gate_proj and up_proj, or Phi's fused gate_up_proj), each tagged
     `saved_name` for checkpoint policies (None: untagged).
 
-    Where one gemm writes both (a fused gate_up_proj; gate and up folded into one NF4 gemm with their LoRA B,
-    `kernels.writes_group_whole`) the tag is on that gemm's output, whole: use_gradient_checkpointing=False then
-    keeps the one array the gemm wrote (its slice of the scan's stack), not two column halves copied out of it."""
+    Each half is tagged, not a fused gemm's whole output: kept whole (one stacked residual instead of two copies
+    of column halves), the backward's cotangent of the two halves became a pad-and-add fusion at 1.7 TB/s, and the
+    Llama-8B 2 x 2048 False step was no faster (H200, session 10: benchmarks/README.md)."""
     kg, ku = keys
     if "gate_up_proj" in mlp:
         gate_up = linear_module(h, mlp["gate_up_proj"], kg, dropout_rate, options)
+        gate, up = gate_up[..., :intermediate_size], gate_up[..., intermediate_size:]
     else:
-        modules = [mlp["gate_proj"], mlp["up_proj"]]
-        whole = (all("lora_A" in m and "lora_magnitude_vector" not in m for m in modules)
-                 and (dropout_rate == 0.0 or (kg is None and ku is None))
-                 and kernels.writes_group_whole(h.shape[-1], modules, options))
-        if not whole:
-            gate, up = linears(h, modules, [kg, ku], dropout_rate, options)
-            return (gate, up) if saved_name is None else (checkpoint_name(gate, saved_name),
-                                                          checkpoint_name(up, saved_name))
-        gate_up = kernels.lora_linear_group(h, modules, options=options, concatenated=True)
-    gate_up = gate_up if saved_name is None else checkpoint_name(gate_up, saved_name)
-    return gate_up[..., :intermediate_size], gate_up[..., intermediate_size:]
+        gate, up = linears(h, [mlp["gate_proj"], mlp["up_proj"]], [kg, ku], dropout_rate, options)
+    if saved_name is None:
+        return gate, up
+    return checkpoint_name(gate, saved_name), checkpoint_name(up, saved_name)
 
 
 def causal_attention(cfg: DecoderConfig, attention_mask_bs, sliding_l, options: KernelOptions = DEFAULT_OPTIONS,
