@@ -72,6 +72,14 @@ for job in "$@"; do
          # stacked residuals instead of a copy after each gemm), profiled; `prof` has the same point without it
           python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 2 --seq 2048 --gc false --xla-option xla_gpu_enable_dynamic_slice_fusion=true --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
           prof_tar ;;
+    gateup) # use_gradient_checkpointing=False with gate/up kept whole (KernelOptions.gate_up_whole, the halves'
+            # cotangent one concatenation) against the default, profiled, 8B then 1B
+          for shape in "llama-3.1-8b 2" "llama-3.2-1b 4"; do set -- $shape
+            for whole in "" "--gate-up-whole"; do
+              python3 benchmarks/train_step.py --shape $1 --batch $2 --seq 2048 --gc false $whole --profile 2 --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
+            done
+          done
+          prof_tar ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}

@@ -42,7 +42,21 @@ def kernel_options(args):
     from fastlora_jax.kernels import KernelOptions
     return KernelOptions(nf4_matmul=args.nf4_matmul, lora_fold=not args.no_lora_fold, attention=args.attention,
                          lean_weight_tile_bytes=args.lean_tile_mib << 20, mlp_tile_tokens=args.mlp_tile_tokens,
-                         lean_offload=args.lean_offload, nf4_lookup=args.nf4_lookup)
+                         lean_offload=args.lean_offload, nf4_lookup=args.nf4_lookup, gate_up_whole=args.gate_up_whole)
+
+
+def options_label(options, xla_step_options) -> str:
+    """`_name=value` for each kernel option set away from its default and each --xla-option, so that the profiles of
+    two variants of one point do not overwrite each other's files ('' for the defaults)."""
+    from dataclasses import fields
+
+    from fastlora_jax.kernels import KernelOptions
+    auto = {"memory_lean", "host_offload_bytes", "flops_per_host_byte"}  # set by the model from its mode and host
+    default = KernelOptions()
+    parts = [f"{f.name}={getattr(options, f.name)}" for f in fields(options)
+             if f.name not in auto and getattr(options, f.name) != getattr(default, f.name)]
+    parts += [f"{name.removeprefix('xla_gpu_')}={value}" for name, value in sorted((xla_step_options or {}).items())]
+    return "".join("_" + "".join(c if c.isalnum() or c in ".-" else "-" for c in part) for part in parts)
 
 
 def kernel_flags(args) -> list[str]:
@@ -50,7 +64,7 @@ def kernel_flags(args) -> list[str]:
     return (["--nf4-matmul", args.nf4_matmul, "--attention", args.attention, "--lean-tile-mib", str(args.lean_tile_mib),
              "--mlp-tile-tokens", str(args.mlp_tile_tokens), "--lean-offload", args.lean_offload,
              "--nf4-lookup", args.nf4_lookup]
-            + (["--no-lora-fold"] if args.no_lora_fold else [])
+            + (["--no-lora-fold"] if args.no_lora_fold else []) + (["--gate-up-whole"] if args.gate_up_whole else [])
             + [flag for opt in args.xla_option for flag in ("--xla-option", opt)])
 
 
@@ -143,13 +157,14 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
             for _ in range(profile_steps):
                 lora, opt_state, metrics = step(lora, opt_state, batch_arrays(), None)
             jax.block_until_ready(metrics)
-        out_json = (str(Path(os.environ["OUT"], f"kernels_{shape}_{gc}_{batch}x{seq}.json"))
+        stem = f"{shape}_{gc}_{batch}x{seq}{options_label(model.kernel_options, xla_step_options)}"
+        out_json = (str(Path(os.environ["OUT"], f"kernels_{stem}.json"))
                     if os.environ.get("OUT") and shape != "tiny" else None)
         profile = summarize_trace(trace_dir, profile_steps, out_json)
         if os.environ.get("OUT") and shape != "tiny":  # the compiled HLO, to map kernel names to ops
             with sharding.use_mesh(mesh):
                 hlo = step.jitted.lower(model.base_params, lora, opt_state, batch_arrays(), None).compile().as_text()
-            Path(os.environ["OUT"], f"hlo_{shape}_{gc}_{batch}x{seq}.txt").write_text(hlo)
+            Path(os.environ["OUT"], f"hlo_{stem}.txt").write_text(hlo)
     median = float(np.median(times)) if times else compile_s
     tokens = batch * seq * devices
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()[:devices]]
@@ -167,6 +182,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention, "lean_tile_mib": model.kernel_options.lean_weight_tile_bytes >> 20,
         "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, "nf4_lookup": model.kernel_options.nf4_lookup,
+        "gate_up_whole": model.kernel_options.gate_up_whole,
         "xla_options": step_compiler_options(model.use_gradient_checkpointing, xla_step_options),
         **offload_choice(model, cfg, mode, batch, seq, dtype),
         **compiled_memory, **({"profile": profile} if profile else {}),
@@ -288,6 +304,8 @@ def main() -> None:
                         help="KernelOptions.lean_offload (--gc unsloth; default: %(default)s)")
     parser.add_argument("--nf4-lookup", default="auto", choices=["auto", "table", "select"],
                         help="KernelOptions.nf4_lookup (default: %(default)s)")
+    parser.add_argument("--gate-up-whole", action="store_true",
+                        help="KernelOptions.gate_up_whole: gate/up kept as their one gemm's output (False mode)")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "flash"],
                         help="KernelOptions.attention (default: %(default)s)")
     parser.add_argument("--compile-first", action="store_true",

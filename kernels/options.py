@@ -57,7 +57,13 @@ class KernelOptions:
     - `flops_per_host_byte`: the device's matmul FLOP/s over its device-to-host copy bytes/s, what "auto"
       compares a layer's forward FLOPs per offloaded byte with; None: measured when an "unsloth" loss is built on
       a GPU by a single process (`training.measured_flops_per_host_byte`, once per process); elsewhere (no GPU,
-      several processes) "auto" means "layer_input" unless it is given.
+      several processes) "auto" means "layer_input" unless it is given;
+    - `gate_up_whole`: False (the default) keeps gate and up as two tagged halves; True tags the one gemm output
+      that writes both (a fused gate_up_proj, or gate/up folded into one NF4 gemm outside the memory-lean modes:
+      `lora_op.writes_group_whole`), so use_gradient_checkpointing=False keeps one stacked residual instead of two
+      copied halves and runs gate/up's backward as one gemm; the halves' cotangent is written as one concatenation
+      (`decoder.gate_up_projections`). An experiment for the H200, not yet measured in this form (session 10
+      measured it with autodiff's pad-and-add cotangent: no faster, benchmarks/README.md).
     """
 
     nf4_matmul: str = "xla"
@@ -70,6 +76,7 @@ class KernelOptions:
     lean_offload: str = "auto"
     flops_per_host_byte: float | None = None
     nf4_lookup: str = "auto"
+    gate_up_whole: bool = False
 
     def __post_init__(self):
         if self.nf4_matmul not in NF4_MATMULS:
@@ -78,6 +85,8 @@ class KernelOptions:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
         if not isinstance(self.lora_fold, bool) or not isinstance(self.memory_lean, bool):
             raise TypeError(f"lora_fold and memory_lean must be bools; got {self.lora_fold!r}, {self.memory_lean!r}")
+        if not isinstance(self.gate_up_whole, bool):
+            raise TypeError(f"gate_up_whole must be a bool; got {self.gate_up_whole!r}")
         if (isinstance(self.lean_weight_tile_bytes, bool) or not isinstance(self.lean_weight_tile_bytes, int)
                 or self.lean_weight_tile_bytes < 1):
             raise ValueError(f"lean_weight_tile_bytes={self.lean_weight_tile_bytes!r} must be a positive int (bytes)")

@@ -383,10 +383,8 @@ def test_train_step_compiles_with_the_step_options(rng, monkeypatch):
             step(model.lora_params, optax.sgd(1e-3).init(model.lora_params), batch, None)
 
 
-def test_profile_counts_only_the_copy_time_no_kernel_hides():
-    """benchmarks/train_step.py's `copy_overlap` (the "host copies exposed" of its profile): a copy hides behind
-    any kernel running at the same time, also one that starts as it ends or starts with it; copies overlapping
-    each other count once."""
+def _train_step_bench():
+    """benchmarks/train_step.py as a module."""
     import importlib.util
     here = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     saved = list(sys.path)
@@ -396,6 +394,27 @@ def test_profile_counts_only_the_copy_time_no_kernel_hides():
         spec.loader.exec_module(bench)
     finally:
         sys.path[:] = saved
+    return bench
+
+
+def test_profile_files_of_two_variants_of_a_point_are_named_apart():
+    """benchmarks/train_step.py's profile files carry the kernel options set away from their defaults and the
+    --xla-option values (two variants of one point in one call wrote the same kernels_*.json before); the options
+    the model sets itself (memory_lean, the host budget and rate) and the defaults add nothing."""
+    label = _train_step_bench().options_label
+    assert label(KernelOptions(), None) == ""
+    assert label(KernelOptions(memory_lean=True, host_offload_bytes=1 << 30, flops_per_host_byte=1e4), {}) == ""
+    whole = label(KernelOptions(gate_up_whole=True), None)
+    no_buffers = label(KernelOptions(), {"xla_gpu_enable_command_buffer": ""})
+    assert whole == "_gate-up-whole-True" and no_buffers == "_enable-command-buffer-"
+    assert label(KernelOptions(gate_up_whole=True, nf4_lookup="table"), None) not in ("", whole)
+
+
+def test_profile_counts_only_the_copy_time_no_kernel_hides():
+    """benchmarks/train_step.py's `copy_overlap` (the "host copies exposed" of its profile): a copy hides behind
+    any kernel running at the same time, also one that starts as it ends or starts with it; copies overlapping
+    each other count once."""
+    bench = _train_step_bench()
     kernel, copy = False, True
     assert bench.copy_overlap([]) == (0, 0)
     # kernel 0-10, copy 5-20 (10-20 exposed), copy 25-30 with a kernel from 28 (25-28 exposed)

@@ -528,21 +528,52 @@ def _mlp(cfg: DecoderConfig, layer: dict, x_bsd, keys, dropout_rate: float, opti
 
 def gate_up_projections(h, mlp: dict, keys, intermediate_size: int, dropout_rate: float, options: KernelOptions,
                         saved_name: str | None):
-    """`(gate, up)` of a gated MLP (`mlp` holds gate_proj and up_proj, or Phi's fused gate_up_proj), each tagged
+    """`(gate, up)` of a gated MLP (`mlp` holds gate_proj and up_proj, or Phi's fused gate_up_proj), tagged
     `saved_name` for checkpoint policies (None: untagged).
 
-    Each half is tagged, not a fused gemm's whole output: kept whole (one stacked residual instead of two copies
-    of column halves), the backward's cotangent of the two halves became a pad-and-add fusion at 1.7 TB/s, and the
-    Llama-8B 2 x 2048 False step was no faster (H200, session 10: benchmarks/README.md)."""
+    By default each half is tagged. With `options.gate_up_whole`, where one gemm writes both (a fused gate_up_proj;
+    gate and up folded into one NF4 gemm, `kernels.writes_group_whole`) the tag is on that output, whole, and the
+    halves are cut from it by `_halves`, whose backward writes their cotangent as one concatenation. (Cut by plain
+    slicing, autodiff's cotangent was a pad-and-add fusion at 1.7 TB/s, and the whole residual made the Llama-8B
+    2 x 2048 False step no faster: H200, session 10, benchmarks/README.md.)"""
     kg, ku = keys
     if "gate_up_proj" in mlp:
         gate_up = linear_module(h, mlp["gate_up_proj"], kg, dropout_rate, options)
-        gate, up = gate_up[..., :intermediate_size], gate_up[..., intermediate_size:]
     else:
-        gate, up = linears(h, [mlp["gate_proj"], mlp["up_proj"]], [kg, ku], dropout_rate, options)
+        modules = [mlp["gate_proj"], mlp["up_proj"]]
+        whole = (options.gate_up_whole and all("lora_A" in m and "lora_magnitude_vector" not in m for m in modules)
+                 and (dropout_rate == 0.0 or (kg is None and ku is None))
+                 and kernels.writes_group_whole(h.shape[-1], modules, options))
+        gate_up = kernels.lora_linear_group(h, modules, options=options, concatenated=True) if whole else None
+        if gate_up is None:
+            gate, up = linears(h, modules, [kg, ku], dropout_rate, options)
+    if gate_up is not None and options.gate_up_whole:
+        return _halves(gate_up if saved_name is None else checkpoint_name(gate_up, saved_name), intermediate_size)
+    if gate_up is not None:
+        gate, up = gate_up[..., :intermediate_size], gate_up[..., intermediate_size:]
     if saved_name is None:
         return gate, up
     return checkpoint_name(gate, saved_name), checkpoint_name(up, saved_name)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _halves(y, size: int):
+    """`(y[..., :size], y[..., size:])`, with the cotangent of the pair written as ONE concatenation (autodiff's
+    transpose of two slices is two pads and an add, which XLA fuses into a kernel computing both halves' math for
+    every element)."""
+    return y[..., :size], y[..., size:]
+
+
+def _halves_fwd(y, size):
+    return _halves(y, size), None
+
+
+def _halves_bwd(size, _, cotangents):
+    first, second = cotangents
+    return (jnp.concatenate([first, second], axis=-1),)
+
+
+_halves.defvjp(_halves_fwd, _halves_bwd)
 
 
 def causal_attention(cfg: DecoderConfig, attention_mask_bs, sliding_l, options: KernelOptions = DEFAULT_OPTIONS,
