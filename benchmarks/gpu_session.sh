@@ -68,10 +68,6 @@ for job in "$@"; do
           for cb in "" "--xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION"; do
             python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --mlp-tile-tokens 8192 --steps 3 $cb --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
           done ;;
-    dsf) # use_gradient_checkpointing=False with XLA's dynamic-slice fusion (cuBLAS writing into a slice of the scan's
-         # stacked residuals instead of a copy after each gemm), profiled; `prof` has the same point without it
-          python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 2 --seq 2048 --gc false --xla-option xla_gpu_enable_dynamic_slice_fusion=true --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
-          prof_tar ;;
     gateup) # use_gradient_checkpointing=False with gate/up kept whole (KernelOptions.gate_up_whole, the halves'
             # cotangent one concatenation) against the default, profiled, 8B then 1B
           for shape in "llama-3.1-8b 2" "llama-3.2-1b 4"; do set -- $shape

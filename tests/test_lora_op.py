@@ -116,7 +116,7 @@ def _module(rng, nf4: bool, bias: bool, out=96, inp=128, r=8):
 @pytest.mark.parametrize("nf4", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("lean", [False, True, "tiled"])  # lean + NF4 + no dropout: dx in one gemm (_dx_with_lora)
+@pytest.mark.parametrize("lean", [False, True, "tiled"])  # NF4 + no dropout: dx in one gemm (_dx_with_lora)
 def test_lora_linear_value_and_gradients_match_reference(rng, nf4, dropout, bias, lean):
     module = _module(rng, nf4, bias)
     options = _lean_options(lean)
@@ -161,8 +161,9 @@ def test_unfolded_nf4_backward_computes_dx_in_one_gemm(rng, lean):
 
 @pytest.mark.parametrize("lean", [False, True, "tiled"])
 def test_lora_linear_bf16_close_to_fp32_reference(rng, lean):
-    """bf16 values and gradients (x, A, B) against the fp32 reference; with `lean` the backward's dx is one
-    gemm over `[g | gb]` and `[[deq(W)]; [A]]`, written as packed 32-bit words ("tiled": per row tile of W)."""
+    """bf16 values and gradients (x, A, B) against the fp32 reference; the backward's dx is one gemm over `[g | gb]`
+    and `[[deq(W)]; [A]]` (out < in: not folded into the base matmul), written as packed 32-bit words in every mode
+    ("tiled": per row tile of W)."""
     module = _module(rng, True, False, out=128, inp=256, r=16)
     options = _lean_options(lean)
     x = jnp.asarray(rng.standard_normal((4, 64, 256)), jnp.float32)
