@@ -76,6 +76,12 @@ for job in "$@"; do
             done
           done
           prof_tar ;;
+    nomerge) # "unsloth" (LoRA folded per module) with XLA's dot merger off: the session-10 profile shows it merging the
+             # per-module q/k/v gemms back into one, with a 48.6 MiB copy of their folded weights per layer and pass
+          for opt in "" "--xla-option xla_gpu_dot_merger_threshold_mb=0"; do
+            python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth $opt --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+          done
+          prof_tar ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}
