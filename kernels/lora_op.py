@@ -514,35 +514,39 @@ def _folded_core(options, ranks, x_ti, weights, a_cat, bs, scalings):
 
 
 def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
-    """One gemm for the whole group: `[x | s·xa] @ [[W_1 | B_1 0]; [W_2 | 0 B_2]; ...]ᵀ`."""
+    """One gemm for the whole group: `[x | s·xa] @ [[W_1 | B_1 0]; [W_2 | 0 B_2]; ...]ᵀ`, its output cut per module
+    (in the memory-lean modes one gemm per module)."""
+    if not options.memory_lean:
+        y_tO, residuals = _folded_whole_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings)
+        offsets = np.cumsum([0] + [b.shape[0] for b in bs])
+        return tuple(y_tO[:, offsets[i]:offsets[i + 1]] for i in range(len(bs))), residuals
     dtype = x_ti.dtype
     xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32)
-    xa_scaled_tR = _scale_columns(xa_tR.astype(dtype), scalings, ranks, dtype)
-    x_folded_tk = _folded_columns(x_ti, xa_scaled_tR, dtype)
-    if options.memory_lean:  # one gemm and one folded weight per module (per row tile): no group-sized transient
-        ys = []
-        for w, b in zip(weights, _b_blocks(bs, ranks)):
-            tiles = _tile_outputs(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b: jnp.einsum(
-                "tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype, options),
-                preferred_element_type=dtype))
-            ys.append(tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=1))
-        return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
-    w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, options)
-    y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)
-    offsets = np.cumsum([0] + [b.shape[0] for b in bs])
-    ys = tuple(y_tO[:, offsets[i]:offsets[i + 1]] for i in range(len(bs)))
-    return ys, (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
+    x_folded_tk = _folded_columns(x_ti, _scale_columns(xa_tR.astype(dtype), scalings, ranks, dtype), dtype)
+    ys = []  # one gemm and one folded weight per module (per row tile): no group-sized transient
+    for w, b in zip(weights, _b_blocks(bs, ranks)):
+        tiles = _tile_outputs(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b: jnp.einsum(
+            "tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype, options),
+            preferred_element_type=dtype))
+        ys.append(tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=1))
+    return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
 
 
 def _folded_whole_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
-    """`_folded_fwd`'s one gemm for the group, its output `[t, sum(out)]` returned whole."""
-    ys, residuals = _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings)  # not memory-lean: one gemm
-    return (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)), residuals
+    """The group's one gemm (outside the memory-lean modes), its output `[t, sum(out)]` whole."""
+    assert not options.memory_lean, "the memory-lean modes fold per module (_folded_fwd)"
+    dtype = x_ti.dtype
+    xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32)
+    x_folded_tk = _folded_columns(x_ti, _scale_columns(xa_tR.astype(dtype), scalings, ranks, dtype), dtype)
+    w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, options)
+    y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)
+    return y_tO, (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
 
 
 def _folded_bwd(options, ranks, residuals, gs):
     """Per module `g_j @ [W_j | B_j]` gives the base dx term and `g_j @ B_j` in one gemm. (One gemm over the
-    concatenated g would need a copy of all the g's: measured slower.)"""
+    concatenated g would need a copy of all the g's: measured slower. Where the cotangent arrives whole,
+    `_folded_whole_bwd` runs that one gemm.)"""
     x_ti, weights, a_cat, bs, scalings, xa_tR = residuals
     weights, gs = _just_in_time(options, weights, gs)
     dtype, in_dim = x_ti.dtype, x_ti.shape[1]

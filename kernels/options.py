@@ -58,8 +58,8 @@ class KernelOptions:
       compares a layer's forward FLOPs per offloaded byte with; None: measured when an "unsloth" loss is built on
       a GPU by a single process (`training.measured_flops_per_host_byte`, once per process); elsewhere (no GPU,
       several processes) "auto" means "layer_input" unless it is given;
-    - `gate_up_whole`: False (the default) keeps gate and up as two tagged halves; True tags the one gemm output
-      that writes both (a fused gate_up_proj, or gate/up folded into one NF4 gemm outside the memory-lean modes:
+    - `gate_up_whole`: False (the default) keeps gate and up as two tagged halves; True, outside the memory-lean
+      modes, tags the one gemm output that writes both (a fused gate_up_proj, or gate/up folded into one NF4 gemm:
       `lora_op.writes_group_whole`), so use_gradient_checkpointing=False keeps one stacked residual instead of two
       copied halves and runs gate/up's backward as one gemm; the halves' cotangent is written as one concatenation
       (`decoder.gate_up_projections`). An experiment for the H200, not yet measured in this form (session 10

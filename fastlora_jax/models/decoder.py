@@ -531,8 +531,9 @@ def gate_up_projections(h, mlp: dict, keys, intermediate_size: int, dropout_rate
     """`(gate, up)` of a gated MLP (`mlp` holds gate_proj and up_proj, or Phi's fused gate_up_proj), tagged
     `saved_name` for checkpoint policies (None: untagged).
 
-    By default each half is tagged. With `options.gate_up_whole`, where one gemm writes both (a fused gate_up_proj;
-    gate and up folded into one NF4 gemm, `kernels.writes_group_whole`) the tag is on that output, whole, and the
+    By default each half is tagged. With `options.gate_up_whole` outside the memory-lean modes, where one gemm writes
+    both (a fused gate_up_proj; gate and up folded into one NF4 gemm, `kernels.writes_group_whole`) the tag is on that
+    output, whole, and the
     halves are cut from it by `_halves`, whose backward writes their cotangent as one concatenation. (Cut by plain
     slicing, autodiff's cotangent was a pad-and-add fusion at 1.7 TB/s, and the whole residual made the Llama-8B
     2 x 2048 False step no faster: H200, session 10, benchmarks/README.md.)"""
@@ -547,7 +548,7 @@ def gate_up_projections(h, mlp: dict, keys, intermediate_size: int, dropout_rate
         gate_up = kernels.lora_linear_group(h, modules, options=options, concatenated=True) if whole else None
         if gate_up is None:
             gate, up = linears(h, modules, [kg, ku], dropout_rate, options)
-    if gate_up is not None and options.gate_up_whole:
+    if gate_up is not None and options.gate_up_whole and not options.memory_lean:
         return _halves(gate_up if saved_name is None else checkpoint_name(gate_up, saved_name), intermediate_size)
     if gate_up is not None:
         gate, up = gate_up[..., :intermediate_size], gate_up[..., intermediate_size:]
