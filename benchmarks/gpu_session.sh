@@ -16,7 +16,8 @@ prof_tar() {  # the profiles' compiled HLO and per-kernel times as ONE file (a c
 }
 for job in "$@"; do
   case "$job" in
-    test) python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
+    test) # the 25 slowest in the log: the whole run took 588 of a call's 600 s in session 10
+          python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --durations=25 tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 ;;
     load8b) python3 benchmarks/load_checkpoint.py --shape llama-3.1-8b --dir /tmp/ckpt 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     gc8k) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 8192 --gc true unsloth false --timeout 170 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     gc4k) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 4096 --gc true unsloth false --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl" ;;
