@@ -513,6 +513,13 @@ def _folded_core(options, ranks, x_ti, weights, a_cat, bs, scalings):
     return _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings)[0]
 
 
+def _folded_input(x_ti, a_cat, scalings, ranks):
+    """`(x @ A_catᵀ [t, R] in fp32, [x | s·xa] [t, in + R])`: the group's LoRA input and the folded gemm's operand."""
+    dtype = x_ti.dtype
+    xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32)
+    return xa_tR, _folded_columns(x_ti, _scale_columns(xa_tR.astype(dtype), scalings, ranks, dtype), dtype)
+
+
 def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     """One gemm for the whole group: `[x | s·xa] @ [[W_1 | B_1 0]; [W_2 | 0 B_2]; ...]ᵀ`, its output cut per module
     (in the memory-lean modes one gemm per module)."""
@@ -521,8 +528,7 @@ def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
         offsets = np.cumsum([0] + [b.shape[0] for b in bs])
         return tuple(y_tO[:, offsets[i]:offsets[i + 1]] for i in range(len(bs))), residuals
     dtype = x_ti.dtype
-    xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32)
-    x_folded_tk = _folded_columns(x_ti, _scale_columns(xa_tR.astype(dtype), scalings, ranks, dtype), dtype)
+    xa_tR, x_folded_tk = _folded_input(x_ti, a_cat, scalings, ranks)
     ys = []  # one gemm and one folded weight per module (per row tile): no group-sized transient
     for w, b in zip(weights, _b_blocks(bs, ranks)):
         tiles = _tile_outputs(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b: jnp.einsum(
@@ -536,8 +542,7 @@ def _folded_whole_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     """The group's one gemm (outside the memory-lean modes), its output `[t, sum(out)]` whole."""
     assert not options.memory_lean, "the memory-lean modes fold per module (_folded_fwd)"
     dtype = x_ti.dtype
-    xa_tR = jnp.einsum("ti,Ri->tR", x_ti, a_cat, preferred_element_type=jnp.float32)
-    x_folded_tk = _folded_columns(x_ti, _scale_columns(xa_tR.astype(dtype), scalings, ranks, dtype), dtype)
+    xa_tR, x_folded_tk = _folded_input(x_ti, a_cat, scalings, ranks)
     w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, options)
     y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)
     return y_tO, (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
@@ -559,10 +564,15 @@ def _folded_bwd(options, ranks, residuals, gs):
         s32 = s.astype(jnp.float32)
         dbs.append((jnp.einsum("to,tr->or", g, xa, preferred_element_type=jnp.float32) * s32).astype(b.dtype))
     gb_scaled_tR = _scale_columns(jnp.concatenate(gbs, axis=1), scalings, ranks, dtype)  # s · g @ B
-    dx = dx + jnp.einsum("tR,Ri->ti", gb_scaled_tR, a_cat, preferred_element_type=dtype)
+    return _folded_cotangents(dx, gb_scaled_tR, x_ti, weights, a_cat, tuple(dbs), scalings)
+
+
+def _folded_cotangents(dx_base, gb_scaled_tR, x_ti, weights, a_cat, dbs, scalings):
+    """The folded cores' cotangents from the base dx term and `s · g @ B`: dx adds the LoRA term `s·gB @ A`, dA is
+    `(s·gB)ᵀ @ x`; the frozen weights and scalings get zeros."""
+    dx = dx_base + jnp.einsum("tR,Ri->ti", gb_scaled_tR, a_cat, preferred_element_type=x_ti.dtype)
     da_cat = jnp.einsum("tR,ti->Ri", gb_scaled_tR, x_ti, preferred_element_type=jnp.float32).astype(a_cat.dtype)
-    return (dx, tuple(_zeros_like_tree(w) for w in weights), da_cat, tuple(dbs),
-            tuple(jnp.zeros_like(s) for s in scalings))
+    return (dx, tuple(_zeros_like_tree(w) for w in weights), da_cat, dbs, tuple(jnp.zeros_like(s) for s in scalings))
 
 
 _folded_core.defvjp(_folded_fwd, _folded_bwd)
@@ -583,14 +593,11 @@ def _folded_whole_bwd(options, ranks, residuals, g_tO):
     w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, options)
     gw_tk = jnp.einsum("to,ok->tk", g_tO, w_folded, preferred_element_type=dtype)
     gb_scaled_tR = _scale_columns(gw_tk[:, in_dim:in_dim + total_rank], scalings, ranks, dtype)  # s · g @ B
-    dx = gw_tk[:, :in_dim] + jnp.einsum("tR,Ri->ti", gb_scaled_tR, a_cat, preferred_element_type=dtype)
-    da_cat = jnp.einsum("tR,ti->Ri", gb_scaled_tR, x_ti, preferred_element_type=jnp.float32).astype(a_cat.dtype)
     db_OR = jnp.einsum("to,tR->oR", g_tO, xa_tR, preferred_element_type=jnp.float32)
     outs, rank_offsets = np.cumsum([0] + [b.shape[0] for b in bs]), np.cumsum((0,) + ranks)
     dbs = tuple((db_OR[outs[j]:outs[j + 1], rank_offsets[j]:rank_offsets[j + 1]] * s.astype(jnp.float32)).astype(b.dtype)
                 for j, (b, s) in enumerate(zip(bs, scalings)))
-    return (dx, tuple(_zeros_like_tree(w) for w in weights), da_cat, dbs,
-            tuple(jnp.zeros_like(s) for s in scalings))
+    return _folded_cotangents(gw_tk[:, :in_dim], gb_scaled_tR, x_ti, weights, a_cat, dbs, scalings)
 
 
 _folded_whole_core.defvjp(_folded_whole_fwd, _folded_whole_bwd)

@@ -533,28 +533,25 @@ def gate_up_projections(h, mlp: dict, keys, intermediate_size: int, dropout_rate
 
     By default each half is tagged. With `options.gate_up_whole` outside the memory-lean modes, where one gemm writes
     both (a fused gate_up_proj; gate and up folded into one NF4 gemm, `kernels.writes_group_whole`) the tag is on that
-    output, whole, and the
-    halves are cut from it by `_halves`, whose backward writes their cotangent as one concatenation. (Cut by plain
-    slicing, autodiff's cotangent was a pad-and-add fusion at 1.7 TB/s, and the whole residual made the Llama-8B
-    2 x 2048 False step no faster: H200, session 10, benchmarks/README.md.)"""
+    output, whole, and the halves are cut from it by `_halves`, whose backward writes their cotangent as one
+    concatenation. (Cut by plain slicing, autodiff's cotangent was a pad-and-add fusion at 1.7 TB/s, and the whole
+    residual made the Llama-8B 2 x 2048 False step no faster: H200, session 10, benchmarks/README.md.)"""
     kg, ku = keys
-    if "gate_up_proj" in mlp:
-        gate_up = linear_module(h, mlp["gate_up_proj"], kg, dropout_rate, options)
+    tag = (lambda y: y) if saved_name is None else (lambda y: checkpoint_name(y, saved_name))
+    whole = options.gate_up_whole and not options.memory_lean
+    modules = [mlp["gate_up_proj"]] if "gate_up_proj" in mlp else [mlp["gate_proj"], mlp["up_proj"]]
+    if len(modules) == 1:
+        gate_up = linear_module(h, modules[0], kg, dropout_rate, options)
+    elif (whole and all("lora_A" in m and "lora_magnitude_vector" not in m for m in modules)
+          and (dropout_rate == 0.0 or (kg is None and ku is None))
+          and kernels.writes_group_whole(h.shape[-1], modules, options)):
+        gate_up = kernels.lora_linear_group(h, modules, options=options, concatenated=True)
     else:
-        modules = [mlp["gate_proj"], mlp["up_proj"]]
-        whole = (options.gate_up_whole and all("lora_A" in m and "lora_magnitude_vector" not in m for m in modules)
-                 and (dropout_rate == 0.0 or (kg is None and ku is None))
-                 and kernels.writes_group_whole(h.shape[-1], modules, options))
-        gate_up = kernels.lora_linear_group(h, modules, options=options, concatenated=True) if whole else None
-        if gate_up is None:
-            gate, up = linears(h, modules, [kg, ku], dropout_rate, options)
-    if gate_up is not None and options.gate_up_whole and not options.memory_lean:
-        return _halves(gate_up if saved_name is None else checkpoint_name(gate_up, saved_name), intermediate_size)
-    if gate_up is not None:
-        gate, up = gate_up[..., :intermediate_size], gate_up[..., intermediate_size:]
-    if saved_name is None:
-        return gate, up
-    return checkpoint_name(gate, saved_name), checkpoint_name(up, saved_name)
+        gate, up = linears(h, modules, [kg, ku], dropout_rate, options)
+        return tag(gate), tag(up)
+    if whole:
+        return _halves(tag(gate_up), intermediate_size)
+    return tag(gate_up[..., :intermediate_size]), tag(gate_up[..., intermediate_size:])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
