@@ -36,6 +36,16 @@ for job in "$@"; do
     deq) # what the training step's NF4 path costs per op: one-pass dequantize (+ lean select tree) then cuBLAS, the
          # dequantize alone (GB/s), and cuBLAS on a dense W
          python3 benchmarks/nf4_matmul.py --models llama-3.1-8b llama-3.2-1b --m 4096 --reps 5 --impls xla_onepass xla_onepass_lean dequant dequant_lean dense 2>&1 | grep '^{' | tee -a "$OUT/bench.jsonl" ;;
+    mlpoff) # "unsloth" with every N-th layer's gate/up offloaded too (KernelOptions.mlp_offload_every): its backward does
+            # not run gate/up again there; 0 is today's layer-input offload. 8B 2 x 2048 (N=2 profiled), then 1B 4 x 2048
+          T="python3 benchmarks/train_step.py"
+          for n in 0 4 2 1; do
+            $T --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth --mlp-offload-every $n $([ $n = 2 ] && echo --profile 2) --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
+          done
+          for n in 0 2; do
+            $T --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth --mlp-offload-every $n --timeout 120 2>&1 | tee -a "$OUT/bench.jsonl"
+          done
+          prof_tar ;;
     pipe) # XLA's pipelined host offloading (not in the step's options: measured slower in session 9) against without
           T="python3 benchmarks/train_step.py"; ON="--xla-option xla_gpu_enable_pipelined_host_offloading=true"
           for opt in "" "$ON"; do
@@ -69,20 +79,6 @@ for job in "$@"; do
           for cb in "" "--xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION"; do
             python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --mlp-tile-tokens 8192 --steps 3 $cb --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
           done ;;
-    gateup) # use_gradient_checkpointing=False with gate/up kept whole (KernelOptions.gate_up_whole, the halves'
-            # cotangent one concatenation) against the default, profiled, 8B then 1B
-          for shape in "llama-3.1-8b 2" "llama-3.2-1b 4"; do set -- $shape
-            for whole in "" "--gate-up-whole"; do
-              python3 benchmarks/train_step.py --shape $1 --batch $2 --seq 2048 --gc false $whole --profile 2 --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl"
-            done
-          done
-          prof_tar ;;
-    nomerge) # "unsloth" (LoRA folded per module) with XLA's dot merger off: the session-10 profile shows it merging the
-             # per-module q/k/v gemms back into one, with a 48.6 MiB copy of their folded weights per layer and pass
-          for opt in "" "--xla-option xla_gpu_dot_merger_threshold_mb=0"; do
-            python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth $opt --profile 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
-          done
-          prof_tar ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}

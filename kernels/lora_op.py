@@ -352,38 +352,28 @@ def lora_linear(x_bsi: jax.Array, module: dict, dropout_key=None, dropout_rate: 
 # Several LoRA linears that read the same input (q/k/v, gate/up): one pass over x for all their A's.
 
 
-def lora_linear_group(x_bsi: jax.Array, modules: list[dict], *, options: KernelOptions = DEFAULT,
-                      concatenated: bool = False):
+def lora_linear_group(x_bsi: jax.Array, modules: list[dict], *, options: KernelOptions = DEFAULT) -> list[jax.Array]:
     """`[lora_linear(x, m) for m in modules]` for modules that share their input, without dropout or DoRA.
 
     Why: the LoRA branch is memory-bound (rank 16 against thousands of features). Concatenating the A's
     reads x once for all `x @ Aᵀ` products, once for all `dA`, and writes one `dx` term instead of one per
     module. The math per module is `lora_linear`'s.
-
-    `concatenated`: ONE array `[..., sum(out)]`, the modules' outputs side by side, instead of the list. Where
-    `writes_group_whole` holds it is the group's one folded gemm's output as written (no copy), and its backward
-    takes the cotangent whole: one gemm for every module's dx and `g @ B`.
     """
     lead = x_bsi.shape[:-1]
     x_ti = x_bsi.reshape(-1, x_bsi.shape[-1])
     dtype = x_ti.dtype
     a_cat = jnp.concatenate([m["lora_A"].astype(dtype) for m in modules], axis=0)
     ranks = tuple(int(m["lora_A"].shape[0]) for m in modules)
-    args = (options, ranks, x_ti, tuple(m["weight"] for m in modules), a_cat,
-            tuple(m["lora_B"].astype(dtype) for m in modules), tuple(jnp.asarray(m["scaling"]) for m in modules))
-    if concatenated and writes_group_whole(x_ti.shape[-1], modules, options):
-        y_tO = _folded_whole_core(*args)
-        if any(m.get("bias") is not None for m in modules):
-            y_tO = y_tO + jnp.concatenate([jnp.zeros(m["lora_B"].shape[0], y_tO.dtype) if m.get("bias") is None
-                                           else m["bias"].astype(y_tO.dtype) for m in modules])
-        return y_tO.reshape(*lead, y_tO.shape[-1])
     core = _folded_core if folds_into_base(x_ti.shape[-1], modules, options) else _group_core
+    ys = core(options, ranks, x_ti, tuple(m["weight"] for m in modules), a_cat,
+              tuple(m["lora_B"].astype(dtype) for m in modules),
+              tuple(jnp.asarray(m["scaling"]) for m in modules))
     out = []
-    for m, y_to in zip(modules, core(*args)):
+    for m, y_to in zip(modules, ys):
         if m.get("bias") is not None:
             y_to = y_to + m["bias"].astype(y_to.dtype)
         out.append(y_to.reshape(*lead, y_to.shape[-1]))
-    return jnp.concatenate(out, axis=-1) if concatenated else out
+    return out
 
 
 def _split_ranks(xa_tR, ranks):
@@ -453,17 +443,6 @@ def folds_into_base(in_dim: int, modules: list[dict], options: KernelOptions = D
     return sum(int(m["lora_B"].shape[0]) for m in modules) >= in_dim
 
 
-def writes_group_whole(in_dim: int, modules: list[dict], options: KernelOptions = DEFAULT) -> bool:
-    """Whether `lora_linear_group(..., concatenated=True)` returns its one folded gemm's output as written: folded
-    (`folds_into_base`) outside the memory-lean modes, which keep one gemm per module (`folds_into_base` says why).
-
-    Why a caller wants it: use_gradient_checkpointing=False keeps gate/up for the backward, stacked over the layers
-    by the scan. Kept as two column halves of the gemm's output, each is copied into its stack (2 x 2.3 ms of a
-    Llama-8B 2 x 2048 step on the H200); kept whole, one copy, and the backward is one gemm for both modules
-    (`KernelOptions.gate_up_whole`)."""
-    return not options.memory_lean and folds_into_base(in_dim, modules, options)
-
-
 def _scale_columns(t_tR, scalings, ranks, dtype):
     """Each module's block of R columns times its scaling (in fp32, rounded once to `dtype`)."""
     s_R = jnp.concatenate([jnp.full((r,), s, jnp.float32) for s, r in zip(scalings, ranks)])
@@ -524,7 +503,7 @@ def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     """One gemm for the whole group: `[x | s·xa] @ [[W_1 | B_1 0]; [W_2 | 0 B_2]; ...]ᵀ`, its output cut per module
     (in the memory-lean modes one gemm per module)."""
     if not options.memory_lean:
-        y_tO, residuals = _folded_whole_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings)
+        y_tO, residuals = _folded_group_gemm(options, ranks, x_ti, weights, a_cat, bs, scalings)
         offsets = np.cumsum([0] + [b.shape[0] for b in bs])
         return tuple(y_tO[:, offsets[i]:offsets[i + 1]] for i in range(len(bs))), residuals
     dtype = x_ti.dtype
@@ -538,8 +517,9 @@ def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
 
 
-def _folded_whole_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
-    """The group's one gemm (outside the memory-lean modes), its output `[t, sum(out)]` whole."""
+def _folded_group_gemm(options, ranks, x_ti, weights, a_cat, bs, scalings):
+    """`_folded_fwd` outside the memory-lean modes: the group's one gemm, its output `[t, sum(out)]` (cut per module
+    by the caller) and the residuals."""
     assert not options.memory_lean, "the memory-lean modes fold per module (_folded_fwd)"
     dtype = x_ti.dtype
     xa_tR, x_folded_tk = _folded_input(x_ti, a_cat, scalings, ranks)
@@ -550,8 +530,7 @@ def _folded_whole_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
 
 def _folded_bwd(options, ranks, residuals, gs):
     """Per module `g_j @ [W_j | B_j]` gives the base dx term and `g_j @ B_j` in one gemm. (One gemm over the
-    concatenated g would need a copy of all the g's: measured slower. Where the cotangent arrives whole,
-    `_folded_whole_bwd` runs that one gemm.)"""
+    concatenated g would need a copy of all the g's: measured slower.)"""
     x_ti, weights, a_cat, bs, scalings, xa_tR = residuals
     weights, gs = _just_in_time(options, weights, gs)
     dtype, in_dim = x_ti.dtype, x_ti.shape[1]
@@ -568,7 +547,7 @@ def _folded_bwd(options, ranks, residuals, gs):
 
 
 def _folded_cotangents(dx_base, gb_scaled_tR, x_ti, weights, a_cat, dbs, scalings):
-    """The folded cores' cotangents from the base dx term and `s · g @ B`: dx adds the LoRA term `s·gB @ A`, dA is
+    """The folded core's cotangents from the base dx term and `s · g @ B`: dx adds the LoRA term `s·gB @ A`, dA is
     `(s·gB)ᵀ @ x`; the frozen weights and scalings get zeros."""
     dx = dx_base + jnp.einsum("tR,Ri->ti", gb_scaled_tR, a_cat, preferred_element_type=x_ti.dtype)
     da_cat = jnp.einsum("tR,ti->Ri", gb_scaled_tR, x_ti, preferred_element_type=jnp.float32).astype(a_cat.dtype)
@@ -576,28 +555,3 @@ def _folded_cotangents(dx_base, gb_scaled_tR, x_ti, weights, a_cat, dbs, scaling
 
 
 _folded_core.defvjp(_folded_fwd, _folded_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _folded_whole_core(options, ranks, x_ti, weights, a_cat, bs, scalings):
-    """The folded group with its outputs as one array (`lora_linear_group(concatenated=True)`)."""
-    return _folded_whole_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings)[0]
-
-
-def _folded_whole_bwd(options, ranks, residuals, g_tO):
-    """`g @ [[W_1 | B_1 0]; [W_2 | 0 B_2]; ...]` as ONE gemm: every module's base dx term summed, and each module's
-    `g_j @ B_j` in its own block of the R extra columns. dB: one `gᵀ @ xa` over the group, each module's diagonal
-    block of it (a gemm per module would read column slices of g, which XLA copies out first)."""
-    x_ti, weights, a_cat, bs, scalings, xa_tR = residuals
-    dtype, in_dim, total_rank = x_ti.dtype, x_ti.shape[1], sum(ranks)
-    w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, options)
-    gw_tk = jnp.einsum("to,ok->tk", g_tO, w_folded, preferred_element_type=dtype)
-    gb_scaled_tR = _scale_columns(gw_tk[:, in_dim:in_dim + total_rank], scalings, ranks, dtype)  # s · g @ B
-    db_OR = jnp.einsum("to,tR->oR", g_tO, xa_tR, preferred_element_type=jnp.float32)
-    outs, rank_offsets = np.cumsum([0] + [b.shape[0] for b in bs]), np.cumsum((0,) + ranks)
-    dbs = tuple((db_OR[outs[j]:outs[j + 1], rank_offsets[j]:rank_offsets[j + 1]] * s.astype(jnp.float32)).astype(b.dtype)
-                for j, (b, s) in enumerate(zip(bs, scalings)))
-    return _folded_cotangents(gw_tk[:, :in_dim], gb_scaled_tR, x_ti, weights, a_cat, dbs, scalings)
-
-
-_folded_whole_core.defvjp(_folded_whole_fwd, _folded_whole_bwd)

@@ -49,6 +49,10 @@ class KernelOptions:
       else also the attention core; at Llama-3.1-8B 4.5x the host bytes, 3.5x without cuDNN's outputs) or "auto"
       (the default): "attention" where the host budget holds it and the host link moves a layer's offloaded bytes
       in the time the GPU computes the layer's forward pass (`decoder.lean_offload_attention`), else "layer_input";
+    - `mlp_offload_every`: with use_gradient_checkpointing="unsloth", every N-th decoder layer (counting from the
+      first, 0: none, the default) also sends its gate/up projections' outputs to pinned host memory, so the
+      backward pass does not run gate_proj/up_proj (the layer's largest recompute) again there; N trades host-link
+      bytes (2 x intermediate values per token and layer) against that recompute (`decoder.mlp_offload_every`);
     - `nf4_lookup`: how the one-pass NF4 dequantize looks its 16 values up: "table" (an indexed load of the table:
       3.1 TB/s on the H200), "select" (a 4-level select tree: 1.9 TB/s) or "auto" (the default): the table for the
       weights folded with their LoRA B (q/k/v, o, gate/up) and, outside the memory-lean modes, for the others; in
@@ -57,13 +61,7 @@ class KernelOptions:
     - `flops_per_host_byte`: the device's matmul FLOP/s over its device-to-host copy bytes/s, what "auto"
       compares a layer's forward FLOPs per offloaded byte with; None: measured when an "unsloth" loss is built on
       a GPU by a single process (`training.measured_flops_per_host_byte`, once per process); elsewhere (no GPU,
-      several processes) "auto" means "layer_input" unless it is given;
-    - `gate_up_whole`: False (the default) keeps gate and up as two tagged halves; True, outside the memory-lean
-      modes, tags the one gemm output that writes both (a fused gate_up_proj, or gate/up folded into one NF4 gemm:
-      `lora_op.writes_group_whole`), so use_gradient_checkpointing=False keeps one stacked residual instead of two
-      copied halves and runs gate/up's backward as one gemm; the halves' cotangent is written as one concatenation
-      (`decoder.gate_up_projections`). An experiment for the H200, not yet measured in this form (session 10
-      measured it with autodiff's pad-and-add cotangent: no faster, benchmarks/README.md).
+      several processes) "auto" means "layer_input" unless it is given.
     """
 
     nf4_matmul: str = "xla"
@@ -74,9 +72,9 @@ class KernelOptions:
     mlp_tile_tokens: int = 0
     host_offload_bytes: int | None = None
     lean_offload: str = "auto"
+    mlp_offload_every: int = 0
     flops_per_host_byte: float | None = None
     nf4_lookup: str = "auto"
-    gate_up_whole: bool = False
 
     def __post_init__(self):
         if self.nf4_matmul not in NF4_MATMULS:
@@ -85,8 +83,6 @@ class KernelOptions:
             raise ValueError(f"attention={self.attention!r} is not one of {ATTENTIONS}")
         if not isinstance(self.lora_fold, bool) or not isinstance(self.memory_lean, bool):
             raise TypeError(f"lora_fold and memory_lean must be bools; got {self.lora_fold!r}, {self.memory_lean!r}")
-        if not isinstance(self.gate_up_whole, bool):
-            raise TypeError(f"gate_up_whole must be a bool; got {self.gate_up_whole!r}")
         if (isinstance(self.lean_weight_tile_bytes, bool) or not isinstance(self.lean_weight_tile_bytes, int)
                 or self.lean_weight_tile_bytes < 1):
             raise ValueError(f"lean_weight_tile_bytes={self.lean_weight_tile_bytes!r} must be a positive int (bytes)")
@@ -95,6 +91,10 @@ class KernelOptions:
                              "positive int (tokens per MLP tile)")
         if self.lean_offload not in LEAN_OFFLOADS:
             raise ValueError(f"lean_offload={self.lean_offload!r} is not one of {LEAN_OFFLOADS}")
+        if (isinstance(self.mlp_offload_every, bool) or not isinstance(self.mlp_offload_every, int)
+                or self.mlp_offload_every < 0):
+            raise ValueError(f"mlp_offload_every={self.mlp_offload_every!r} is not accepted; use 0 (no layer offloads "
+                             "its gate/up) or a positive int N (every N-th decoder layer does)")
         if self.nf4_lookup not in NF4_LOOKUPS:
             raise ValueError(f"nf4_lookup={self.nf4_lookup!r} is not one of {NF4_LOOKUPS}")
         if self.flops_per_host_byte is not None and (isinstance(self.flops_per_host_byte, bool) or not isinstance(
