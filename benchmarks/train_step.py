@@ -42,8 +42,7 @@ def kernel_options(args):
     from fastlora_jax.kernels import KernelOptions
     return KernelOptions(nf4_matmul=args.nf4_matmul, lora_fold=not args.no_lora_fold, attention=args.attention,
                          lean_weight_tile_bytes=args.lean_tile_mib << 20, mlp_tile_tokens=args.mlp_tile_tokens,
-                         lean_offload=args.lean_offload, nf4_lookup=args.nf4_lookup,
-                         mlp_offload_every=args.mlp_offload_every)
+                         lean_offload=args.lean_offload, nf4_lookup=args.nf4_lookup)
 
 
 def options_label(options, xla_step_options) -> str:
@@ -64,7 +63,7 @@ def kernel_flags(args) -> list[str]:
     """The same flags for the per-config child process."""
     return (["--nf4-matmul", args.nf4_matmul, "--attention", args.attention, "--lean-tile-mib", str(args.lean_tile_mib),
              "--mlp-tile-tokens", str(args.mlp_tile_tokens), "--lean-offload", args.lean_offload,
-             "--nf4-lookup", args.nf4_lookup, "--mlp-offload-every", str(args.mlp_offload_every)]
+             "--nf4-lookup", args.nf4_lookup]
             + (["--no-lora-fold"] if args.no_lora_fold else [])
             + [flag for opt in args.xla_option for flag in ("--xla-option", opt)])
 
@@ -183,7 +182,6 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention, "lean_tile_mib": model.kernel_options.lean_weight_tile_bytes >> 20,
         "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, "nf4_lookup": model.kernel_options.nf4_lookup,
-        "mlp_offload_every": model.kernel_options.mlp_offload_every,
         "xla_options": step_compiler_options(model.use_gradient_checkpointing, xla_step_options),
         **offload_choice(model, cfg, mode, batch, seq, dtype),
         **compiled_memory, **({"profile": profile} if profile else {}),
@@ -305,9 +303,6 @@ def main() -> None:
                         help="KernelOptions.lean_offload (--gc unsloth; default: %(default)s)")
     parser.add_argument("--nf4-lookup", default="auto", choices=["auto", "table", "select"],
                         help="KernelOptions.nf4_lookup (default: %(default)s)")
-    parser.add_argument("--mlp-offload-every", type=int, default=0, metavar="N",
-                        help="KernelOptions.mlp_offload_every: with --gc unsloth every N-th layer also offloads its "
-                             "gate/up (0: none; default: %(default)s)")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "flash"],
                         help="KernelOptions.attention (default: %(default)s)")
     parser.add_argument("--compile-first", action="store_true",

@@ -49,10 +49,6 @@ class KernelOptions:
       else also the attention core; at Llama-3.1-8B 4.5x the host bytes, 3.5x without cuDNN's outputs) or "auto"
       (the default): "attention" where the host budget holds it and the host link moves a layer's offloaded bytes
       in the time the GPU computes the layer's forward pass (`decoder.lean_offload_attention`), else "layer_input";
-    - `mlp_offload_every`: with use_gradient_checkpointing="unsloth", every N-th decoder layer (counting from the
-      first, 0: none, the default) also sends its gate/up projections' outputs to pinned host memory, so the
-      backward pass does not run gate_proj/up_proj (the layer's largest recompute) again there; N trades host-link
-      bytes (2 x intermediate values per token and layer) against that recompute (`decoder.mlp_offload_every`);
     - `nf4_lookup`: how the one-pass NF4 dequantize looks its 16 values up: "table" (an indexed load of the table:
       3.1 TB/s on the H200), "select" (a 4-level select tree: 1.9 TB/s) or "auto" (the default): the table for the
       weights folded with their LoRA B (q/k/v, o, gate/up) and, outside the memory-lean modes, for the others; in
@@ -72,7 +68,6 @@ class KernelOptions:
     mlp_tile_tokens: int = 0
     host_offload_bytes: int | None = None
     lean_offload: str = "auto"
-    mlp_offload_every: int = 0
     flops_per_host_byte: float | None = None
     nf4_lookup: str = "auto"
 
@@ -91,10 +86,6 @@ class KernelOptions:
                              "positive int (tokens per MLP tile)")
         if self.lean_offload not in LEAN_OFFLOADS:
             raise ValueError(f"lean_offload={self.lean_offload!r} is not one of {LEAN_OFFLOADS}")
-        if (isinstance(self.mlp_offload_every, bool) or not isinstance(self.mlp_offload_every, int)
-                or self.mlp_offload_every < 0):
-            raise ValueError(f"mlp_offload_every={self.mlp_offload_every!r} is not accepted; use 0 (no layer offloads "
-                             "its gate/up) or a positive int N (every N-th decoder layer does)")
         if self.nf4_lookup not in NF4_LOOKUPS:
             raise ValueError(f"nf4_lookup={self.nf4_lookup!r} is not one of {NF4_LOOKUPS}")
         if self.flops_per_host_byte is not None and (isinstance(self.flops_per_host_byte, bool) or not isinstance(

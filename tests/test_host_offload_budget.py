@@ -287,9 +287,7 @@ def test_layer_forward_flops_and_offload_features_by_hand():
 
 
 @pytest.mark.parametrize("field, value", [("lean_offload", "qkv"), ("flops_per_host_byte", 0),
-                                          ("flops_per_host_byte", "fast"), ("flops_per_host_byte", True),
-                                          ("mlp_offload_every", -1), ("mlp_offload_every", 1.0),
-                                          ("mlp_offload_every", True)])
+                                          ("flops_per_host_byte", "fast"), ("flops_per_host_byte", True)])
 def test_bad_lean_offload_options_raise(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r} is not"):
         KernelOptions(**{field: value})
@@ -425,50 +423,3 @@ def test_profile_counts_only_the_copy_time_no_kernel_hides():
     assert bench.copy_overlap([(0, 10, kernel), (10, 15, copy), (2, 4, copy)]) == (15, 5)
     # two copies overlapping each other, no kernel: their union
     assert bench.copy_overlap([(0, 10, copy), (5, 12, copy)]) == (12, 12)
-
-
-# (every, fewer): `every` offloads gate/up in one layer more than `fewer` does, in the same traced structure: 1 vs
-# 0 (one scan, its body once); 2 vs 3 in three layers (a scan over one group of two layers and layer 2 unrolled,
-# against one group of three layers: layers 0 and 2 offload gate/up against layer 0 only)
-@pytest.mark.parametrize("case, every, fewer", [("llama_control", 1, 0), ("llama_control", 2, 3), ("qwen3", 1, 0)])
-def test_mlp_offload_gives_the_grads_of_layer_input_offload_and_skips_gate_up(rng, case, every, fewer):
-    """KernelOptions.mlp_offload_every: the layers that offload gate/up too give the loss and LoRA gradients of
-    layer-input offload, their backward traces two base matmuls fewer (gate_proj and up_proj are not run again: the
-    outputs come back from the host), and they offload two values more (out and back: four device_puts)."""
-    model = _peft_model(case)
-    assert model.cfg.num_layers == 3, model.cfg.num_layers  # the 2-vs-3 case's structure
-    ids, labels, mask = _batch(rng, model.cfg.vocab_size, 2, 23)
-    group_rank = 3 * int(model.lora_layout.spec.r)
-    runs = {}
-    for n in (0, every, fewer):
-        options = KernelOptions(memory_lean=True, lean_offload="layer_input", mlp_offload_every=n)
-        fn = _direct_loss_and_grad(model, ids, labels, mask, decoder.HostOffload(), options)
-        runs[n] = (jax.jit(fn)(model.lora_params), _dot_count(fn, model.lora_params, group_rank + 1),
-                   _device_puts(fn, model.lora_params))
-    want_loss, want_grads = runs[0][0]
-    for n in (every, fewer):
-        got_loss, got_grads = runs[n][0]
-        assert abs(float(got_loss) - float(want_loss)) <= 1e-6 * abs(float(want_loss))
-        for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):  # grouped, unrolled layers fuse
-            assert rel_l2(g, w) < 1e-5  # and sum in another order: fp32 rounding (1e-7) over a few layers' chains
-    assert runs[every][1] == runs[fewer][1] - 2, (runs[every][1], runs[fewer][1])
-    assert runs[every][2] == runs[fewer][2] + 4, (runs[every][2], runs[fewer][2])
-    assert runs[0][2] == 2  # the layer input, out and back
-
-
-def test_mlp_offload_beyond_the_host_budget_warns_and_offloads_without_it():
-    """A budget that holds the layer inputs but not every N-th layer's gate/up: a warning naming the option, and
-    the layer-input rule as without it (no layer offloads gate/up)."""
-    cfg = _peft_model("llama_control").cfg
-    x = jax.ShapeDtypeStruct((2, 23, cfg.hidden_size), jnp.float32)
-    inputs = cfg.num_layers * 2 * 23 * cfg.hidden_size * 4
-    options = KernelOptions(memory_lean=True, lean_offload="layer_input", mlp_offload_every=1,
-                            host_offload_bytes=inputs)
-    with pytest.warns(UserWarning, match="mlp_offload_every=1: host_offload_bytes="):
-        assert decoder.mlp_offload_every(cfg, x, cfg.num_layers, decoder.HostOffload(), options) == 0
-    roomy = KernelOptions(memory_lean=True, mlp_offload_every=1, host_offload_bytes=inputs * (1 + 2 * cfg.intermediate_size // cfg.hidden_size))
-    assert decoder.mlp_offload_every(cfg, x, cfg.num_layers, decoder.HostOffload(), roomy) == 1
-    # not a host-offload policy (False, True), or a tiled MLP: nothing to choose
-    assert decoder.mlp_offload_every(cfg, x, cfg.num_layers, None, roomy) == 0
-    tiled = KernelOptions(memory_lean=True, mlp_offload_every=1, mlp_tile_tokens=8)
-    assert decoder.mlp_offload_every(cfg, x, cfg.num_layers, decoder.HostOffload(), tiled) == 0

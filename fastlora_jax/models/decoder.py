@@ -67,17 +67,14 @@ class HostOffload:
     the host too, and with `attention_outputs` (`offloads_attention_outputs`) cuDNN attention's output and softmax
     statistics (the `dot_product_attention_fwd` primitive's results): the backward then recomputes only the MLP
     half (without `attention_outputs`, also the attention core from q/k/v; never the q/k/v/o projections).
-    `run_layers` decides both for the whole model (`lean_offload_attention`), and `mlp` per layer (every
-    `KernelOptions.mlp_offload_every`-th layer: `mlp_offload_layers`); other stacks (vision towers, Mllama's
-    cross-attention layers) use the policy as given."""
+    `run_layers` decides both for the whole model (`lean_offload_attention`); other stacks (vision towers,
+    Mllama's cross-attention layers) use the policy as given."""
     attention: bool = False
     attention_outputs: bool = False  # with `attention`: cuDNN's outputs too (`offloads_attention_outputs`)
-    mlp: bool = False  # gate/up too (SAVED_MLP_INPUTS): the backward does not run gate_proj/up_proj again
 
     def __call__(self, prim, *_, **params):
         if prim is name_primitive():
-            names = ((LAYER_INPUT,) + (ATTENTION_OFFLOAD_NAMES if self.attention else ())
-                     + ((SAVED_MLP_INPUTS,) if self.mlp else ()))
+            names = (LAYER_INPUT,) + (ATTENTION_OFFLOAD_NAMES if self.attention else ())
             return Offloadable(src="device", dst="pinned_host") if params["name"] in names else Recompute
         if self.attention and self.attention_outputs and prim.name.startswith("dot_product_attention_fwd"):
             return Offloadable(src="device", dst="pinned_host")
@@ -599,9 +596,8 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
         attention = lean_offload_attention(cfg, x_bsd, range(cfg.num_layers), options)
         remat = replace(remat, attention=attention,
                         attention_outputs=attention and offloads_attention_outputs(cfg, x_bsd, options))
-    mlp_every = mlp_offload_every(cfg, x_bsd, count, remat, options)
     offloaded = count
-    if remat is not None and options.host_offload_bytes is not None and not mlp_every:
+    if remat is not None and options.host_offload_bytes is not None:
         per_layer = _host_bytes_per_layer(x_bsd, offload_features(cfg, getattr(remat, "attention", False),
                                                                   getattr(remat, "attention_outputs", False)))
         offloaded = offloaded_layers(layer_indices, per_layer, options.host_offload_bytes)
@@ -609,62 +605,26 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
             warnings.warn(f"host_offload_bytes={options.host_offload_bytes} holds the inputs of {offloaded} of these "
                           f"{count} decoder layers ({per_layer} bytes each); the other layers keep theirs on the "
                           "device", stacklevel=2)
-    if mlp_every == 1:
-        remat = replace(remat, mlp=True)
-    if offloaded == count and mlp_every <= 1:
+    if offloaded == count:
         if remat is not None:
             step = jax.checkpoint(step, policy=remat, prevent_cse=False)
         x, _ = jax.lax.scan(step, x_bsd, (layers, data, layer_keys))
         return x
-
-    def indexed_step(x_bsd, i):  # the layer is read INSIDE the checkpoint: a read outside would be an
-        xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),  # input it saves,
-                          (layers, data, layer_keys))  # and the scan would stack every layer's weights
-        return step(x_bsd, xs)
-
-    if mlp_every:  # layer j offloads gate/up where j % mlp_every == 0: one scan over groups of mlp_every layers
-        # (each layer under its own checkpoint), the layers after the last whole group unrolled
-        policies = [replace(remat, mlp=True)] + [remat] * (mlp_every - 1)
-
-        def group(x_bsd, first):
-            for j, policy in enumerate(policies):
-                x_bsd, _ = jax.checkpoint(indexed_step, policy=policy, prevent_cse=False)(x_bsd, first + j)
-            return x_bsd, None
-
-        groups = count // mlp_every
-        x_bsd, _ = jax.lax.scan(group, x_bsd, mlp_every * jnp.arange(groups))
-        for j in range(groups * mlp_every, count):
-            x_bsd, _ = jax.checkpoint(indexed_step, policy=policies[j % mlp_every], prevent_cse=False)(x_bsd, j)
-        return x_bsd
     # Host memory holds the inputs of the first `offloaded` layers only: those run under `remat` (which offloads),
     # the rest keep their input on the device. Each part scans over layer numbers and reads its layer from the
     # whole stack (a slice of the stack outside the scan would be a copy of its weights).
     for start, stop, policy in ((0, offloaded, remat), (offloaded, count, jax.checkpoint_policies.nothing_saveable)):
-        if start < stop:
-            x_bsd, _ = jax.lax.scan(jax.checkpoint(indexed_step, policy=policy, prevent_cse=False), x_bsd,
-                                    jnp.arange(start, stop))
+        if start == stop:
+            continue
+
+        def indexed_step(x_bsd, i):  # the layer is read INSIDE the checkpoint: a read outside would be an
+            xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),  # input it saves,
+                              (layers, data, layer_keys))  # and the scan would stack every layer's weights
+            return step(x_bsd, xs)
+
+        x_bsd, _ = jax.lax.scan(jax.checkpoint(indexed_step, policy=policy, prevent_cse=False), x_bsd,
+                                jnp.arange(start, stop))
     return x_bsd
-
-
-def mlp_offload_every(cfg: DecoderConfig, x_bsd, count: int, remat, options: KernelOptions) -> int:
-    """Every how many of these `count` decoder layers one also offloads its gate/up (`HostOffload.mlp`), by
-    `options.mlp_offload_every`; 0 (none) unless `remat` is a HostOffload, the MLP is untiled (a tiled MLP's gate/up
-    are recomputed per tile: `tiled_mlp_block`), and the host budget (`host_offload_bytes`) holds every layer's
-    offload with them (else a warning, and the layer-input budget rule applies as without it)."""
-    every = options.mlp_offload_every
-    batch, seq, _ = x_bsd.shape
-    if not every or not isinstance(remat, HostOffload) or (
-            options.mlp_tile_tokens and batch * seq > options.mlp_tile_tokens):
-        return 0
-    every = min(every, count)
-    layer = _host_bytes_per_layer(x_bsd, offload_features(cfg, remat.attention, remat.attention_outputs))
-    mlp = _host_bytes_per_layer(x_bsd, 2 * cfg.intermediate_size)
-    needed = count * layer + -(-count // every) * mlp
-    if options.host_offload_bytes is not None and needed > options.host_offload_bytes:
-        warnings.warn(f"mlp_offload_every={options.mlp_offload_every}: host_offload_bytes={options.host_offload_bytes} "
-                      f"does not hold the {needed} bytes it would offload; offloading without gate/up", stacklevel=3)
-        return 0
-    return every
 
 
 def offloaded_layers(layer_indices, bytes_per_layer: int, host_bytes: int) -> int:
