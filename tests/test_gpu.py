@@ -251,3 +251,35 @@ def test_gemma3_vision_logits_on_gpu_match_transformers(tmp_path, rng):
     bf16, _ = FastVisionModel.from_pretrained(model_dir, load_in_4bit=False)  # dtype=None: bf16 on a GPU
     assert bf16.dtype == jnp.bfloat16
     assert rel_l2(np.asarray(bf16(ids, None, pixels, types).logits.astype(jnp.float32)), expected) < 2e-2
+
+
+@pytest.mark.parametrize("mode", ["unsloth", False])
+def test_one_device_mesh_trains_as_the_plain_run_on_gpu(tmp_path, rng, mode):
+    """Issue 17's one-GPU part: the training step on a mesh of the one GPU (`make_mesh()`: data=1) gives the plain
+    run's losses and LoRA params after two AdamW steps, in both modes ("unsloth" sends its layer inputs to pinned
+    host memory: on a mesh the offloaded values carry its sharding). fp32: the same ops; XLA may order sums apart
+    once the program carries shardings, so rounding (1e-7) over three steps' chains bounds the difference."""
+    import optax
+
+    from fastlora_jax import sharding
+    model_dir = write_tiny_llama(tmp_path / "m", seed=int(rng.integers(1 << 30)), tokenizer=False, num_hidden_layers=3)
+    base, _ = FastLanguageModel.from_pretrained(model_dir, dtype="float32", load_in_4bit=True)
+    ids = rng.integers(4, 512, size=(1, 2, 32)).astype(np.int32)  # [accum, micro_batch, seq]
+    batch = {"input_ids": ids, "labels": ids}
+    runs = []
+    for mesh in (None, sharding.make_mesh()):
+        pm = FastLanguageModel.get_peft_model(base, r=8, init_lora_weights=False, use_gradient_checkpointing=mode)
+        if mesh is not None:
+            assert mesh.size == 1 and mesh.devices.flat[0].platform == "gpu"
+            pm.shard(mesh)
+        optimizer = optax.adamw(1e-3)
+        lora, state = pm.lora_params, optimizer.init(pm.lora_params)
+        step, losses = training.make_train_step(pm, optimizer), []
+        for i in range(2):
+            lora, state, metrics = step(lora, state, batch, jax.random.key(i))
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, pm.peft_state_dict(lora)))
+    (plain_losses, plain), (mesh_losses, meshed) = runs
+    np.testing.assert_allclose(mesh_losses, plain_losses, rtol=1e-6)
+    for key, value in plain.items():
+        assert rel_l2(np.asarray(meshed[key]), np.asarray(value)) < 1e-5, key
