@@ -21,7 +21,8 @@ for job in "$@"; do
           # call and `test-rest` (the other files) in the next; the 25 slowest go into the log
           case "$job" in test) files=tests ;; test-nf4) files=tests/test_nf4_matmul.py ;;
                          *) files="tests --deselect tests/test_nf4_matmul.py" ;; esac
-          python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --durations=25 $files 2>&1 | tee "$OUT/pytest_gpu_$job.log" | tail -15 ;;
+          python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --durations=25 $files 2>&1 | tee "$OUT/pytest_gpu_$job.log" | tail -15
+          [ "${PIPESTATUS[0]}" = 0 ] || tests_failed=1 ;;
     load8b) python3 benchmarks/load_checkpoint.py --shape llama-3.1-8b --dir /tmp/ckpt 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     gc8k) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 8192 --gc true unsloth false --timeout 170 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     gc4k) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 4096 --gc true unsloth false --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl" ;;
@@ -124,4 +125,5 @@ for job in "$@"; do
   esac
 done
 echo "== results"; grep -h '^{' "$OUT"/bench.jsonl 2>/dev/null; for log in "$OUT"/pytest_gpu_*.log; do
-  [ -e "$log" ] && echo "$(basename "$log"): $(grep -h "passed\|failed" "$log" | tail -1)"; done; true
+  [ -e "$log" ] && echo "$(basename "$log"): $(grep -h "passed\|failed" "$log" | tail -1)"; done
+exit "${tests_failed:-0}"  # a failing `pytest -m gpu` fails the call

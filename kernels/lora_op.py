@@ -16,7 +16,7 @@ The base weight and the scaling are frozen: their cotangents are zeros (dropped,
 DoRA goes through the reference (`reference.lora_linear`), which autodiff handles.
 
 With an NF4 base the LoRA branch is folded into the base matmul as R extra contraction columns
-(`_folded_core`, below): one gemm per group with use_gradient_checkpointing=False, one per module in the
+(`_folded_core`, below): one forward gemm per group with use_gradient_checkpointing=False, one per module in the
 memory-lean modes (`KernelOptions.memory_lean`). `KernelOptions(lora_fold=False)` turns folding off (for A/B timing). The options are a
 static argument of every op here and a non-differentiable argument of the custom VJPs, so that a backward
 rule makes the choices of its forward.
@@ -425,7 +425,8 @@ _group_core.defvjp(_group_fwd, _group_bwd)
 # B beside it costs nothing, and the gemm then adds the LoRA term in its fp32 accumulator. Unfolded, each
 # LoRA output [tokens, out] is written by a skinny gemm and read again by the add (profile: ~20 ms of a
 # 300 ms Llama-8B step). The backward's `g @ [W | B]` also yields `g @ B` for free, and the group's
-# modules run as ONE gemm each way (q/k/v: out 6144; gate/up: 2 x 14336) instead of one per module.
+# modules run as ONE forward gemm (q/k/v: out 6144; gate/up: 2 x 14336) instead of one per module (the
+# backward: one per module, `_folded_bwd` says why).
 # The price is a copy of x with R more columns: worth it when the group's outputs are at least as wide
 # as its input (q/k/v, o, gate/up; not down_proj, whose input is 3.5x its output).
 

@@ -303,9 +303,12 @@ def test_lora_folded_into_nf4_matmul_matches_reference(rng, outs_ranks, lean):
         assert rel_l2(g, w) < 1e-4
 
 
-# odd ranks: the 32-bit words get a zero column; (5, 4, 8): an odd total rank, so the folded width is padded
+# (5, 3, 8): odd ranks, an even total (no pad); (5, 4, 8): an odd total, so the folded width gets a zero column
+# (the 32-bit words); lean: the memory-lean modes fold per module, each with its own padded weight
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("ranks", [(16, 16, 16), (5, 3, 8), (5, 4, 8)])
-def test_lora_folded_bf16_close_to_fp32_reference(rng, ranks):
+def test_lora_folded_bf16_close_to_fp32_reference(rng, ranks, lean):
+    options = _lean_options(lean)
     mods = [_module(rng, True, False, out=out, inp=256, r=r) for out, r in zip((256, 64, 64), ranks)]
     x = jnp.asarray(rng.standard_normal((4, 64, 256)), jnp.float32)
     probes = [jnp.asarray(rng.standard_normal((4, 64, m["lora_B"].shape[0])), jnp.float32) for m in mods]
@@ -315,12 +318,12 @@ def test_lora_folded_bf16_close_to_fp32_reference(rng, ranks):
         return sum(jnp.sum(y.astype(jnp.float32) * p) for y, p in zip(op(x.astype(dtype), ms), probes))
 
     lora = [(m["lora_A"], m["lora_B"]) for m in mods]
-    got = jax.value_and_grad(lambda x, l: loss(lora_op.lora_linear_group, jnp.bfloat16, x, l), argnums=(0, 1))(x, lora)
+    got = jax.value_and_grad(lambda x, l: loss(partial(lora_op.lora_linear_group, options=options), jnp.bfloat16, x, l), argnums=(0, 1))(x, lora)
     want = jax.value_and_grad(lambda x, l: loss(lambda x, ms: [reference.lora_linear(x, m) for m in ms],
                                                 jnp.float32, x, l), argnums=(0, 1))(x, lora)
-    assert lora_op.folds_into_base(256, mods)
+    assert lora_op.folds_into_base(256, mods, options)
     ms16 = [dict(m, lora_A=m["lora_A"].astype(jnp.bfloat16), lora_B=m["lora_B"].astype(jnp.bfloat16)) for m in mods]
-    for y, m in zip(lora_op.lora_linear_group(x.astype(jnp.bfloat16), ms16), mods):
+    for y, m in zip(lora_op.lora_linear_group(x.astype(jnp.bfloat16), ms16, options=options), mods):
         assert rel_l2(y.astype(jnp.float32), reference.lora_linear(x, m)) < 1e-2
     for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         assert rel_l2(g.astype(jnp.float32), w) < 2e-2

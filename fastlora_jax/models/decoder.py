@@ -534,7 +534,7 @@ def gate_up_projections(h, mlp: dict, keys, intermediate_size: int, dropout_rate
     Each half is tagged, not a fused gemm's whole output: kept whole (one stacked residual instead of two copies
     of column halves), the backward's cotangent of the two halves became a pad-and-add fusion at 1.7 TB/s, and the
     Llama-8B 2 x 2048 False step was no faster (H200, session 10); with that cotangent written as one concatenation
-    instead, keeping gate/up whole was measured no faster either (session 11: benchmarks/README.md)."""
+    instead, keeping gate/up whole was slower (8B -0.4%, 1B -3.2%, +0.23 GiB peak; session 11, benchmarks/README.md)."""
     kg, ku = keys
     tag = (lambda y: y) if saved_name is None else (lambda y: checkpoint_name(y, saved_name))
     if "gate_up_proj" in mlp:
