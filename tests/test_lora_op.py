@@ -318,7 +318,8 @@ def test_lora_folded_bf16_close_to_fp32_reference(rng, ranks, lean):
         return sum(jnp.sum(y.astype(jnp.float32) * p) for y, p in zip(op(x.astype(dtype), ms), probes))
 
     lora = [(m["lora_A"], m["lora_B"]) for m in mods]
-    got = jax.value_and_grad(lambda x, l: loss(partial(lora_op.lora_linear_group, options=options), jnp.bfloat16, x, l), argnums=(0, 1))(x, lora)
+    group = partial(lora_op.lora_linear_group, options=options)
+    got = jax.value_and_grad(lambda x, l: loss(group, jnp.bfloat16, x, l), argnums=(0, 1))(x, lora)
     want = jax.value_and_grad(lambda x, l: loss(lambda x, ms: [reference.lora_linear(x, m) for m in ms],
                                                 jnp.float32, x, l), argnums=(0, 1))(x, lora)
     assert lora_op.folds_into_base(256, mods, options)
