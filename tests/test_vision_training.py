@@ -142,9 +142,9 @@ def test_checkpointing_modes_give_the_same_gradients(tiny):
         warnings.simplefilter("ignore")  # "unsloth" on the CPU: no pinned host memory, recomputes as True
         for mode in ("unsloth", True, False):
             results[mode] = leaves(step_gradients(peft_model(base, mode=mode), batch)[0])
-    for mode in ("unsloth", False):  # the same math; XLA may fuse (and so round) differently
-        for a, b in zip(results[mode], results[True]):
-            assert np.abs(b).max() > 0 and rel_l2(a, b) < 1e-6
+    for mode in ("unsloth", False):  # the same math; XLA may fuse (and so round) differently: fp32 rounding (1e-7)
+        for a, b in zip(results[mode], results[True]):  # over the layers' chains (1.09e-6 seen on an AMD EPYC)
+            assert np.abs(b).max() > 0 and rel_l2(a, b) < 1e-5
 
 
 def test_image_batches_are_named_when_stacked_or_given_to_a_text_model(tiny):
