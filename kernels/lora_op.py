@@ -503,30 +503,21 @@ def _folded_input(x_ti, a_cat, scalings, ranks):
 def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     """One gemm for the whole group: `[x | s·xa] @ [[W_1 | B_1 0]; [W_2 | 0 B_2]; ...]ᵀ`, its output cut per module
     (in the memory-lean modes one gemm per module)."""
-    if not options.memory_lean:
-        y_tO, residuals = _folded_group_gemm(options, ranks, x_ti, weights, a_cat, bs, scalings)
-        offsets = np.cumsum([0] + [b.shape[0] for b in bs])
-        return tuple(y_tO[:, offsets[i]:offsets[i + 1]] for i in range(len(bs))), residuals
     dtype = x_ti.dtype
     xa_tR, x_folded_tk = _folded_input(x_ti, a_cat, scalings, ranks)
+    residuals = (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
+    if not options.memory_lean:
+        w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, options)
+        y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)
+        offsets = np.cumsum([0] + [b.shape[0] for b in bs])
+        return tuple(y_tO[:, offsets[i]:offsets[i + 1]] for i in range(len(bs))), residuals
     ys = []  # one gemm and one folded weight per module (per row tile): no group-sized transient
     for w, b in zip(weights, _b_blocks(bs, ranks)):
         tiles = _tile_outputs(_weight_tiles(w, dtype, options), lambda r0, r1, wt, b=b: jnp.einsum(
             "tk,ok->to", x_folded_tk, _folded_weight([wt], [b[r0:r1]], dtype, options),
             preferred_element_type=dtype))
         ys.append(tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=1))
-    return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
-
-
-def _folded_group_gemm(options, ranks, x_ti, weights, a_cat, bs, scalings):
-    """`_folded_fwd` outside the memory-lean modes: the group's one gemm, its output `[t, sum(out)]` (cut per module
-    by the caller) and the residuals."""
-    assert not options.memory_lean, "the memory-lean modes fold per module (_folded_fwd)"
-    dtype = x_ti.dtype
-    xa_tR, x_folded_tk = _folded_input(x_ti, a_cat, scalings, ranks)
-    w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, options)
-    y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)
-    return y_tO, (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
+    return tuple(ys), residuals
 
 
 def _folded_bwd(options, ranks, residuals, gs):
