@@ -74,6 +74,16 @@ for job in "$@"; do
           for cb in "" "--xla-option xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION"; do
             python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --mlp-tile-tokens 8192 --steps 3 $cb --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
           done ;;
+    unrolldump) # XLA's buffer assignment of Llama-3.2-1B 4 x 2048 False, scanned and unrolled (why the unrolled peak is higher)
+           for flag in "" --unroll-layers; do dump=/tmp/xla_dump_1b${flag}
+             XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump --xla_dump_hlo_module_re=jit_step" \
+               python3 benchmarks/train_step.py --shape llama-3.2-1b --batch 4 --seq 2048 --gc false $flag --steps 2 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"
+             memdump_tar "$dump" "1b${flag}"; done ;;
+    unroll) # the decoder layers as a Python loop (KernelOptions.unroll_layers, False mode only) against the scan, one process each
+           for spec in "llama-3.1-8b 2" "llama-3.2-1b 4"; do set -- $spec
+             for flag in "" --unroll-layers; do
+               python3 benchmarks/train_step.py --shape $1 --batch $2 --seq 2048 --gc false $flag --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"; done
+           done ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}

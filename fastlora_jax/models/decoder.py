@@ -605,6 +605,12 @@ def run_layers(cfg: DecoderConfig, layers: dict, x_bsd, cos, sin, attention_mask
             warnings.warn(f"host_offload_bytes={options.host_offload_bytes} holds the inputs of {offloaded} of these "
                           f"{count} decoder layers ({per_layer} bytes each); the other layers keep theirs on the "
                           "device", stacklevel=2)
+    if options.unroll_layers:  # one traced copy per layer (KernelOptions.unroll_layers, False's policy only:
+        for i in range(count):  # training.step_options refuses the others): no stacked residuals
+            def layer_step(x_bsd, i=i):  # the layer is read inside the checkpoint, as in the parts below
+                return step(x_bsd, jax.tree.map(lambda a: a[i], (layers, data, layer_keys)))[0]
+            x_bsd = (layer_step if remat is None else jax.checkpoint(layer_step, policy=remat, prevent_cse=False))(x_bsd)
+        return x_bsd
     if offloaded == count:
         if remat is not None:
             step = jax.checkpoint(step, policy=remat, prevent_cse=False)
