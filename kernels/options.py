@@ -52,9 +52,9 @@ class KernelOptions:
     - `unroll_layers`: False (the default) runs the decoder layers under one `lax.scan` (compile time flat in the
       depth); True, for use_gradient_checkpointing=False only, runs them as a Python loop, one traced copy per
       layer: the backward's residuals are each layer's own arrays rather than slices of stacked `[layers, ...]`
-      buffers that the scan zero-fills and copies into, and XLA schedules across layer boundaries. Measured on
-      the H200 (session 13): 6-9% faster, at a higher peak (Llama-3.1-8B 2 x 2048: 16,345 against 15,410 tok/s,
-      23.7 against 18.2 GiB) and a compile that grows with the depth (54 against 12 s);
+      buffers that the scan zero-fills and copies into. Measured on the H200 (session 14, Llama-3.1-8B
+      2 x 2048): 15,653 against the scan's 15,382-15,410 tok/s (earlier invocations), at 17.9 against 18.2 GiB,
+      with a compile that grows with the depth (60 against 12 s);
     - `nf4_lookup`: how the one-pass NF4 dequantize looks its 16 values up: "table" (an indexed load of the table:
       3.1 TB/s on the H200), "select" (a 4-level select tree: 1.9 TB/s) or "auto" (the default): the table for the
       weights folded with their LoRA B (q/k/v, o, gate/up) and, outside the memory-lean modes, for the others; in

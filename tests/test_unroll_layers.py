@@ -74,17 +74,16 @@ def test_unroll_layers_refused_with_checkpointing(mode):
         model.loss_sum_fn()
 
 
-@pytest.mark.parametrize("mode", [False, True])
-def test_unrolled_step_needs_no_more_memory_than_scanned(rng, mode):
+def test_unrolled_step_needs_no_more_memory_than_scanned(rng):
     """XLA's buffer plan for the loss and gradients (CPU compiler): unrolled, each layer's backward must recompute
     what the policy does not keep, as the scan does. A layer's checkpoint without `prevent_cse` let XLA merge that
     recompute with the forward's own ops, keeping every gated product and norm (Llama-3.2-1B 4 x 2048 on the
-    H200: 10.8 against 8.0 GiB scanned; here 4-5x the scanned temporaries)."""
+    H200: 10.8 against 8.0 GiB scanned; here 1.8x the scanned temporaries)."""
     model = _peft_model("llama_control")
     ids, labels, mask = _batch(rng, model.cfg.vocab_size, 4, 128)  # activations well above the weights
     temp = {}
     for unroll in (False, True):
-        model.use_gradient_checkpointing = mode
+        model.use_gradient_checkpointing = False
         model.kernel_options = replace(model.kernel_options, unroll_layers=unroll)
         loss = model.loss_sum_fn()
         grad = jax.jit(jax.value_and_grad(lambda lora: loss(model.base_params, lora, ids, labels, mask, None)[0]))
