@@ -91,7 +91,7 @@ def step_options(options: KernelOptions, mode) -> KernelOptions:
     if options.unroll_layers and mode is not False:
         raise ValueError(f"KernelOptions(unroll_layers=True) is for use_gradient_checkpointing=False; got "
                          f"use_gradient_checkpointing={mode!r}: unrolled, the \"unsloth\" mode of Llama-3.1-8B did "
-                         "not compile within 150 s on the H200 (benchmarks/README.md, session 14). Use "
+                         "not finish its first step within 150 s on the H200 (benchmarks/README.md, session 14). Use "
                          "unroll_layers=False")
     options = replace(options, memory_lean=mode is not False)
     if mode != "unsloth":  # only "unsloth" offloads: the budget would change the other modes' policies
