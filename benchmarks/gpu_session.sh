@@ -26,10 +26,9 @@ for job in "$@"; do
     load8b) python3 benchmarks/load_checkpoint.py --shape llama-3.1-8b --dir /tmp/ckpt 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     gc8k) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 8192 --gc true unsloth false --timeout 170 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     gc4k) python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 4096 --gc true unsloth false --timeout 150 2>&1 | tee -a "$OUT/bench.jsonl" ;;
-    peers) # ours and Unsloth in one invocation (.peers carried), 8B first; PROFILE=2 profiles ours (one tarball);
-           # OURS="--unroll-layers" (say) adds train_step.py flags for ours
-           python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth false --timeout 150 ${PROFILE:+--profile $PROFILE} ${OURS:-} 2>&1 | tee -a "$OUT/bench.jsonl"
-           python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth false --timeout 150 ${PROFILE:+--profile $PROFILE} ${OURS:-} 2>&1 | tee -a "$OUT/bench.jsonl"
+    peers) # ours and Unsloth in one invocation (.peers carried), 8B first; PROFILE=2 profiles ours (one tarball)
+           python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.1-8b --batch 2 --seq 2048 --gc unsloth false --timeout 150 ${PROFILE:+--profile $PROFILE} 2>&1 | tee -a "$OUT/bench.jsonl"
+           python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.2-1b --batch 4 --seq 2048 --gc unsloth false --timeout 150 ${PROFILE:+--profile $PROFILE} 2>&1 | tee -a "$OUT/bench.jsonl"
            prof_tar ;;
     lean32k) # the long-context lean point as shipped (MLP in sequence tiles of 8192)
            python3 benchmarks/train_step.py --shape llama-3.1-8b --batch 1 --seq 32768 --gc unsloth --mlp-tile-tokens 8192 --steps 3 --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl" ;;

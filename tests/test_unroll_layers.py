@@ -16,12 +16,15 @@ from conftest import rel_l2
 from test_tiled_mlp import _batch, _peft_model
 
 
-def _loss_and_grads(model, mode, options, ids, labels, mask):
+def _jitted_loss_and_grads(model, mode, options, ids, labels, mask):
     model.use_gradient_checkpointing = mode
     model.kernel_options = options
     loss = model.loss_sum_fn()
-    return jax.jit(jax.value_and_grad(lambda lora: loss(model.base_params, lora, ids, labels, mask, None)[0]))(
-        model.lora_params)
+    return jax.jit(jax.value_and_grad(lambda lora: loss(model.base_params, lora, ids, labels, mask, None)[0]))
+
+
+def _loss_and_grads(model, mode, options, ids, labels, mask):
+    return _jitted_loss_and_grads(model, mode, options, ids, labels, mask)(model.lora_params)
 
 
 @pytest.mark.parametrize("name", ["llama_control", "gemma2"])
@@ -83,9 +86,7 @@ def test_unrolled_step_needs_no_more_memory_than_scanned(rng):
     ids, labels, mask = _batch(rng, model.cfg.vocab_size, 4, 128)  # activations well above the weights
     temp = {}
     for unroll in (False, True):
-        model.use_gradient_checkpointing = False
-        model.kernel_options = replace(model.kernel_options, unroll_layers=unroll)
-        loss = model.loss_sum_fn()
-        grad = jax.jit(jax.value_and_grad(lambda lora: loss(model.base_params, lora, ids, labels, mask, None)[0]))
+        grad = _jitted_loss_and_grads(model, False, replace(model.kernel_options, unroll_layers=unroll), ids, labels,
+                                      mask)
         temp[unroll] = grad.lower(model.lora_params).compile().memory_analysis().temp_size_in_bytes
     assert temp[True] <= 1.1 * temp[False], temp
