@@ -12,11 +12,15 @@ Implementations (`impl` in the line):
               [batch, heads, seq, seq] fp32 scores fit (seq <= 8192)
   cudnn       jax.nn.dot_product_attention(implementation="cudnn") WITHOUT the cap (cuDNN has none), with
               the window as local_window_size: speed context only, not the same function when cap is set
+  tokamax     tokamax.dot_product_attention(implementation="mosaic"): tokamax's Hopper Mosaic GPU forward and
+              backward kernels (tokamax is not a dependency of the package: carry its wheels, benchmarks/README.md)
 
 Fields: ms (median wall time of a jitted call, host clock around block_until_ready), tflops (useful
 FLOPs of the causal/window band: 4*b*h*d*visible_pairs forward, 3.5x that for fwd_bwd, over ms), and
-rel_l2_vs_blockwise: the kernel's output against `blockwise` (all rows see a key here). Errors are reported in
-the line (`error`), never fatal. Usage: python benchmarks/flash_attention.py [--reps 5] [--only gemma]
+rel_l2_vs_blockwise: the kernel's output against `blockwise` (all rows see a key here); for tokamax without a cap,
+rel_l2_vs_cudnn of the output ("fwd") and of the three gradients (the largest of them, "fwd_bwd"). Errors are
+reported in the line (`error`), never fatal.
+Usage: python benchmarks/flash_attention.py [--reps 5] [--only gemma] [--impls cudnn,tokamax] [--batch 2048:2]
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ CONFIGS = [  # name, q_heads, kv_heads, head_dim, cap, window
     ("gemma2-9b-local", 16, 8, 256, 50.0, 4096),
     ("gemma2-9b-global", 16, 8, 256, 50.0, None),
     ("llama-d128", 32, 8, 128, None, None),
+    ("llama-d64", 32, 8, 64, None, None),  # Llama-3.2-1B
     ("mistral-d128-window", 32, 8, 128, None, 4096),
 ]
 
@@ -67,8 +72,24 @@ def cudnn(q, k, v, mask_bs, scale, *, logit_softcap=None, sliding_window=None):
                                         implementation="cudnn")
 
 
+def tokamax_mosaic(q, k, v, mask_bs, scale, *, logit_softcap=None, sliding_window=None):
+    import tokamax  # noqa: PLC0415 -- only this implementation needs it
+    from absl import flags  # noqa: PLC0415
+    if not flags.FLAGS.is_parsed():  # tokamax reads absl flags, which would otherwise parse this script's argv
+        flags.FLAGS.mark_as_parsed()
+    del mask_bs  # all ones here
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return tokamax.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=window,
+                                         logits_soft_cap=logit_softcap, implementation="mosaic")
+
+
 IMPLS = {"blockwise": fa.flash_attention_reference, "kernel": fa.flash_attention, "dense": dense,
-         "cudnn": cudnn}
+         "cudnn": cudnn, "tokamax": tokamax_mosaic}
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def visible_pairs(s: int, window) -> int:
@@ -92,13 +113,21 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", default="", help="substring of the config names to run")
     ap.add_argument("--seqs", default=",".join(map(str, SEQS)))
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    ap.add_argument("--batch", default="", help="seq:batch pairs overriding the defaults, e.g. 2048:2,32768:1")
     args = ap.parse_args()
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        raise SystemExit(f"--impls: {unknown} not among {sorted(IMPLS)}")
+    batch_of = dict(BATCH)
+    batch_of.update({int(a): int(b) for a, b in (p.split(":") for p in args.batch.split(",") if p)})
     dev = jax.devices()[0]
     for name, h, hk, d, cap, window in CONFIGS:
         if args.only not in name:
             continue
         for s in map(int, args.seqs.split(",")):
-            b = BATCH.get(s, 1)
+            b = batch_of.get(s, 1)
             rng = np.random.default_rng(s + d)
             q = jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.bfloat16)
             k = jnp.asarray(rng.standard_normal((b, s, hk, d)), jnp.bfloat16)
@@ -111,7 +140,9 @@ def main():
                     "q_heads": h, "kv_heads": hk, "head_dim": d, "logit_softcap": cap, "sliding_window": window,
                     "kernel_runs": jax.default_backend() == "gpu" and fa.supported(q, k, v)}
             ref_out = None
-            for impl, op in IMPLS.items():
+            cudnn_ref = {}  # pass -> outputs of cuDNN, for tokamax's rel_l2_vs_cudnn
+            for impl in impls:
+                op = IMPLS[impl]
                 if impl == "dense" and s > 8192:
                     continue
                 f = lambda q_, k_, v_, op=op: op(q_, k_, v_, mask, scale, logit_softcap=cap, sliding_window=window)
@@ -130,6 +161,12 @@ def main():
                     try:
                         ms = time_ms(fn, fargs, args.reps)
                         line.update(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1))
+                        if impl in ("cudnn", "tokamax") and cap is None:
+                            got = jax.tree.leaves(fn(*fargs))
+                            if impl == "cudnn":
+                                cudnn_ref[pass_name] = got
+                            elif pass_name in cudnn_ref:
+                                line["rel_l2_vs_cudnn"] = max(rel_l2(g, r) for g, r in zip(got, cudnn_ref[pass_name]))
                         if pass_name == "fwd" and impl in ("blockwise", "kernel"):
                             out = np.asarray(fwd(q, k, v), np.float32)
                             if impl == "blockwise":

@@ -85,6 +85,22 @@ for job in "$@"; do
                python3 benchmarks/train_step.py --shape $1 --batch $2 --seq 2048 --gc false $flag --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl"; done
            done ;;
     flash) python3 benchmarks/flash_attention.py 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    tokamax) # tokamax's Mosaic GPU attention (fwd and bwd kernels) against cuDNN at the Llama shapes (.whl carried:
+             # tokamax and its pure-Python needs, benchmarks/README.md "Session 15")
+          ( python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+              && mkdir -p /tmp/site/xprof/cli && touch /tmp/site/xprof/__init__.py /tmp/site/xprof/cli/__init__.py \
+              && echo "get_kernel_stats_tool = None  # stub: tokamax.benchmarking is not used" > /tmp/site/xprof/cli/tools.py \
+              && export PYTHONPATH=/tmp/site \
+              && python3 benchmarks/flash_attention.py --only llama-d --impls cudnn,tokamax --seqs 2048,8192,32768 \
+                   --batch 2048:4,8192:1 --reps 10 ) 2>&1 | tee -a "$OUT/bench.jsonl" ;;
+    saves) # KernelOptions.false_mode_saves under False (none, the LoRA x @ A^T, also the normed inputs; the last also
+           # unrolled), one process each; PEERS=1 adds Unsloth without checkpointing to the last row of each shape
+           for spec in "llama-3.1-8b 2" "llama-3.2-1b 4"; do set -- $spec
+             T="python3 benchmarks/train_step.py --shape $1 --batch $2 --seq 2048 --gc false --timeout 200"
+             for saves in "" lora_xa lora_xa,normed_inputs; do $T --false-saves "$saves" 2>&1 | tee -a "$OUT/bench.jsonl"; done
+             $T --false-saves lora_xa,normed_inputs --unroll-layers ${PEERS:+--vs-unsloth} 2>&1 | tee -a "$OUT/bench.jsonl"
+           done ;;
+    unroll1b) python3 benchmarks/train_step.py --shape llama-3.2-1b --batch 4 --seq 2048 --gc false --unroll-layers --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}
              # the memory-lean row tiles of large dequantized weights (default 128 MiB) against whole weights

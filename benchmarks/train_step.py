@@ -42,7 +42,15 @@ def kernel_options(args):
     from fastlora_jax.kernels import KernelOptions
     return KernelOptions(nf4_matmul=args.nf4_matmul, lora_fold=not args.no_lora_fold, attention=args.attention,
                          lean_weight_tile_bytes=args.lean_tile_mib << 20, mlp_tile_tokens=args.mlp_tile_tokens,
-                         lean_offload=args.lean_offload, nf4_lookup=args.nf4_lookup, unroll_layers=args.unroll_layers)
+                         lean_offload=args.lean_offload, nf4_lookup=args.nf4_lookup, unroll_layers=args.unroll_layers,
+                         false_mode_saves=false_saves(args))
+
+
+def false_saves(args) -> tuple[str, ...]:
+    from fastlora_jax.kernels import KernelOptions
+    if args.false_saves is None:
+        return KernelOptions().false_mode_saves
+    return tuple(name for name in args.false_saves.split(",") if name)
 
 
 def options_label(options, xla_step_options) -> str:
@@ -63,7 +71,7 @@ def kernel_flags(args) -> list[str]:
     """The same flags for the per-config child process."""
     return (["--nf4-matmul", args.nf4_matmul, "--attention", args.attention, "--lean-tile-mib", str(args.lean_tile_mib),
              "--mlp-tile-tokens", str(args.mlp_tile_tokens), "--lean-offload", args.lean_offload,
-             "--nf4-lookup", args.nf4_lookup]
+             "--nf4-lookup", args.nf4_lookup, "--false-saves", ",".join(false_saves(args))]
             + (["--no-lora-fold"] if args.no_lora_fold else []) + (["--unroll-layers"] if args.unroll_layers else [])
             + [flag for opt in args.xla_option for flag in ("--xla-option", opt)])
 
@@ -182,7 +190,7 @@ def run_one(shape: str, batch: int, seq: int, gc: str, steps: int, load_in_4bit:
         "nf4_matmul": model.kernel_options.nf4_matmul, "lora_fold": model.kernel_options.lora_fold,
         "attention": model.kernel_options.attention, "lean_tile_mib": model.kernel_options.lean_weight_tile_bytes >> 20,
         "mlp_tile_tokens": model.kernel_options.mlp_tile_tokens, "nf4_lookup": model.kernel_options.nf4_lookup,
-        "unroll_layers": model.kernel_options.unroll_layers,
+        "unroll_layers": model.kernel_options.unroll_layers, "false_mode_saves": list(model.kernel_options.false_mode_saves),
         "xla_options": step_compiler_options(model.use_gradient_checkpointing, xla_step_options),
         **offload_choice(model, cfg, mode, batch, seq, dtype),
         **compiled_memory, **({"profile": profile} if profile else {}),
@@ -297,6 +305,8 @@ def main() -> None:
     parser.add_argument("--no-lora-fold", action="store_true", help="KernelOptions(lora_fold=False), for A/B timing")
     parser.add_argument("--unroll-layers", action="store_true",
                         help="KernelOptions(unroll_layers=True): the decoder layers as a Python loop, not a scan")
+    parser.add_argument("--false-saves", default=None,
+                        help="KernelOptions.false_mode_saves, comma-separated ('' for none; default: the option's)")
     parser.add_argument("--lean-tile-mib", type=int, default=128,
                         help="KernelOptions.lean_weight_tile_bytes in MiB (memory-lean modes; default: %(default)s)")
     parser.add_argument("--mlp-tile-tokens", type=int, default=0,

@@ -139,7 +139,7 @@ class CausalLM:
         The base is an argument, never a closure: a jitted function that closed over it would bake
         gigabytes of weights into the compiled program as constants."""
         from fastlora_jax import training
-        remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
+        remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False), self.kernel_options)
         chunk = chunk_tokens or self.loss_chunk_tokens  # None: training.output_layer_loss picks the mode's default
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         options = training.step_options(self.kernel_options, getattr(self, "use_gradient_checkpointing", False))
@@ -404,7 +404,7 @@ class VisionCausalLM(CausalLM):
         `position_ids` and `vision` are `prepare_inputs`' (None: text only, positions `arange(seq)`)."""
         from fastlora_jax import training
         family, cfg = self.family, self.cfg
-        remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False))
+        remat = training.remat_policy(getattr(self, "use_gradient_checkpointing", False), self.kernel_options)
         chunk = chunk_tokens or self.loss_chunk_tokens  # None: training.output_layer_loss picks the mode's default
         dropout_rate = float(self.lora_layout.spec.lora_dropout) if self.lora_layout is not None else 0.0
         compute_dtype = self.dtype

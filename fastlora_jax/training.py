@@ -34,12 +34,13 @@ IGNORE_INDEX = -100
 _warned_no_host = False
 
 
-def remat_policy(mode):
-    """`use_gradient_checkpointing` -> what `hidden_states(remat=...)` takes (None: no checkpointing)."""
+def remat_policy(mode, options: KernelOptions = DEFAULT_OPTIONS):
+    """`use_gradient_checkpointing` -> what `hidden_states(remat=...)` takes (None: no checkpointing); for False,
+    `options.false_mode_saves` adds to what the policy keeps."""
     global _warned_no_host
     from fastlora_jax.models.decoder import HostOffload
     if mode is False:
-        return save_matmul_outputs_policy()
+        return save_matmul_outputs_policy(options.false_mode_saves)
     if mode is True:
         return jax.checkpoint_policies.nothing_saveable
     if mode == "unsloth":
@@ -53,7 +54,7 @@ def remat_policy(mode):
     raise ValueError(f"use_gradient_checkpointing={mode!r} is not accepted; use 'unsloth', True or False")
 
 
-def save_matmul_outputs_policy():
+def save_matmul_outputs_policy(extra_saves: tuple[str, ...] = ()):
     """use_gradient_checkpointing=False: keep what is expensive to recompute, recompute the rest.
 
     Kept per layer: its input, q/k/v (rotated; before their norms where q/k norms follow), the attention output
@@ -62,14 +63,24 @@ def save_matmul_outputs_policy():
     Recomputed in the backward pass: the RMS norms, rope and the gated activation (elementwise, memory
     bound, a few percent of a step) — saving them too would cost about as much memory again. The NF4
     dequantized weights are never kept (kernels/lora_op.py re-dequantizes in the backward pass).
+    `extra_saves` (`KernelOptions.false_mode_saves`) keeps more: "lora_xa" the LoRA ops' `x @ Aᵀ`, "normed_inputs"
+    the normed inputs of q/k/v and gate/up.
     """
+    from fastlora_jax.kernels.lora_op import SAVED_LORA_XA
+    from fastlora_jax.kernels.options import FALSE_MODE_SAVES
     from fastlora_jax.models.decoder import (
         SAVED_ATTENTION_INPUTS,
         SAVED_MID_RESIDUAL,
         SAVED_MLP_INPUTS,
+        SAVED_NORMED_INPUTS,
         name_primitive,
     )
-    names = frozenset((SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS))
+    unknown = set(extra_saves) - set(FALSE_MODE_SAVES)
+    if unknown:
+        raise ValueError(f"extra_saves={extra_saves!r}: {sorted(unknown)} not among {FALSE_MODE_SAVES}")
+    extra_names = {"lora_xa": SAVED_LORA_XA, "normed_inputs": SAVED_NORMED_INPUTS}
+    names = frozenset((SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS,
+                       *(extra_names[n] for n in extra_saves)))
     name_p = name_primitive()
 
     def policy(prim, *_, **params):

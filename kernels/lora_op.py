@@ -31,11 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from fastlora_jax.kernels import reference
 from fastlora_jax.kernels.options import DEFAULT, KernelOptions
 from fastlora_jax.quant import NF4Weight
 from fastlora_jax.sharding import gathered, local_rows, per_device_rows
+
+# The name of each LoRA op's `x @ Aᵀ` residual, for checkpoint policies (KernelOptions.false_mode_saves "lora_xa":
+# kept, the backward does not run that gemm again; it reads the whole input for a few rank columns).
+SAVED_LORA_XA = "lora_xa"
 
 
 def dense_base_weight(weight_oi, dtype, options: KernelOptions = DEFAULT) -> jax.Array:
@@ -302,7 +307,7 @@ def _core_fwd(options, x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling):
     xa_scaled_tr = (xa_tr.astype(jnp.float32) * scaling.astype(jnp.float32)).astype(x_ti.dtype)
     lora_to = jnp.einsum("tr,or->to", xa_scaled_tr, b_or, preferred_element_type=x_ti.dtype)
     y = base_matmul(x_ti, weight_oi, options) + lora_to
-    return y, (x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling, xa_tr)
+    return y, (x_ti, x_lora_ti, weight_oi, a_ri, b_or, scaling, checkpoint_name(xa_tr, SAVED_LORA_XA))
 
 
 def _core_bwd(options, residuals, g_to):
@@ -396,7 +401,7 @@ def _group_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     for w, b, s, xa in zip(weights, bs, scalings, _split_ranks(xa_tR, ranks)):
         xa_scaled = (xa.astype(jnp.float32) * s.astype(jnp.float32)).astype(x_ti.dtype)
         ys.append(base_matmul(x_ti, w, options) + jnp.einsum("tr,or->to", xa_scaled, b, preferred_element_type=x_ti.dtype))
-    return tuple(ys), (x_ti, weights, a_cat, bs, scalings, xa_tR)
+    return tuple(ys), (x_ti, weights, a_cat, bs, scalings, checkpoint_name(xa_tR, SAVED_LORA_XA))
 
 
 def _group_bwd(options, ranks, residuals, gs):
@@ -508,7 +513,7 @@ def _folded_fwd(options, ranks, x_ti, weights, a_cat, bs, scalings):
     (in the memory-lean modes one gemm per module)."""
     dtype = x_ti.dtype
     xa_tR, x_folded_tk = _folded_input(x_ti, a_cat, scalings, ranks)
-    residuals = (x_ti, weights, a_cat, bs, scalings, xa_tR.astype(dtype))
+    residuals = (x_ti, weights, a_cat, bs, scalings, checkpoint_name(xa_tR.astype(dtype), SAVED_LORA_XA))
     if not options.memory_lean:
         w_folded = _folded_weight(weights, _b_blocks(bs, ranks), dtype, options)
         y_tO = jnp.einsum("tk,ok->to", x_folded_tk, w_folded, preferred_element_type=dtype)

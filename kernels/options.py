@@ -13,6 +13,7 @@ NF4_MATMULS = ("xla", "pallas")
 ATTENTIONS = ("auto", "xla", "cudnn", "flash")
 LEAN_OFFLOADS = ("auto", "layer_input", "attention")
 NF4_LOOKUPS = ("auto", "table", "select")
+FALSE_MODE_SAVES = ("lora_xa", "normed_inputs")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class KernelOptions:
       weights folded with their LoRA B (q/k/v, o, gate/up) and, outside the memory-lean modes, for the others; in
       the memory-lean modes the select tree for the weights multiplied on their own (down_proj), where the table
       raised the peak by 9 MB on an H100;
+    - `false_mode_saves`: what use_gradient_checkpointing=False keeps besides the matmul and attention outputs
+      (`training.save_matmul_outputs_policy`), a tuple of: "lora_xa" (each LoRA group's `x @ Aᵀ`, rank columns per
+      token: the backward does not run those gemms again) and "normed_inputs" (the RMS-normed inputs of q/k/v and
+      of gate/up, `2 x hidden` values per token and layer: the backward does not recompute the two norms;
+      Llama-3.1-8B 2 x 2048: +2 GiB). Default ("lora_xa",);
     - `flops_per_host_byte`: the device's matmul FLOP/s over its device-to-host copy bytes/s, what "auto"
       compares a layer's forward FLOPs per offloaded byte with; None: measured when an "unsloth" loss is built on
       a GPU by a single process (`training.measured_flops_per_host_byte`, once per process); elsewhere (no GPU,
@@ -77,6 +83,7 @@ class KernelOptions:
     flops_per_host_byte: float | None = None
     nf4_lookup: str = "auto"
     unroll_layers: bool = False
+    false_mode_saves: tuple[str, ...] = ("lora_xa",)
 
     def __post_init__(self):
         if self.nf4_matmul not in NF4_MATMULS:
@@ -94,6 +101,9 @@ class KernelOptions:
                              "positive int (tokens per MLP tile)")
         if self.lean_offload not in LEAN_OFFLOADS:
             raise ValueError(f"lean_offload={self.lean_offload!r} is not one of {LEAN_OFFLOADS}")
+        if not isinstance(self.false_mode_saves, tuple) or not set(self.false_mode_saves) <= set(FALSE_MODE_SAVES):
+            raise ValueError(f"false_mode_saves={self.false_mode_saves!r} is not accepted; use a tuple of names from "
+                             f"{FALSE_MODE_SAVES}")
         if self.nf4_lookup not in NF4_LOOKUPS:
             raise ValueError(f"nf4_lookup={self.nf4_lookup!r} is not one of {NF4_LOOKUPS}")
         if self.flops_per_host_byte is not None and (isinstance(self.flops_per_host_byte, bool) or not isinstance(

@@ -44,6 +44,9 @@ LAYER_INPUT = "decoder_layer_input"  # the name checkpointing policies save or o
 SAVED_ATTENTION_INPUTS = "attention_qkv"
 SAVED_MID_RESIDUAL = "attention_residual"
 SAVED_MLP_INPUTS = "mlp_gate_up"
+# The RMS-normed inputs of q/k/v and of gate/up: kept only where KernelOptions.false_mode_saves has "normed_inputs"
+# (the norms are cheap to recompute, but each recompute is a pass over the hidden states).
+SAVED_NORMED_INPUTS = "normed_inputs"
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
 # What use_gradient_checkpointing="unsloth" also offloads with `KernelOptions.lean_offload="attention"`
 # (besides the layer input and the fused attention's forward outputs): the backward then recomputes only the
@@ -425,7 +428,7 @@ def decoder_layer_with_attention(cfg: DecoderConfig, layer: dict, x_bsd, cos_bsr
     lin = partial(linear_module, dropout_rate=dropout_rate, options=options)
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
-    h = _norm(cfg, x_bsd, layer["input_layernorm"])
+    h = checkpoint_name(_norm(cfg, x_bsd, layer["input_layernorm"]), SAVED_NORMED_INPUTS)
     if cfg.fused_qkv:
         qkv = lin(h, attn["qkv_proj"], kq)
         q, k, v = qkv[..., :q_out], qkv[..., q_out:q_out + kv_out], qkv[..., q_out + kv_out:]
@@ -518,6 +521,8 @@ def _mlp(cfg: DecoderConfig, layer: dict, x_bsd, keys, dropout_rate: float, opti
     kg, ku, kd = keys
     lin = partial(linear_module, dropout_rate=dropout_rate, options=options)
     h = _norm(cfg, x_bsd, layer["pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"])
+    if saved_name is not None:  # not in sequence tiles, whose checkpoint recomputes the tile anyway
+        h = checkpoint_name(h, SAVED_NORMED_INPUTS)
     act = kernels.ACTIVATIONS[cfg.hidden_act]
     gate, up = gate_up_projections(h, mlp, (kg, ku), cfg.intermediate_size, dropout_rate, options, saved_name)
     mlp_out = lin(act(gate) * up, mlp["down_proj"], kd)
