@@ -39,7 +39,7 @@ from fastlora_jax.quant import NF4Weight
 from fastlora_jax.sharding import gathered, local_rows, per_device_rows
 
 # The name of each LoRA op's `x @ Aᵀ` residual, for checkpoint policies (KernelOptions.false_mode_saves "lora_xa":
-# kept, the backward does not run that gemm again; it reads the whole input for a few rank columns).
+# kept, the backward does not run that gemm again, which reads the whole input for a few rank columns).
 SAVED_LORA_XA = "lora_xa"
 
 

@@ -65,7 +65,10 @@ class KernelOptions:
       (`training.save_matmul_outputs_policy`), a tuple of: "lora_xa" (each LoRA group's `x @ Aᵀ`, rank columns per
       token: the backward does not run those gemms again) and "normed_inputs" (the RMS-normed inputs of q/k/v and
       of gate/up, `2 x hidden` values per token and layer: the backward does not recompute the two norms;
-      Llama-3.1-8B 2 x 2048: +2 GiB). Default ("lora_xa",);
+      Llama-3.1-8B 2 x 2048: +2 GiB). Default () (the path `pytest -m gpu` last ran on). Measured on the H200
+      (session 15, benchmarks/README.md): "lora_xa" 8B 2 x 2048 +1.7%, 1B 4 x 2048 -0.3% (noise); "normed_inputs"
+      slower under the scan (stacking them costs more than the norms), used with `unroll_layers=True` in the
+      fastest 1B configuration (84,044 tok/s median, 1.20x Unsloth without checkpointing);
     - `flops_per_host_byte`: the device's matmul FLOP/s over its device-to-host copy bytes/s, what "auto"
       compares a layer's forward FLOPs per offloaded byte with; None: measured when an "unsloth" loss is built on
       a GPU by a single process (`training.measured_flops_per_host_byte`, once per process); elsewhere (no GPU,
@@ -83,7 +86,7 @@ class KernelOptions:
     flops_per_host_byte: float | None = None
     nf4_lookup: str = "auto"
     unroll_layers: bool = False
-    false_mode_saves: tuple[str, ...] = ("lora_xa",)
+    false_mode_saves: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.nf4_matmul not in NF4_MATMULS:

@@ -6,6 +6,7 @@ agree within fp32 rounding. And the options must do what they say: the linearize
 `x @ Aᵀ` columns ("lora_xa") and two hidden-sized arrays per layer ("normed_inputs").
 """
 
+import copy
 from dataclasses import replace
 
 import jax
@@ -28,7 +29,7 @@ def _loss_and_grads(model, options, ids, labels, mask):
 @pytest.mark.parametrize("name", ["llama_control", "gemma2"])
 def test_saved_values_give_the_recomputed_gradients(rng, name):
     """batch 2 x 19 (one row left-padded); Gemma 2 has sandwich norms (its pre-feedforward norm is the one kept)."""
-    model = _peft_model(name)
+    model = copy.copy(_peft_model(name))  # a copy: the options set here must not reach other tests' cached model
     ids, labels, mask = _batch(rng, model.cfg.vocab_size, 2, 19)
     loss0, grads0 = _loss_and_grads(model, replace(model.kernel_options, false_mode_saves=()), ids, labels, mask)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads0))
@@ -51,7 +52,7 @@ def test_each_option_keeps_its_values(rng):
     """Scanned Llama, r=8 on all seven projections, one group per input (q/k/v: 24 rank columns, gate/up 16,
     o and down 8): kept, the `x @ Aᵀ` are `[layers, batch, seq, ranks]` stacks; the normed inputs two
     `[layers, batch, seq, hidden]` stacks more than the layer input and the residual after attention."""
-    model = _peft_model("llama_control")
+    model = copy.copy(_peft_model("llama_control"))
     ids = jnp.asarray(rng.integers(4, model.cfg.vocab_size, (2, 16)), jnp.int32)
     layers, hidden = model.cfg.num_layers, model.cfg.hidden_size
     none = _residual_shapes(model, (), ids)

@@ -6,6 +6,7 @@ False, the one mode it is for; the others refuse it). Plus what unrolling is for
 own arrays, with no `[layers, ...]` stack.
 """
 
+import copy
 from dataclasses import replace
 
 import jax
@@ -31,7 +32,7 @@ def _loss_and_grads(model, mode, options, ids, labels, mask):
 def test_unrolled_layers_equal_scanned(rng, name):
     """batch 2 x 23 tokens (one row left-padded); Gemma 2 alternates sliding and global layers, so each unrolled
     layer must get its own window."""
-    model = _peft_model(name)
+    model = copy.copy(_peft_model(name))  # options set here must not reach other tests' cached model
     ids, labels, mask = _batch(rng, model.cfg.vocab_size, 2, 23)
     options = replace(model.kernel_options, unroll_layers=False)
     loss0, grads0 = _loss_and_grads(model, False, options, ids, labels, mask)
@@ -45,7 +46,7 @@ def test_unrolled_layers_equal_scanned(rng, name):
 def test_unrolled_false_mode_keeps_no_stacked_residuals(rng):
     """Scanned, False mode keeps gate/up as `[layers, batch, seq, intermediate]` stacks; unrolled, as one
     `[batch, seq, intermediate]` array per layer (the stacked weights and LoRA factors are residuals either way)."""
-    model = _peft_model("llama_control")
+    model = copy.copy(_peft_model("llama_control"))
     ids = jnp.asarray(rng.integers(4, model.cfg.vocab_size, (2, 16)), jnp.int32)
     model.use_gradient_checkpointing = False
     layers, inter = model.cfg.num_layers, model.cfg.intermediate_size
@@ -70,7 +71,7 @@ def test_bad_unroll_layers_raises(value):
 
 @pytest.mark.parametrize("mode", [True, "unsloth"])
 def test_unroll_layers_refused_with_checkpointing(mode):
-    model = _peft_model("llama_control")
+    model = copy.copy(_peft_model("llama_control"))
     model.use_gradient_checkpointing = mode
     model.kernel_options = replace(model.kernel_options, unroll_layers=True)
     with pytest.raises(ValueError, match=f"unroll_layers=True.*use_gradient_checkpointing={mode!r}"):
@@ -82,7 +83,7 @@ def test_unrolled_step_needs_no_more_memory_than_scanned(rng):
     what the policy does not keep, as the scan does. A layer's checkpoint without `prevent_cse` let XLA merge that
     recompute with the forward's own ops, keeping every gated product and norm (Llama-3.2-1B 4 x 2048 on the
     H200: 10.8 against 8.0 GiB scanned; here 1.8x the scanned temporaries)."""
-    model = _peft_model("llama_control")
+    model = copy.copy(_peft_model("llama_control"))
     ids, labels, mask = _batch(rng, model.cfg.vocab_size, 4, 128)  # activations well above the weights
     temp = {}
     for unroll in (False, True):
