@@ -874,7 +874,7 @@ def test_false_mode_recomputes_no_matmul_with_images(tiny, monkeypatch):
         return _dot_shapes(fn, model.lora_params, min_side=group_rank + 1)
 
     kept = matmuls()
-    monkeypatch.setattr(training, "remat_policy", lambda mode: None)  # no checkpointing: nothing recomputed
+    monkeypatch.setattr(training, "remat_policy", lambda mode, options=None: None)  # no checkpointing: nothing recomputed
     plain = matmuls()
     t = tiny.cfg.text
     vision_rows = mb["vision"]["pixel_values"].shape[1] * tiny.cfg.vision.max_num_tiles * tiny.cfg.vision.num_patches
