@@ -63,11 +63,10 @@ def save_matmul_outputs_policy(extra_saves: tuple[str, ...] = ()):
     Recomputed in the backward pass: the RMS norms, rope and the gated activation (elementwise, memory
     bound, a few percent of a step) — saving them too would cost about as much memory again. The NF4
     dequantized weights are never kept (kernels/lora_op.py re-dequantizes in the backward pass).
-    `extra_saves` (`KernelOptions.false_mode_saves`) keeps more: "lora_xa" the LoRA ops' `x @ Aᵀ`, "normed_inputs"
+    `extra_saves` (`KernelOptions.false_mode_saves`, which validates the names) keeps more: "lora_xa" the LoRA ops' `x @ Aᵀ`, "normed_inputs"
     the normed inputs of q/k/v and gate/up.
     """
     from fastlora_jax.kernels.lora_op import SAVED_LORA_XA
-    from fastlora_jax.kernels.options import FALSE_MODE_SAVES
     from fastlora_jax.models.decoder import (
         SAVED_ATTENTION_INPUTS,
         SAVED_MID_RESIDUAL,
@@ -75,9 +74,6 @@ def save_matmul_outputs_policy(extra_saves: tuple[str, ...] = ()):
         SAVED_NORMED_INPUTS,
         name_primitive,
     )
-    unknown = set(extra_saves) - set(FALSE_MODE_SAVES)
-    if unknown:
-        raise ValueError(f"extra_saves={extra_saves!r}: {sorted(unknown)} not among {FALSE_MODE_SAVES}")
     extra_names = {"lora_xa": SAVED_LORA_XA, "normed_inputs": SAVED_NORMED_INPUTS}
     names = frozenset((SAVED_ATTENTION_INPUTS, SAVED_MID_RESIDUAL, SAVED_MLP_INPUTS,
                        *(extra_names[n] for n in extra_saves)))

@@ -50,7 +50,7 @@ def _residual_shapes(model, saves, ids):
 
 def test_each_option_keeps_its_values(rng):
     """Scanned Llama, r=8 on all seven projections, one group per input (q/k/v: 24 rank columns, gate/up 16,
-    o and down 8): kept, the `x @ Aᵀ` are `[layers, batch, seq, ranks]` stacks; the normed inputs two
+    o and down 8): kept, the `x @ Aᵀ` are `[layers, tokens, ranks]` stacks; the normed inputs two
     `[layers, batch, seq, hidden]` stacks more than the layer input and the residual after attention."""
     model = copy.copy(_peft_model("llama_control"))
     ids = jnp.asarray(rng.integers(4, model.cfg.vocab_size, (2, 16)), jnp.int32)
