@@ -100,6 +100,12 @@ for job in "$@"; do
              for saves in "" lora_xa lora_xa,normed_inputs; do $T --false-saves "$saves" 2>&1 | tee -a "$OUT/bench.jsonl"; done
              $T --false-saves lora_xa,normed_inputs --unroll-layers ${PEERS:+--vs-unsloth} 2>&1 | tee -a "$OUT/bench.jsonl"
            done ;;
+    fast1b) # the 1B fastest mode against Unsloth without checkpointing, three invocations (issue 15's median rule;
+            # .peers carried)
+            for i in 1 2 3; do
+              python3 benchmarks/train_step.py --vs-unsloth --shape llama-3.2-1b --batch 4 --seq 2048 --gc false \
+                --unroll-layers --false-saves lora_xa,normed_inputs --timeout 170 2>&1 | tee -a "$OUT/bench.jsonl"
+            done ;;
     unroll1b) python3 benchmarks/train_step.py --shape llama-3.2-1b --batch 4 --seq 2048 --gc false --unroll-layers --timeout 200 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     mllama) python3 benchmarks/vl_train_step.py --shape llama-3.2-11b-vision --seq 2048 --tiles 4 --gc unsloth --timeout 280 2>&1 | tee -a "$OUT/bench.jsonl" ;;
     tiles-*) spec=${job#tiles-}; shape=${spec%:*}; batch=${spec#*:}
